@@ -1,0 +1,214 @@
+"""OpenCLIP state_dict <-> clip_jax params, both directions, driven by one rule table.
+
+Each `Rule` names an OpenCLIP key (with `{i}` for per-layer keys, stacked on our leading
+layer axis), our parameter path, and how the array is laid out on each side. The same
+table drives import, export and the missing/extra/mis-shaped key checks, so the two
+directions cannot drift apart. Arrays are numpy; torch is not needed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from clip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+
+Params = dict[str, Any]  # nested dict of arrays, as nnx.to_pure_dict returns
+
+
+class CheckpointMismatchError(ValueError):
+  """A state_dict does not fit the model: lists every missing, extra and mis-shaped key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  torch_key: str   # '{i}' marks a per-layer key
+  ours: str        # '/'-joined path in the params tree
+  layout: str = 'same'  # same | linear | linear2 | conv | flat | batch1
+  # linear:  torch [out, in]        <-> ours [in, *out]   (e.g. qkv [D, 3, H, hd])
+  # linear2: torch [out, in]        <-> ours [*in(2), out] (e.g. attn out [H, hd, D])
+  # conv:    torch OIHW             <-> ours HWIO
+  # flat:    torch 1-D              <-> ours N-D (packed biases)
+  # batch1:  torch [1, *shape]      <-> ours shape (timm pos_embed, latent)
+
+
+def to_ours(layout: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if layout in ('linear', 'linear2'):
+    w = w.T
+  elif layout == 'conv':
+    w = w.transpose(2, 3, 1, 0)
+  if w.size != math.prod(shape):
+    raise ValueError(f'size {w.size} cannot hold {shape}')
+  return np.array(w.reshape(shape), order="C")
+
+
+def to_torch(layout: str, a: np.ndarray) -> np.ndarray:
+  if layout == 'linear':
+    return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
+  if layout == 'linear2':
+    return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
+  if layout == 'conv':
+    return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+  if layout == 'flat':
+    return a.reshape(-1)
+  if layout == 'batch1':
+    return a[None]
+  return a
+
+
+def _ln(torch_prefix: str, ours: str) -> list[Rule]:
+  return [Rule(f'{torch_prefix}.weight', f'{ours}/scale'), Rule(f'{torch_prefix}.bias', f'{ours}/bias')]
+
+
+def _linear(torch_prefix: str, ours: str, layout: str = 'linear', bias: bool = True) -> list[Rule]:
+  rules = [Rule(f'{torch_prefix}.weight', f'{ours}/kernel', layout)]
+  return rules + ([Rule(f'{torch_prefix}.bias', f'{ours}/bias', 'flat')] if bias else [])
+
+
+def _openclip_block(t: str, o: str, ls: bool) -> list[Rule]:
+  rules = (_ln(f'{t}.ln_1', f'{o}/ln_1') + [
+      Rule(f'{t}.attn.in_proj_weight', f'{o}/attn/qkv/kernel', 'linear'),
+      Rule(f'{t}.attn.in_proj_bias', f'{o}/attn/qkv/bias', 'flat')]
+           + _linear(f'{t}.attn.out_proj', f'{o}/attn/out', 'linear2')
+           + _ln(f'{t}.ln_2', f'{o}/ln_2') + _linear(f'{t}.mlp.c_fc', f'{o}/mlp/fc1')
+           + _linear(f'{t}.mlp.c_proj', f'{o}/mlp/fc2'))
+  if ls:
+    rules += [Rule(f'{t}.ls_1.gamma', f'{o}/ls_1/gamma'), Rule(f'{t}.ls_2.gamma', f'{o}/ls_2/gamma')]
+  return rules
+
+
+def _timm_block(t: str, o: str) -> list[Rule]:
+  return (_ln(f'{t}.norm1', f'{o}/ln_1') + _linear(f'{t}.attn.qkv', f'{o}/attn/qkv')
+          + _linear(f'{t}.attn.proj', f'{o}/attn/out', 'linear2') + _ln(f'{t}.norm2', f'{o}/ln_2')
+          + _linear(f'{t}.mlp.fc1', f'{o}/mlp/fc1') + _linear(f'{t}.mlp.fc2', f'{o}/mlp/fc2'))
+
+
+def _openclip_vision_rules(v: VisionConfig) -> list[Rule]:
+  rules = [Rule('visual.conv1.weight', 'visual/patch_embed/kernel', 'conv'),
+           Rule('visual.class_embedding', 'visual/cls_token'),
+           Rule('visual.positional_embedding', 'visual/pos_embed')]
+  if v.ln_pre:
+    rules += _ln('visual.ln_pre', 'visual/ln_pre')
+  rules += _openclip_block('visual.transformer.resblocks.{i}', 'visual/transformer/blocks',
+                           v.ls_init is not None)
+  rules += _ln('visual.ln_post', 'visual/ln_post')
+  return rules + ([Rule('visual.proj', 'visual/proj')] if v.proj else [])
+
+
+def _timm_vision_rules(v: VisionConfig) -> list[Rule]:
+  t = 'visual.trunk'
+  return ([Rule(f'{t}.patch_embed.proj.weight', 'visual/patch_embed/kernel', 'conv'),
+           Rule(f'{t}.patch_embed.proj.bias', 'visual/patch_embed/bias'),
+           Rule(f'{t}.pos_embed', 'visual/pos_embed', 'batch1')]
+          + _timm_block(f'{t}.blocks.{{i}}', 'visual/transformer/blocks')
+          + _ln(f'{t}.norm', 'visual/ln_post')
+          + [Rule(f'{t}.attn_pool.latent', 'visual/map_head/latent', 'batch1')]
+          + _linear(f'{t}.attn_pool.q', 'visual/map_head/q')
+          + _linear(f'{t}.attn_pool.kv', 'visual/map_head/kv')
+          + _linear(f'{t}.attn_pool.proj', 'visual/map_head/out', 'linear2')
+          + _ln(f'{t}.attn_pool.norm', 'visual/map_head/norm')
+          + _linear(f'{t}.attn_pool.mlp.fc1', 'visual/map_head/mlp/fc1')
+          + _linear(f'{t}.attn_pool.mlp.fc2', 'visual/map_head/mlp/fc2'))
+
+
+def _text_rules(t: TextConfig, prefix: str) -> list[Rule]:
+  rules = [Rule(f'{prefix}token_embedding.weight', 'text/token_embed'),
+           Rule(f'{prefix}positional_embedding', 'text/pos_embed')]
+  rules += _openclip_block(f'{prefix}transformer.resblocks.{{i}}', 'text/transformer/blocks',
+                           t.ls_init is not None)
+  rules += _ln(f'{prefix}ln_final', 'text/ln_final')
+  if t.proj and t.proj_bias:
+    rules += _linear(f'{prefix}text_projection', 'text/proj')
+  elif t.proj:
+    rules += [Rule(f'{prefix}text_projection', 'text/proj/kernel')]
+  return rules
+
+
+def rules_for(cfg: CLIPConfig) -> list[Rule]:
+  vision = (_timm_vision_rules(cfg.vision) if cfg.vision.timm_model_name
+            else _openclip_vision_rules(cfg.vision))
+  text = _text_rules(cfg.text, 'text.' if cfg.custom_text else '')
+  scale = [Rule('logit_scale', 'logit_scale')]
+  bias = [Rule('logit_bias', 'logit_bias')] if cfg.init_logit_bias is not None else []
+  return vision + text + scale + bias
+
+
+def _layers(cfg: CLIPConfig, rule: Rule) -> int:
+  return cfg.vision.layers if rule.ours.startswith('visual/') else cfg.text.layers
+
+
+def _torch_keys(cfg: CLIPConfig, rule: Rule) -> list[str]:
+  if '{i}' not in rule.torch_key:
+    return [rule.torch_key]
+  return [rule.torch_key.format(i=i) for i in range(_layers(cfg, rule))]
+
+
+def _get(tree: Params, path: str) -> Any:
+  for part in path.split('/'):
+    tree = tree[part]
+  return tree
+
+
+def _set(tree: Params, path: str, value: Any) -> None:
+  *parents, leaf = path.split('/')
+  for part in parents:
+    tree = tree.setdefault(part, {})
+  tree[leaf] = value
+
+
+def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Unwraps `{'state_dict': ...}` and DDP's `module.` prefix."""
+  if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], Mapping):
+    state_dict = state_dict['state_dict']
+  return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+
+
+def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
+                          shapes: Params) -> Params:
+  """OpenCLIP state_dict (numpy arrays) -> our params tree, checked against `shapes`.
+
+  `shapes` is the model's params tree of shapes (from `jax.eval_shape`). Every problem is
+  collected first and reported in one `CheckpointMismatchError`.
+  """
+  state_dict = strip_prefixes(state_dict)
+  rules = rules_for(cfg)
+  expected = {k for r in rules for k in _torch_keys(cfg, r)}
+  problems = [f'missing key {k!r}' for k in sorted(expected - set(state_dict))]
+  problems += [f'unexpected key {k!r}' for k in sorted(set(state_dict) - expected)]
+  params: Params = {}
+  for rule in rules:
+    keys = _torch_keys(cfg, rule)
+    if any(k not in state_dict for k in keys):
+      continue
+    shape = tuple(_get(shapes, rule.ours))
+    per_layer = shape[1:] if '{i}' in rule.torch_key else shape
+    arrays = []
+    for key in keys:
+      w = np.asarray(state_dict[key], dtype=np.float32)
+      try:
+        arrays.append(to_ours(rule.layout, w, per_layer))
+      except ValueError:
+        want = to_torch(rule.layout, np.zeros(per_layer, np.float32)).shape
+        problems.append(f'key {key!r} has shape {tuple(w.shape)}, model expects {tuple(want)} '
+                        f'(clip_jax {rule.ours} {per_layer})')
+    if len(arrays) == len(keys):
+      _set(params, rule.ours, np.stack(arrays) if '{i}' in rule.torch_key else arrays[0])
+  if problems:
+    raise CheckpointMismatchError(
+        f'OpenCLIP checkpoint does not fit the model ({len(problems)} problems):\n  '
+        + '\n  '.join(problems))
+  return params
+
+
+def params_to_open_clip(cfg: CLIPConfig, params: Params) -> dict[str, np.ndarray]:
+  """Our params tree -> an OpenCLIP state_dict of float32 numpy arrays."""
+  state_dict = {}
+  for rule in rules_for(cfg):
+    a = np.asarray(_get(params, rule.ours), dtype=np.float32)
+    for i, key in enumerate(_torch_keys(cfg, rule)):
+      layer = a[i] if '{i}' in rule.torch_key else a
+      state_dict[key] = to_torch(rule.layout, layer)
+  return state_dict

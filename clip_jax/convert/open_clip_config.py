@@ -1,0 +1,110 @@
+"""Writes OpenCLIP's `open_clip_config.json` (model_cfg + preprocess_cfg) for a CLIPConfig.
+
+OpenCLIP can only express some architectures; anything it cannot build exactly raises
+`UnsupportedForOpenCLIP` naming the field, never a silently different model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from clip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+
+
+class UnsupportedForOpenCLIP(ValueError):
+  pass
+
+
+def _mlp_ratio(mlp_dim: int, width: int) -> float:
+  """A ratio for which OpenCLIP's int(width * ratio) gives back exactly mlp_dim."""
+  for ratio in (round(mlp_dim / width, 4), mlp_dim / width, (mlp_dim + 0.5) / width):
+    if int(width * ratio) == mlp_dim:
+      return ratio
+  raise UnsupportedForOpenCLIP(f'mlp_dim {mlp_dim} cannot be written as a ratio of {width}')
+
+
+def _act_kwargs(act: str) -> dict[str, Any]:
+  return {'act_kwargs': {'approximate': 'tanh'}} if act == 'gelu_tanh' else {}
+
+
+def _norm_kwargs(eps: float) -> dict[str, Any]:
+  return {'norm_kwargs': {'eps': eps}} if eps != 1e-5 else {}
+
+
+def _quick_gelu(cfg: CLIPConfig) -> bool:
+  """OpenCLIP's quick_gelu flag is global to both native towers (timm ignores it)."""
+  acts = {cfg.text.act} | ({cfg.vision.act} if not cfg.vision.timm_model_name else set())
+  if 'quick_gelu' in acts and len(acts) > 1:
+    raise UnsupportedForOpenCLIP(f'OpenCLIP needs quick_gelu in both towers or neither; got {acts}')
+  return acts == {'quick_gelu'}
+
+
+def _native_vision(v: VisionConfig) -> dict[str, Any]:
+  if not v.class_token or v.pool == 'map' or v.patch_bias:
+    raise UnsupportedForOpenCLIP(
+        'OpenCLIP\'s native ViT needs vision.class_token=True, vision.pool in (tok, gap) and '
+        'vision.patch_bias=False; a MAP/no-class-token tower needs vision.timm_model_name.')
+  if not v.proj:
+    raise UnsupportedForOpenCLIP('OpenCLIP\'s native ViT always has a projection (vision.proj).')
+  out = dict(image_size=v.image_size, layers=v.layers, width=v.width, head_width=v.head_dim,
+             mlp_ratio=_mlp_ratio(v.mlp_dim, v.width), patch_size=v.patch_size,
+             pool_type={'tok': 'tok', 'gap': 'avg'}[v.pool], no_ln_pre=not v.ln_pre,
+             **_act_kwargs(v.act), **_norm_kwargs(v.norm_eps))
+  if v.ls_init is not None:
+    out['ls_init_value'] = v.ls_init
+  return out
+
+
+def _timm_vision(cfg: CLIPConfig) -> dict[str, Any]:
+  from clip_jax.models.presets import PRESETS  # pylint: disable=import-outside-toplevel
+  v = cfg.vision
+  reference = next((p.vision for p in PRESETS.values() if p.vision == v), None)
+  if reference is None:
+    known = [p.vision for p in PRESETS.values() if p.vision.timm_model_name == v.timm_model_name]
+    diff = ([f'{f.name}={getattr(v, f.name)} (timm: {getattr(known[0], f.name)})'
+             for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(known[0], f.name)]
+            if known else [f'unknown timm model {v.timm_model_name!r}'])
+    raise UnsupportedForOpenCLIP(
+        f'The vision tower differs from timm\'s {v.timm_model_name}: {", ".join(diff)}. '
+        'OpenCLIP builds timm towers by name only.')
+  if v.width != cfg.embed_dim:
+    raise UnsupportedForOpenCLIP('A timm MAP tower without projection needs width == embed_dim.')
+  return dict(image_size=v.image_size, timm_model_name=v.timm_model_name,
+              timm_model_pretrained=False, timm_pool='map', timm_proj='none')
+
+
+def _text(t: TextConfig) -> dict[str, Any]:
+  if t.pool == 'mean':
+    raise UnsupportedForOpenCLIP("OpenCLIP's text tower has no 'mean' pooling (text.pool).")
+  out = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
+             heads=t.heads, layers=t.layers, mlp_ratio=_mlp_ratio(t.mlp_dim, t.width),
+             no_causal_mask=not t.causal, pool_type=t.pool, proj_bias=t.proj_bias,
+             proj_type='linear' if t.proj else 'none', pad_id=t.pad_id,
+             **_act_kwargs(t.act), **_norm_kwargs(t.norm_eps))
+  if t.ls_init is not None:
+    out['ls_init_value'] = t.ls_init
+  if t.hf_tokenizer_name:
+    out.update(hf_tokenizer_name=t.hf_tokenizer_name, tokenizer_kwargs={'clean': 'canonicalize'})
+  return out
+
+
+def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
+  vision = _timm_vision(cfg) if cfg.vision.timm_model_name else _native_vision(cfg.vision)
+  out = dict(embed_dim=cfg.embed_dim, quick_gelu=_quick_gelu(cfg), vision_cfg=vision,
+             text_cfg=_text(cfg.text), init_logit_scale=cfg.init_logit_scale)
+  if cfg.custom_text:
+    out['custom_text'] = True
+  if cfg.init_logit_bias is not None:
+    out['init_logit_bias'] = cfg.init_logit_bias
+  return out
+
+
+def preprocess_cfg(cfg: CLIPConfig) -> dict[str, Any]:
+  p = cfg.preprocess
+  return dict(size=cfg.vision.image_size, mode='RGB', mean=list(p.mean), std=list(p.std),
+              interpolation=p.interpolation, resize_mode=p.resize_mode, fill_color=0)
+
+
+def open_clip_config(cfg: CLIPConfig) -> dict[str, Any]:
+  return {'model_cfg': model_cfg(cfg), 'preprocess_cfg': preprocess_cfg(cfg)}

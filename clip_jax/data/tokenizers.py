@@ -1,0 +1,194 @@
+"""Tokenizers that give the same ids as OpenCLIP: CLIP's byte-level BPE and sentencepiece.
+
+Both return int32 numpy arrays [N, context_length], ready to feed `encode_text`.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import string
+from typing import Callable, Sequence, Union
+
+import ftfy
+import numpy as np
+import regex
+from etils import epath
+
+Texts = Union[str, Sequence[str]]
+DEFAULT_BPE = epath.resource_path('clip_jax.data') / 'assets' / 'bpe_simple_vocab_16e6.txt.gz'
+SOT, EOT = '<start_of_text>', '<end_of_text>'
+_NUM_MERGES = 49152 - 256 - 2
+
+
+def basic_clean(text: str) -> str:
+  """ftfy repair, doubly HTML-unescaped (captions are often escaped twice), stripped."""
+  return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def clean_lower(text: str) -> str:
+  return ' '.join(basic_clean(text).split()).lower()
+
+
+_NO_PUNCTUATION = str.maketrans('', '', string.punctuation)
+
+
+def clean_canonicalize(text: str) -> str:
+  """SigLIP/big_vision canonical form: no punctuation, lower case, single spaces."""
+  text = basic_clean(text).replace('_', ' ').translate(_NO_PUNCTUATION).lower()
+  return ' '.join(text.split())
+
+
+@functools.lru_cache()
+def byte_alphabet() -> dict[int, str]:
+  """Maps each byte to a printable unicode character, so BPE never sees whitespace/control."""
+  printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
+               *range(ord('®'), ord('ÿ') + 1)]
+  # Vocabulary ids follow this order: printable bytes first, then the remapped rest.
+  others = [b for b in range(256) if b not in printable]
+  mapping = {b: chr(b) for b in printable}
+  mapping.update({b: chr(256 + n) for n, b in enumerate(others)})
+  return mapping
+
+
+def _read_text(path: epath.Path, what: str) -> bytes:
+  try:
+    return path.read_bytes()
+  except (FileNotFoundError, PermissionError, IsADirectoryError, OSError) as e:
+    raise FileNotFoundError(f'Cannot read {what} {path}: {e}') from e
+
+
+def _to_array(sequences: list[list[int]], context_length: int, pad_id: int) -> np.ndarray:
+  out = np.full((len(sequences), context_length), pad_id, dtype=np.int32)
+  for row, ids in enumerate(sequences):
+    out[row, :len(ids)] = ids
+  return out
+
+
+class CLIPTokenizer:
+  """OpenAI CLIP's BPE: clean + lowercase, <start_of_text> ids <end_of_text>, pad 0.
+
+  Text longer than the context is cut and its last token set to <end_of_text>, so the
+  argmax-pooled text tower always finds the EOT token.
+  """
+
+  pad_id = 0
+
+  def __init__(self, vocab_path: str | epath.Path = DEFAULT_BPE, context_length: int = 77,
+               clean: Callable[[str], str] = clean_lower):
+    lines = gzip.decompress(_read_text(epath.Path(vocab_path), 'BPE vocab file')).decode('utf-8')
+    merges = [tuple(line.split()) for line in lines.split('\n')[1:_NUM_MERGES + 1]]
+    chars = list(byte_alphabet().values())
+    vocab = chars + [c + '</w>' for c in chars] + [''.join(m) for m in merges] + [SOT, EOT]
+    self.encoder = {token: i for i, token in enumerate(vocab)}
+    self.decoder = {i: token for token, i in self.encoder.items()}
+    self.ranks = {merge: i for i, merge in enumerate(merges)}
+    self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
+    self.vocab_size = len(vocab)
+    self.context_length = context_length
+    self.clean = clean
+    self.pattern = regex.compile(
+        rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
+        regex.IGNORECASE)
+    self._bpe = functools.lru_cache(maxsize=1 << 16)(self._merge)
+
+  def _merge(self, token: str) -> tuple[str, ...]:
+    """Applies BPE merges, lowest rank first, to one pre-tokenised word."""
+    if token in (SOT, EOT):
+      return (token,)
+    word = [*token[:-1], token[-1] + '</w>']
+    while len(word) > 1:
+      best = min(zip(word, word[1:]), key=lambda pair: self.ranks.get(pair, float('inf')))
+      if best not in self.ranks:
+        break
+      merged, i = [], 0
+      while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+          merged.append(word[i] + word[i + 1])
+          i += 2
+        else:
+          merged.append(word[i])
+          i += 1
+      word = merged
+    return tuple(word)
+
+  def encode(self, text: str) -> list[int]:
+    alphabet = byte_alphabet()
+    ids = []
+    for token in self.pattern.findall(self.clean(text)):
+      chars = ''.join(alphabet[b] for b in token.encode('utf-8'))
+      ids.extend(self.encoder[piece] for piece in self._bpe(chars))
+    return ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    inverse = {c: b for b, c in byte_alphabet().items()}
+    skip = (self.pad_id, self.sot_id, self.eot_id)
+    chars = ''.join(self.decoder[int(i)] for i in ids if int(i) not in skip)
+    text = bytearray(inverse[c] for c in chars).decode('utf-8', errors='replace')
+    return text.replace('</w>', ' ').strip()
+
+  def __call__(self, texts: Texts, context_length: int | None = None) -> np.ndarray:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    n = context_length or self.context_length
+    sequences = []
+    for text in texts:
+      ids = [self.sot_id, *self.encode(text), self.eot_id]
+      if len(ids) > n:
+        ids = ids[:n]
+        ids[-1] = self.eot_id
+      sequences.append(ids)
+    return _to_array(sequences, n, self.pad_id)
+
+
+class SentencePieceTokenizer:
+  """Any sentencepiece `.model` as SigLIP uses it: canonicalised text, ids, then EOS.
+
+  Overlong text keeps its EOS as the last token (as HF's truncation does); padding uses
+  the model's pad id, or EOS when the model defines none (SigLIP's T5 vocab pads with EOS).
+  """
+
+  def __init__(self, model_path: str | epath.Path, context_length: int = 64,
+               clean: Callable[[str], str] = clean_canonicalize):
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+    model_path = epath.Path(model_path)
+    proto = _read_text(model_path, 'sentencepiece model')
+    self.sp = sentencepiece.SentencePieceProcessor()
+    try:
+      self.sp.LoadFromSerializedProto(proto)
+    except Exception as e:  # sentencepiece raises plain RuntimeError/OSError
+      raise ValueError(f'{model_path} is not a valid sentencepiece model: {e}') from e
+    self.eos_id = self.sp.eos_id()
+    if self.eos_id < 0:
+      raise ValueError(f'Sentencepiece model {model_path} defines no EOS token.')
+    self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+    self.vocab_size = self.sp.get_piece_size()
+    self.context_length = context_length
+    self.clean = clean
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(self.clean(text))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.sp.decode([int(i) for i in ids if int(i) not in (self.pad_id, self.eos_id)])
+
+  def __call__(self, texts: Texts, context_length: int | None = None) -> np.ndarray:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    n = context_length or self.context_length
+    sequences = [self.encode(t)[:n - 1] + [self.eos_id] for t in texts]
+    return _to_array(sequences, n, self.pad_id)
+
+
+Tokenizer = Union[CLIPTokenizer, SentencePieceTokenizer]
+
+
+def tokenizer_from_spec(spec: str, context_length: int) -> Tokenizer:
+  """'clip' -> the shipped BPE; a `.model` path -> sentencepiece; `.txt.gz` -> BPE merges."""
+  if spec == 'clip':
+    return CLIPTokenizer(context_length=context_length)
+  if spec.endswith('.txt.gz'):
+    return CLIPTokenizer(spec, context_length=context_length)
+  if spec.endswith('.model'):
+    return SentencePieceTokenizer(spec, context_length=context_length)
+  raise ValueError(f"Unknown tokenizer {spec!r}: use 'clip', a sentencepiece .model path or a "
+                   'BPE merges .txt.gz path.')

@@ -1,0 +1,51 @@
+"""The two-tower model with a learnable logit scale (and SigLIP's logit bias)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clip_jax.models.config import CLIPConfig
+from clip_jax.models.text import TextTransformer
+from clip_jax.models.vit import VisionTransformer
+
+MAX_LOGIT_SCALE = 4.605170185988092  # log(100): the clamp OpenCLIP and SigLIP apply
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Matches torch.nn.functional.normalize: x / max(||x||, eps), computed in float32."""
+  x32 = x.astype(jnp.float32)
+  return x32 / jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), eps)
+
+
+class CLIP(nnx.Module):
+  """`encode_image` takes NHWC float images as `preprocess` makes them; `encode_text` ids."""
+
+  def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
+    cfg.validate()
+    self.cfg = cfg
+    kw = dict(scan=cfg.scan_layers, remat=cfg.remat, dtype=jnp.dtype(cfg.dtype),
+              param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, **kw)
+    self.text = TextTransformer(cfg.text, cfg.embed_dim, **kw)
+    self.logit_scale = nnx.Param(jnp.asarray(cfg.init_logit_scale, jnp.float32), axes=())
+    self.logit_bias = (nnx.Param(jnp.asarray(cfg.init_logit_bias, jnp.float32), axes=())
+                       if cfg.init_logit_bias is not None else None)
+
+  def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:
+    x = self.visual(images)
+    return l2_normalize(x) if normalize else x
+
+  def encode_text(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
+    x = self.text(tokens)
+    return l2_normalize(x) if normalize else x
+
+  def __call__(self, images: jax.Array, tokens: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
+    """Normalised image and text features, the log logit scale and the bias (or None)."""
+    bias = self.logit_bias[...] if self.logit_bias is not None else None
+    return (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),
+            self.logit_scale[...], bias)

@@ -1,0 +1,169 @@
+"""Typed architecture configs: models are data (OpenCLIP style), never name substrings.
+
+`CLIPConfig` fully describes a two-tower model: architecture (what the converter and the
+exported `open_clip_config.json` need), preprocessing (kept with the model so zero-shot
+numbers never depend on where weights came from) and execution options (dtype, scan,
+remat) that change how, not what, the model computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+ACTIVATIONS = ('gelu', 'quick_gelu', 'gelu_tanh')
+VISION_POOLS = ('tok', 'gap', 'map')
+TEXT_POOLS = ('argmax', 'last', 'first', 'mean')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """ViT image tower. `pool`: tok (class token), gap (mean of patch tokens), map (SigLIP)."""
+  image_size: int = 224
+  patch_size: int = 16
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+  class_token: bool = True
+  pool: str = 'tok'
+  ln_pre: bool = True
+  patch_bias: bool = False
+  proj: bool = True
+  act: str = 'gelu'
+  norm_eps: float = 1e-5
+  ls_init: Optional[float] = None
+  # Set for towers that OpenCLIP builds from a timm trunk (the SigLIP family).
+  timm_model_name: Optional[str] = None
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """Text transformer. `causal=False` with `pool='last'` is the SigLIP text tower."""
+  context_length: int = 77
+  vocab_size: int = 49408
+  width: int = 512
+  heads: int = 8
+  layers: int = 12
+  mlp_dim: int = 2048
+  causal: bool = True
+  pool: str = 'argmax'
+  proj: bool = True
+  proj_bias: bool = False
+  act: str = 'gelu'
+  norm_eps: float = 1e-5
+  ls_init: Optional[float] = None
+  pad_id: int = 0
+  # Tokenizer: 'clip' (the shipped BPE) or a sentencepiece `.model` path.
+  tokenizer: str = 'clip'
+  # OpenCLIP's hub tokenizer name, written to the exported config only.
+  hf_tokenizer_name: Optional[str] = None
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+  """Eval-time image preprocessing; exported as OpenCLIP's `preprocess_cfg`."""
+  mean: tuple[float, ...] = OPENAI_MEAN
+  std: tuple[float, ...] = OPENAI_STD
+  resize_mode: str = 'shortest'  # 'shortest' (resize + center crop) or 'squash'
+  interpolation: str = 'bicubic'
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """A complete two-tower model description."""
+  embed_dim: int = 512
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
+  init_logit_bias: Optional[float] = None
+  # OpenCLIP stores the text tower under `text.` (CustomTextCLIP) instead of at the root.
+  custom_text: bool = False
+  preprocess: PreprocessConfig = PreprocessConfig()
+  # Execution options: never change the numbers beyond floating-point rounding.
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  scan_layers: bool = True
+  remat: str = 'none'
+
+  def replace(self, **overrides: Any) -> 'CLIPConfig':
+    """Returns a copy with top-level or nested (`vision.layers=2`) fields replaced."""
+    top, nested = {}, {'vision': {}, 'text': {}, 'preprocess': {}}
+    for key, value in overrides.items():
+      head, _, tail = key.partition('.')
+      if tail:
+        if head not in nested:
+          raise KeyError(f'Unknown model config section {head!r} in override {key!r}.')
+        nested[head][tail] = value
+      else:
+        top[key] = value
+    for section, fields in nested.items():
+      if fields:
+        top[section] = _replace_checked(getattr(self, section), fields)
+    return _replace_checked(self, top)
+
+  def validate(self) -> 'CLIPConfig':
+    """Raises ValueError naming the field for impossible architectures."""
+    v, t = self.vision, self.text
+    checks = [
+        (v.image_size >= v.patch_size, 'vision.image_size must be >= vision.patch_size'),
+        (v.width % v.heads == 0, 'vision.width must be divisible by vision.heads'),
+        (t.width % t.heads == 0, 'text.width must be divisible by text.heads'),
+        (v.pool in VISION_POOLS, f'vision.pool must be one of {VISION_POOLS}'),
+        (t.pool in TEXT_POOLS, f'text.pool must be one of {TEXT_POOLS}'),
+        (v.act in ACTIVATIONS and t.act in ACTIVATIONS, f'act must be one of {ACTIVATIONS}'),
+        (v.pool != 'tok' or v.class_token, "vision.pool='tok' needs vision.class_token=True"),
+        (v.proj or v.width == self.embed_dim, 'vision.proj=False needs vision.width == embed_dim'),
+        (t.proj or t.width == self.embed_dim, 'text.proj=False needs text.width == embed_dim'),
+        (self.remat in REMAT_POLICIES, f'remat must be one of {REMAT_POLICIES}'),
+    ]
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+      raise ValueError('Invalid model config: ' + '; '.join(errors))
+    return self
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'CLIPConfig':
+    d = dict(d)
+    pre = dict(d.pop('preprocess', {}))
+    for key in ('mean', 'std'):
+      if key in pre:
+        pre[key] = tuple(pre[key])
+    return cls(vision=_build(VisionConfig, d.pop('vision', {})),
+               text=_build(TextConfig, d.pop('text', {})),
+               preprocess=_build(PreprocessConfig, pre), **d)
+
+
+def _build(klass, fields: dict[str, Any]):
+  unknown = set(fields) - {f.name for f in dataclasses.fields(klass)}
+  if unknown:
+    raise KeyError(f'Unknown {klass.__name__} keys: {sorted(unknown)}')
+  return klass(**fields)
+
+
+def _replace_checked(obj, fields: dict[str, Any]):
+  unknown = set(fields) - {f.name for f in dataclasses.fields(obj)}
+  if unknown:
+    raise KeyError(f'Unknown {type(obj).__name__} keys: {sorted(unknown)}')
+  return dataclasses.replace(obj, **fields)

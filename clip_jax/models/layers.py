@@ -1,0 +1,195 @@
+"""Transformer building blocks shared by both towers.
+
+Every parameter is an `nnx.Param` carrying `axes`: its logical axis names (`embed`,
+`mlp`, `heads`, `kv`, `vocab`, ...). `clip_jax.sharding` maps them onto mesh axes with
+rules from the config; leading stacked-layer axes are implicit (`layers`).
+
+Matmuls run in the compute dtype; LayerNorm statistics and attention softmax in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[Optional[str]],
+          dtype) -> nnx.Param:
+  """Creates a parameter tagged with its logical axis names."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """OpenCLIP's activations: exact GELU, QuickGELU (x*sigmoid(1.702x)), tanh GELU."""
+  if name == 'gelu':
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == 'gelu_tanh':
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == 'quick_gelu':
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  raise ValueError(f'Unknown activation {name!r}')
+
+
+class Dense(nnx.Module):
+  """A linear map contracting the last `len(in_shape)` input dims into `out_shape`.
+
+  Multi-dimensional kernels (e.g. [embed, 3, heads, head_dim]) keep the head structure
+  visible to the sharding rules instead of hiding it in a packed matrix.
+  """
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[Optional[str]],
+               *, use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs, kernel_init: Optional[Initializer] = None):
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    n_in = len(in_shape)
+    if kernel_init is None:
+      kernel_init = jax.nn.initializers.xavier_uniform(
+          in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
+    self.kernel = param(rngs, kernel_init, in_shape + out_shape, axes, param_dtype)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, out_shape, axes[n_in:], param_dtype)
+                 if use_bias else None)
+    self.n_in = n_in
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 (as OpenCLIP's LayerNormFp32), cast back to `dtype`."""
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ('embed',), param_dtype)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), ('embed',), param_dtype)
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class MLP(nnx.Module):
+  def __init__(self, dim: int, hidden: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc1 = Dense((dim,), (hidden,), ('embed', 'mlp'), **kw)
+    self.fc2 = Dense((hidden,), (dim,), ('mlp', 'embed'), **kw)
+    self.act = act
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(activation(self.act)(self.fc1(x)))
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with q, k, v packed on their own kernel axis."""
+
+  def __init__(self, dim: int, heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    head_dim = dim // heads
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = Dense((dim,), (3, heads, head_dim), ('embed', None, 'heads', 'kv'), **kw)
+    self.out = Dense((heads, head_dim), (dim,), ('heads', 'kv', 'embed'), **kw)
+
+  def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
+    qkv = self.qkv(x)  # [B, T, 3, H, D]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    y = dot_product_attention(q, k, v, causal=causal)
+    return self.out(y)
+
+
+def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
+  """Softmax attention over [B, T, H, D] inputs; logits and softmax in float32."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)) if causal else None
+  probs = jax.nn.softmax(logits, axis=-1, where=mask).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+class LayerScale(nnx.Module):
+  def __init__(self, dim: int, init: float, *, param_dtype, rngs: nnx.Rngs):
+    self.gamma = param(rngs, jax.nn.initializers.constant(init), (dim,), ('embed',), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x * self.gamma[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+  """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x)) (optional LayerScale)."""
+
+  def __init__(self, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
+               ls_init: Optional[float], dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ln_1 = LayerNorm(dim, eps=eps, **kw)
+    self.attn = Attention(dim, heads, **kw)
+    self.ln_2 = LayerNorm(dim, eps=eps, **kw)
+    self.mlp = MLP(dim, mlp_dim, act, **kw)
+    if ls_init is not None:
+      self.ls_1 = LayerScale(dim, ls_init, param_dtype=param_dtype, rngs=rngs)
+      self.ls_2 = LayerScale(dim, ls_init, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.ls_1 = self.ls_2 = None
+
+  def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
+    h = self.attn(self.ln_1(x), causal=causal)
+    x = x + (self.ls_1(h) if self.ls_1 is not None else h)
+    h = self.mlp(self.ln_2(x))
+    return x + (self.ls_2(h) if self.ls_2 is not None else h)
+
+
+_REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """`layers` blocks stored stacked (leading axis = layer), run by scan or by a loop.
+
+  One parameter layout for both execution modes keeps checkpoints and the OpenCLIP
+  converter independent of `scan_layers`: `scan_layers=False` fully unrolls the same scan
+  (bigger program, more room for XLA to fuse across layers). `remat` wraps each layer in
+  `jax.checkpoint` with the named policy.
+  """
+
+  def __init__(self, layers: int, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
+               ls_init: Optional[float], scan: bool, remat: str, dtype, param_dtype,
+               rngs: nnx.Rngs):
+
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_blocks(rngs: nnx.Rngs) -> Block:
+      return Block(dim, heads, mlp_dim, act=act, eps=eps, ls_init=ls_init, dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.layers = layers
+    self.scan = scan
+    self.remat = remat
+
+  def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
+    graphdef, state = nnx.split(self.blocks)
+
+    def layer(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, causal=causal), None
+
+    if self.remat != 'none':
+      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    x, _ = jax.lax.scan(layer, x, state, unroll=1 if self.scan else self.layers)
+    return x

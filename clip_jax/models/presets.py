@@ -1,0 +1,156 @@
+"""Named architectures, spelled as OpenCLIP spells them, plus tiny ones for tests.
+
+Each preset is a `CLIPConfig`; `get_config(name, **overrides)` returns it with
+`CLIPConfig.replace` overrides (e.g. `vision.layers=2` for reduced-depth tests).
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from clip_jax.models.config import (INCEPTION_MEAN, INCEPTION_STD, CLIPConfig, PreprocessConfig,
+                                    TextConfig, VisionConfig)
+
+
+def _openclip_vit(embed_dim: int, image_size: int, patch: int, width: int, layers: int,
+                  head_width: int, mlp_ratio: float, text_width: int, text_heads: int,
+                  text_layers: int, quick_gelu: bool = False, ls_init: float | None = None
+                  ) -> CLIPConfig:
+  """OpenCLIP's native ViT + causal CLIP text tower (the `ViT-*` JSON configs)."""
+  act = 'quick_gelu' if quick_gelu else 'gelu'
+  vision = VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
+                        heads=width // head_width, mlp_dim=int(width * mlp_ratio), act=act,
+                        ls_init=ls_init)
+  text = TextConfig(width=text_width, heads=text_heads, layers=text_layers,
+                    mlp_dim=text_width * 4, act=act)
+  return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+# name: (embed, image, patch, width, layers, head_width, mlp_ratio, t_width, t_heads, t_layers)
+_OPENCLIP_VITS: dict[str, tuple] = {
+    'ViT-S-32': (384, 224, 32, 384, 12, 64, 4.0, 384, 6, 12),
+    'ViT-S-32-alt': (256, 224, 32, 384, 12, 64, 4.0, 256, 4, 10),
+    'ViT-S-16': (384, 224, 16, 384, 12, 64, 4.0, 384, 6, 12),
+    'ViT-S-16-alt': (256, 224, 16, 384, 12, 64, 4.0, 256, 4, 10),
+    'ViT-M-32': (512, 224, 32, 512, 12, 64, 4.0, 512, 8, 12),
+    'ViT-M-32-alt': (384, 224, 32, 512, 12, 64, 4.0, 384, 6, 12),
+    'ViT-M-16': (512, 224, 16, 512, 12, 64, 4.0, 512, 8, 12),
+    'ViT-B-32': (512, 224, 32, 768, 12, 64, 4.0, 512, 8, 12),
+    'ViT-B-32-256': (512, 256, 32, 768, 12, 64, 4.0, 512, 8, 12),
+    'ViT-B-32-plus-256': (640, 256, 32, 896, 12, 64, 4.0, 640, 10, 12),
+    'ViT-B-16': (512, 224, 16, 768, 12, 64, 4.0, 512, 8, 12),
+    'ViT-B-16-plus': (640, 224, 16, 896, 12, 64, 4.0, 640, 10, 12),
+    'ViT-B-16-plus-240': (640, 240, 16, 896, 12, 64, 4.0, 640, 10, 12),
+    'ViT-L-14': (768, 224, 14, 1024, 24, 64, 4.0, 768, 12, 12),
+    'ViT-L-14-280': (768, 280, 14, 1024, 24, 64, 4.0, 768, 12, 12),
+    'ViT-L-14-336': (768, 336, 14, 1024, 24, 64, 4.0, 768, 12, 12),
+    'ViT-L-16': (768, 224, 16, 1024, 24, 64, 4.0, 768, 12, 12),
+    'ViT-L-16-320': (768, 320, 16, 1024, 24, 64, 4.0, 768, 12, 12),
+    'ViT-H-14': (1024, 224, 14, 1280, 32, 80, 4.0, 1024, 16, 24),
+    'ViT-H-14-378': (1024, 378, 14, 1280, 32, 80, 4.0, 1024, 16, 24),
+    'ViT-H-16': (1024, 224, 16, 1280, 32, 80, 4.0, 1024, 16, 24),
+    'ViT-g-14': (1024, 224, 14, 1408, 40, 88, 4.3637, 1024, 16, 24),
+    'ViT-bigG-14': (1280, 224, 14, 1664, 48, 104, 4.9231, 1280, 20, 32),
+    'ViT-e-14': (1280, 224, 14, 1792, 56, 112, 8.5715, 1280, 20, 36),
+}
+_QUICKGELU = ('ViT-B-32', 'ViT-B-16', 'ViT-L-14', 'ViT-L-14-336', 'ViT-H-14', 'ViT-H-14-378',
+              'ViT-bigG-14')
+_LAYER_SCALE = {'ViT-M-16-alt': ('ViT-M-16', 384, 6, 1e-4)}
+
+
+def _siglip(timm_name: str, image_size: int, patch: int, width: int, layers: int, heads: int,
+            mlp_dim: int, vocab: int, context: int, hf_tokenizer: str, *,
+            text_act: str = 'gelu', text_proj: bool = True) -> CLIPConfig:
+  """SigLIP: timm trunk (no class token, MAP head, no projection) + bidirectional text."""
+  vision = VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
+                        heads=heads, mlp_dim=mlp_dim, class_token=False, pool='map', ln_pre=False,
+                        patch_bias=True, proj=False, norm_eps=1e-6, timm_model_name=timm_name)
+  text = TextConfig(context_length=context, vocab_size=vocab, width=width, heads=heads,
+                    layers=layers, mlp_dim=mlp_dim, causal=False, pool='last', proj=text_proj,
+                    proj_bias=text_proj, act=text_act, norm_eps=1e-6, tokenizer='',
+                    hf_tokenizer_name=hf_tokenizer)
+  return CLIPConfig(embed_dim=width, vision=vision, text=text, init_logit_scale=2.302585092994046,
+                    init_logit_bias=-10.0, custom_text=True,
+                    preprocess=PreprocessConfig(mean=INCEPTION_MEAN, std=INCEPTION_STD,
+                                                resize_mode='squash'))
+
+
+_B, _L, _SO = (768, 12, 12, 3072), (1024, 24, 16, 4096), (1152, 27, 16, 4304)
+
+
+def _siglip_presets() -> dict[str, CLIPConfig]:
+  out = {}
+  v1, v2 = 'timm/ViT-B-16-SigLIP', 'timm/ViT-B-16-SigLIP2'
+  for size in (224, 256, 384, 512):
+    suffix = '' if size == 224 else f'-{size}'
+    out[f'ViT-B-16-SigLIP{suffix}'] = _siglip(
+        f'vit_base_patch16_siglip_{size}', size, 16, *_B, 32000, 64, v1)
+    out[f'ViT-B-16-SigLIP2{suffix}'] = _siglip(
+        f'vit_base_patch16_siglip_{size}', size, 16, *_B, 256000, 64,
+        v2 + suffix, text_act='gelu_tanh')
+  out['ViT-B-16-SigLIP-i18n-256'] = _siglip('vit_base_patch16_siglip_256', 256, 16, *_B, 250000,
+                                            64, 'timm/ViT-B-16-SigLIP-i18n-256')
+  out['ViT-B-32-SigLIP2-256'] = _siglip('vit_base_patch32_siglip_256', 256, 32, *_B, 256000, 64,
+                                        'timm/ViT-B-32-SigLIP2-256', text_act='gelu_tanh')
+  for size in (256, 384):
+    out[f'ViT-L-16-SigLIP-{size}'] = _siglip(f'vit_large_patch16_siglip_{size}', size, 16, *_L,
+                                             32000, 64, v1)
+  for size in (256, 384, 512):
+    out[f'ViT-L-16-SigLIP2-{size}'] = _siglip(f'vit_large_patch16_siglip_{size}', size, 16, *_L,
+                                              256000, 64, f'timm/ViT-L-16-SigLIP2-{size}',
+                                              text_act='gelu_tanh')
+  out['ViT-SO400M-14-SigLIP'] = _siglip('vit_so400m_patch14_siglip_224', 224, 14, *_SO, 32000,
+                                        16, v1)
+  for size in (378, 384):
+    out[f'ViT-SO400M-14-SigLIP-{size}'] = _siglip(f'vit_so400m_patch14_siglip_{size}', size, 14,
+                                                  *_SO, 32000, 64, v1)
+  out['ViT-SO400M-16-SigLIP-i18n-256'] = _siglip(
+      'vit_so400m_patch16_siglip_256', 256, 16, *_SO, 250000, 64, 'timm/ViT-B-16-SigLIP-i18n-256',
+      text_proj=False)
+  for name, size, patch in (('ViT-SO400M-14-SigLIP2', 224, 14), ('ViT-SO400M-14-SigLIP2-378', 378, 14),
+                            ('ViT-SO400M-16-SigLIP2-256', 256, 16),
+                            ('ViT-SO400M-16-SigLIP2-384', 384, 16),
+                            ('ViT-SO400M-16-SigLIP2-512', 512, 16)):
+    out[name] = _siglip(f'vit_so400m_patch{patch}_siglip_{size}', size, patch, *_SO, 256000, 64,
+                        f'timm/{name}', text_act='gelu_tanh')
+  return out
+
+
+def _tiny(act: str = 'gelu') -> CLIPConfig:
+  """A 2-layer model for tests and the CPU demo; exportable to OpenCLIP like any ViT."""
+  return CLIPConfig(
+      embed_dim=64,
+      vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=256,
+                          act=act),
+      text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256, act=act))
+
+
+def _build_presets() -> dict[str, CLIPConfig]:
+  presets = {name: _openclip_vit(*args) for name, args in _OPENCLIP_VITS.items()}
+  for name in _QUICKGELU:
+    presets[f'{name}-quickgelu'] = _openclip_vit(*_OPENCLIP_VITS[name], quick_gelu=True)
+  for name, (base, embed, t_heads, ls) in _LAYER_SCALE.items():
+    args = list(_OPENCLIP_VITS[base])
+    args[0], args[7], args[8] = embed, embed, t_heads
+    presets[name] = _openclip_vit(*args, ls_init=ls)
+  presets.update(_siglip_presets())
+  presets['tiny'] = _tiny()
+  presets['tiny-quickgelu'] = _tiny('quick_gelu')
+  return presets
+
+
+PRESETS: dict[str, CLIPConfig] = _build_presets()
+
+
+def list_models() -> list[str]:
+  return sorted(PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> CLIPConfig:
+  """The preset `name` with overrides; unknown names list the closest matches."""
+  if name not in PRESETS:
+    close = difflib.get_close_matches(name, PRESETS, n=5, cutoff=0.5)
+    hint = f' Did you mean: {", ".join(close)}?' if close else ''
+    raise ValueError(f'Unknown model preset {name!r}.{hint} See clip_jax.list_models().')
+  return PRESETS[name].replace(**overrides).validate()

@@ -1,0 +1,93 @@
+"""ViT image tower: patches -> (class token) + position embedding -> blocks -> pool -> proj.
+
+Covers OpenCLIP's native VisionTransformer (class token, ln_pre, `tok`/`gap` pooling,
+projection without bias) and timm's SigLIP trunk (patch bias, no class token, MAP head).
+Images are NHWC floats, already normalised.
+"""
+
+from __future__ import annotations
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clip_jax.models.config import VisionConfig
+from clip_jax.models.layers import MLP, Dense, LayerNorm, Transformer, dot_product_attention, param
+
+
+class MAPHead(nnx.Module):
+  """Multihead attention pooling: one learned query attends over all tokens (SigLIP)."""
+
+  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    d, h = cfg.width, cfg.heads
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.latent = param(rngs, jax.nn.initializers.normal(d ** -0.5), (1, d), (None, 'embed'),
+                        param_dtype)
+    self.q = Dense((d,), (h, d // h), ('embed', 'heads', 'kv'), **kw)
+    self.kv = Dense((d,), (2, h, d // h), ('embed', None, 'heads', 'kv'), **kw)
+    self.out = Dense((h, d // h), (d,), ('heads', 'kv', 'embed'), **kw)
+    self.norm = LayerNorm(d, eps=cfg.norm_eps, **kw)
+    self.mlp = MLP(d, cfg.mlp_dim, cfg.act, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    latent = jnp.broadcast_to(self.latent[...], (x.shape[0],) + self.latent.shape)
+    q = self.q(latent)
+    kv = self.kv(x)
+    y = self.out(dot_product_attention(q, kv[:, :, 0], kv[:, :, 1]))
+    y = y + self.mlp(self.norm(y))
+    return y[:, 0]
+
+
+class VisionTransformer(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, embed_dim: int, *, scan: bool, remat: str, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    d, p = cfg.width, cfg.patch_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.dtype = dtype
+    self.patch_embed = Dense((p, p, 3), (d,), (None, None, None, 'embed'),
+                             use_bias=cfg.patch_bias, **kw)
+    scale = d ** -0.5
+    self.cls_token = (param(rngs, jax.nn.initializers.normal(scale), (d,), ('embed',), param_dtype)
+                      if cfg.class_token else None)
+    n_tokens = cfg.grid ** 2 + int(cfg.class_token)
+    self.pos_embed = param(rngs, jax.nn.initializers.normal(scale), (n_tokens, d),
+                           (None, 'embed'), param_dtype)
+    self.ln_pre = LayerNorm(d, eps=cfg.norm_eps, **kw) if cfg.ln_pre else None
+    self.transformer = Transformer(cfg.layers, d, cfg.heads, cfg.mlp_dim, act=cfg.act,
+                                   eps=cfg.norm_eps, ls_init=cfg.ls_init, scan=scan, remat=remat,
+                                   **kw)
+    self.ln_post = LayerNorm(d, eps=cfg.norm_eps, **kw)
+    self.map_head = MAPHead(cfg, **kw) if cfg.pool == 'map' else None
+    self.proj = (param(rngs, jax.nn.initializers.normal(scale), (d, embed_dim), ('embed', 'proj'),
+                       param_dtype) if cfg.proj else None)
+
+  def embed(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> [B, N(+1), width] tokens with position embedding."""
+    p, n = self.cfg.patch_size, self.cfg.grid * self.cfg.patch_size
+    # Like a strided conv, pixels past the last whole patch are ignored (e.g. 384px at /14).
+    patches = einops.rearrange(images[:, :n, :n], 'b (h p1) (w p2) c -> b (h w) p1 p2 c', p1=p, p2=p)
+    x = self.patch_embed(patches)
+    if self.cls_token is not None:
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([cls, x], axis=1)
+    return x + self.pos_embed[...].astype(x.dtype)
+
+  def pool(self, x: jax.Array) -> jax.Array:
+    if self.cfg.pool == 'map':
+      return self.map_head(x)
+    if self.cfg.pool == 'tok':
+      return x[:, 0]
+    return x[:, int(self.cfg.class_token):].mean(axis=1)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    x = self.embed(images)
+    if self.ln_pre is not None:
+      x = self.ln_pre(x)
+    x = self.transformer(x, causal=False)
+    x = self.pool(self.ln_post(x))
+    if self.proj is not None:
+      x = x @ self.proj[...].astype(x.dtype)
+    return x
