@@ -1,0 +1,87 @@
+"""OpenCLIP (PyTorch) reference models and feature helpers shared by the parity tests."""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import numpy as np
+import open_clip
+import torch
+from flax import nnx
+
+from clip_jax.convert.open_clip_config import model_cfg
+from clip_jax.models.clip import CLIP
+from clip_jax.models.presets import get_config
+
+
+def open_clip_model(name: str, vision_layers: int | None = None, text_layers: int | None = None,
+                    text_overrides: dict | None = None, seed: int = 0) -> torch.nn.Module:
+  """OpenCLIP's own model for preset `name`, optionally shallower, with every weight perturbed.
+
+  Presets OpenCLIP lacks (the tiny ones) are built from the model_cfg clip_jax exports.
+
+  Random noise on all parameters (LayerNorm scales and biases included) makes any
+  mis-mapped or transposed weight show up in the features.
+  """
+  cfg = copy.deepcopy(open_clip.get_model_config(name))
+  if cfg is None:  # a clip_jax-only preset (tiny): OpenCLIP builds it from our exported config
+    cfg = model_cfg(get_config(name))
+  timm = 'timm_model_name' in cfg['vision_cfg']
+  if text_layers:
+    cfg['text_cfg']['layers'] = text_layers
+  if vision_layers and not timm:
+    cfg['vision_cfg']['layers'] = vision_layers
+  cfg['text_cfg'].update(text_overrides or {})
+  custom_text = cfg.pop('custom_text', False)
+  torch.manual_seed(seed)
+  model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
+  if timm and vision_layers:  # timm builds by name only: drop the extra blocks afterwards
+    model.visual.trunk.blocks = model.visual.trunk.blocks[:vision_layers]
+  perturb(model, seed)
+  return model.eval()
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+
+
+def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
+  return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def torch_features(model: torch.nn.Module, images: np.ndarray, tokens: np.ndarray):
+  """Normalised OpenCLIP features for NHWC images and token ids."""
+  with torch.no_grad():
+    img = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True)
+    txt = model.encode_text(torch.from_numpy(tokens).long(), normalize=True)
+  return img.numpy(), txt.numpy()
+
+
+def jax_features(model: CLIP, images: np.ndarray, tokens: np.ndarray):
+  """Normalised clip_jax features, computed under jit like the trainer does."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def features(state, images, tokens):
+    m = nnx.merge(graphdef, state)
+    return m.encode_image(images, normalize=True), m.encode_text(tokens, normalize=True)
+
+  img, txt = features(state, images, tokens)
+  return np.asarray(img), np.asarray(txt)
+
+
+def random_inputs(image_size: int, context_length: int, vocab_size: int, batch: int = 2,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Images ~ N(0, 1) (normalised pixels) and token rows that each end in a unique max id."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
+  tokens = rng.integers(1, vocab_size - 1, size=(batch, context_length)).astype(np.int32)
+  lengths = rng.integers(2, context_length + 1, size=batch)
+  for row, n in enumerate(lengths):
+    tokens[row, n - 1] = vocab_size - 1  # EOT-like: the argmax position varies per row
+    tokens[row, n:] = 0
+  return images, tokens
