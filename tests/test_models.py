@@ -1,0 +1,167 @@
+"""Model options (scan, loop, remat, bf16), logical axes, presets and config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import clip_jax
+from clip_jax.api import get_params, model_from_params, param_shapes
+from tests.reference import jax_features, random_inputs
+
+# A SigLIP-style tiny model: MAP head, no class token, bidirectional text, logit bias.
+SIGLIP_STYLE = {'vision.class_token': False, 'vision.pool': 'map', 'vision.ln_pre': False,
+                'vision.patch_bias': True, 'vision.proj': False, 'text.causal': False,
+                'text.pool': 'last', 'text.proj_bias': True, 'init_logit_bias': -10.0}
+
+
+def _loss_and_grads(model, images, tokens):
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  @jax.jit
+  def loss_fn(params):
+    img, txt, scale, _ = nnx.merge(graphdef, params)(images, tokens)
+    logits = jnp.exp(scale) * img @ txt.T
+    return -jnp.mean(jnp.diag(jax.nn.log_softmax(logits, axis=-1)))
+
+  return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+@pytest.mark.parametrize('overrides', [{}, SIGLIP_STYLE], ids=['clip', 'siglip_style'])
+def test_scan_and_loop_give_the_same_numbers(overrides):
+  base = clip_jax.create_model('tiny', **overrides)
+  params = get_params(base)
+  images, tokens = random_inputs(32, 32, 49408, batch=4)
+  loop = model_from_params(base.cfg.replace(scan_layers=False), params)
+  scan_feats, loop_feats = jax_features(base, images, tokens), jax_features(loop, images, tokens)
+  # The image tower (and any bidirectional text tower) is bit-identical. XLA fuses the
+  # unrolled causal text layers differently, which moves results by float32 rounding only.
+  np.testing.assert_array_equal(scan_feats[0], loop_feats[0])
+  if base.cfg.text.causal:
+    np.testing.assert_allclose(scan_feats[1], loop_feats[1], rtol=0, atol=2e-6)
+  else:
+    np.testing.assert_array_equal(scan_feats[1], loop_feats[1])
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
+def test_remat_keeps_loss_and_gradients(policy):
+  base = clip_jax.create_model('tiny')
+  params = get_params(base)
+  images, tokens = random_inputs(32, 32, 49408, batch=4)
+  loss, grads = _loss_and_grads(base, images, tokens)
+  remat = model_from_params(base.cfg.replace(remat=policy), params)
+  remat_loss, remat_grads = _loss_and_grads(remat, images, tokens)
+  assert float(remat_loss) == float(loss)
+  for g, rg in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(np.asarray(rg), np.asarray(g), rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_compute_stays_close_to_fp32():
+  """bf16 matmuls (fp32 params, LayerNorm and softmax): features within 2e-2, cosine > 0.999."""
+  base = clip_jax.create_model('ViT-B-32', **{'vision.layers': 4, 'text.layers': 4})
+  bf16 = model_from_params(base.cfg.replace(dtype='bfloat16'), get_params(base))
+  images, tokens = random_inputs(224, 77, 49408, batch=4)
+  for fp32_feat, bf16_feat in zip(jax_features(base, images, tokens),
+                                  jax_features(bf16, images, tokens)):
+    assert np.abs(fp32_feat - bf16_feat).max() < 2e-2
+    assert (fp32_feat * bf16_feat).sum(-1).min() > 0.999
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(get_params(bf16)))
+
+
+def test_every_parameter_names_its_logical_axes():
+  model = clip_jax.create_model('tiny', **SIGLIP_STYLE)
+  state = nnx.state(model, nnx.Param)
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  assert leaves
+  for var in leaves:
+    axes = var.get_metadata()['axes']
+    # Stacked layers add one leading (layer) axis that the sharding rules leave unsharded.
+    assert var.value.ndim - len(axes) in (0, 1), (axes, var.value.shape)
+  names = {a for v in leaves for a in v.get_metadata()['axes']}
+  assert {'embed', 'mlp', 'heads', 'kv', 'vocab'} <= names
+
+
+def test_call_returns_normalised_features_and_logit_params():
+  model = clip_jax.create_model('tiny', **SIGLIP_STYLE)
+  images, tokens = random_inputs(32, 32, 49408, batch=3)
+  img, txt, scale, bias = model(images, tokens)
+  np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(txt, axis=-1), 1.0, rtol=1e-5)
+  assert float(scale) == pytest.approx(np.log(1 / 0.07), rel=1e-6) and float(bias) == -10.0
+
+
+def test_text_pooling_modes_pick_the_documented_token():
+  images, tokens = random_inputs(32, 32, 49408, batch=2)
+  base = clip_jax.create_model('tiny', **{'text.proj': False})  # pooled hidden state out
+  params = get_params(base)
+  pooled = {pool: np.asarray(model_from_params(base.cfg.replace(**{'text.pool': pool}), params)
+                             .encode_text(tokens))
+            for pool in ('argmax', 'last', 'first', 'mean')}
+  text = base.text
+  x = text.ln_final(text.transformer(
+      jnp.take(text.token_embed[...], tokens, axis=0) + text.pos_embed[...], causal=True))
+  x = np.asarray(x)
+  eot = tokens.argmax(-1)
+  assert eot[0] != eot[1]  # the rows end at different places
+  np.testing.assert_allclose(pooled['argmax'], x[np.arange(2), eot], atol=1e-6)
+  np.testing.assert_allclose(pooled['last'], x[:, -1], atol=1e-6)
+  np.testing.assert_allclose(pooled['first'], x[:, 0], atol=1e-6)
+  valid = (tokens != 0)[..., None]
+  np.testing.assert_allclose(pooled['mean'], (x * valid).sum(1) / valid.sum(1), atol=1e-5)
+
+
+def test_non_divisible_image_size_drops_partial_patches():
+  model = clip_jax.create_model('tiny', **{'vision.image_size': 36})
+  images = np.random.default_rng(0).normal(size=(2, 36, 36, 3)).astype(np.float32)
+  cropped = images.copy()
+  cropped[:, 32:, :] = 0
+  cropped[:, :, 32:] = 0
+  np.testing.assert_array_equal(np.asarray(model.encode_image(images)),
+                                np.asarray(model.encode_image(cropped)))
+
+
+def test_presets_cover_the_open_clip_vit_and_siglip_families():
+  names = set(clip_jax.list_models())
+  for required in ('ViT-S-16', 'ViT-M-32', 'ViT-B-32', 'ViT-B-16', 'ViT-L-14', 'ViT-H-14',
+                   'ViT-g-14', 'ViT-bigG-14', 'ViT-B-32-quickgelu', 'ViT-B-16-plus-240',
+                   'ViT-L-14-336', 'ViT-H-14-378', 'ViT-B-16-SigLIP', 'ViT-B-16-SigLIP-256',
+                   'ViT-B-16-SigLIP-384', 'ViT-B-16-SigLIP-512', 'ViT-B-16-SigLIP-i18n-256',
+                   'ViT-L-16-SigLIP-256', 'ViT-L-16-SigLIP-384', 'ViT-SO400M-14-SigLIP',
+                   'ViT-SO400M-14-SigLIP-384', 'tiny'):
+    assert required in names
+
+
+def test_preset_parameter_counts_match_open_clip():
+  """Architectures as data: our shapes add up to OpenCLIP's parameter count."""
+  import open_clip  # pylint: disable=import-outside-toplevel
+  for name in ('ViT-B-32', 'ViT-L-14-336', 'ViT-SO400M-14-SigLIP'):
+    ours = sum(int(np.prod(s)) for s in jax.tree.leaves(
+        param_shapes(clip_jax.get_config(name)), is_leaf=lambda x: isinstance(x, tuple)))
+    torch_model = open_clip.create_model(name)
+    theirs = sum(p.numel() for p in torch_model.parameters())
+    assert ours == theirs, name
+
+
+def test_unknown_preset_lists_close_matches():
+  with pytest.raises(ValueError, match=r"Unknown model preset 'ViT-B32'.*ViT-B-32"):
+    clip_jax.create_model('ViT-B32')
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'vision.width': 102}, 'vision.width must be divisible by vision.heads'),
+    ({'vision.pool': 'max'}, 'vision.pool must be one of'),
+    ({'text.pool': 'cls'}, 'text.pool must be one of'),
+    ({'vision.class_token': False}, "vision.pool='tok' needs vision.class_token=True"),
+    ({'remat': 'some'}, 'remat must be one of'),
+])
+def test_impossible_configs_fail_with_the_field_name(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    clip_jax.get_config('tiny', **overrides)
+
+
+def test_unknown_override_key_is_an_error():
+  with pytest.raises(KeyError, match='depth'):
+    clip_jax.get_config('tiny', **{'vision.depth': 3})
+  with pytest.raises(KeyError, match='tower'):
+    clip_jax.get_config('tiny', **{'tower.layers': 3})
