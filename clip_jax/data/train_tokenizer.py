@@ -19,8 +19,8 @@ from etils import epath
 from clip_jax.data.tokenizers import clean_canonicalize
 
 
-def train_tokenizer(captions: str, vocab_size: int, out: str, model_type: str = 'unigram'
-                    ) -> epath.Path:
+def train_tokenizer(captions: str, vocab_size: int, out: str, model_type: str = 'unigram',
+                    character_coverage: float = 0.9995) -> epath.Path:
   import sentencepiece  # pylint: disable=import-outside-toplevel
   captions_path, out_path = epath.Path(captions), epath.Path(out)
   if not captions_path.is_file():
@@ -36,7 +36,7 @@ def train_tokenizer(captions: str, vocab_size: int, out: str, model_type: str = 
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-        character_coverage=1.0, minloglevel=2)
+        character_coverage=character_coverage, minloglevel=2)
   except RuntimeError as e:
     raise ValueError(f'sentencepiece could not train on {captions_path} with '
                      f'--vocab_size={vocab_size}: {e}') from e
@@ -51,9 +51,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--vocab_size', type=int, required=True)
   parser.add_argument('--out', required=True, help='output path ending in .model')
   parser.add_argument('--model_type', default='unigram', choices=['unigram', 'bpe'])
+  parser.add_argument('--character_coverage', type=float, default=0.9995,
+                      help='fraction of characters covered; rarer ones become pieces of unk')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(message)s')
-  path = train_tokenizer(args.captions, args.vocab_size, args.out, args.model_type)
+  path = train_tokenizer(args.captions, args.vocab_size, args.out, args.model_type,
+                         args.character_coverage)
   logging.info('Wrote %s', path)
 
 
