@@ -25,8 +25,11 @@ def resize_and_crop(image: Image.Image, size: int, resize_mode: str, interpolati
   if resize_mode != 'shortest':
     raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {resize_mode!r}")
   w, h = image.size
-  scale = size / min(w, h)
-  new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+  # The long side is truncated, as torchvision's Resize does, so pixels match OpenCLIP.
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
   image = image.resize((new_w, new_h), resample)
   left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
   return image.crop((left, top, left + size, top + size))
