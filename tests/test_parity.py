@@ -20,7 +20,10 @@ from clip_jax.import_open_clip import import_state_dict
 from tests.reference import (jax_features, open_clip_model, random_inputs, state_dict_numpy,
                              torch_features)
 
-TOLERANCE = 1e-4  # max abs difference on L2-normalised fp32 features
+# Max abs difference on L2-normalised fp32 features. The issue asks for 1e-4; correct
+# mappings land near 2e-7, and 1e-5 still catches an approximate-vs-exact GELU mix-up
+# in a single layer (which 1e-4 let through: it measured 2e-5).
+TOLERANCE = 1e-5
 
 # (preset, vision layers, text layers, text overrides applied to both sides)
 IMPORT_CASES = [

@@ -59,6 +59,21 @@ def to_torch(layout: str, a: np.ndarray) -> np.ndarray:
   return a
 
 
+def torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The OpenCLIP shape of one (per-layer) parameter of ours, without touching data."""
+  if layout == 'linear':
+    return (math.prod(shape[1:]), shape[0])
+  if layout == 'linear2':
+    return (shape[-1], math.prod(shape[:-1]))
+  if layout == 'conv':
+    return (shape[3], shape[2], shape[0], shape[1])
+  if layout == 'flat':
+    return (math.prod(shape),)
+  if layout == 'batch1':
+    return (1, *shape)
+  return tuple(shape)
+
+
 def _ln(torch_prefix: str, ours: str) -> list[Rule]:
   return [Rule(f'{torch_prefix}.weight', f'{ours}/scale'), Rule(f'{torch_prefix}.bias', f'{ours}/bias')]
 
@@ -191,9 +206,8 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
       try:
         arrays.append(to_ours(rule.layout, w, per_layer))
       except ValueError:
-        want = to_torch(rule.layout, np.zeros(per_layer, np.float32)).shape
-        problems.append(f'key {key!r} has shape {tuple(w.shape)}, model expects {tuple(want)} '
-                        f'(clip_jax {rule.ours} {per_layer})')
+        problems.append(f'key {key!r} has shape {tuple(w.shape)}, model expects '
+                        f'{torch_shape(rule.layout, per_layer)} (clip_jax {rule.ours} {per_layer})')
     if len(arrays) == len(keys):
       _set(params, rule.ours, np.stack(arrays) if '{i}' in rule.torch_key else arrays[0])
   if problems:
@@ -201,6 +215,17 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
         f'OpenCLIP checkpoint does not fit the model ({len(problems)} problems):\n  '
         + '\n  '.join(problems))
   return params
+
+
+def open_clip_shapes(cfg: CLIPConfig, shapes: Params) -> dict[str, tuple[int, ...]]:
+  """OpenCLIP state_dict key -> shape for our model, from our params tree of shapes."""
+  out = {}
+  for rule in rules_for(cfg):
+    shape = tuple(_get(shapes, rule.ours))
+    per_layer = shape[1:] if '{i}' in rule.torch_key else shape
+    for key in _torch_keys(cfg, rule):
+      out[key] = torch_shape(rule.layout, per_layer)
+  return out
 
 
 def params_to_open_clip(cfg: CLIPConfig, params: Params) -> dict[str, np.ndarray]:

@@ -59,13 +59,20 @@ _QUICKGELU = ('ViT-B-32', 'ViT-B-16', 'ViT-L-14', 'ViT-L-14-336', 'ViT-H-14', 'V
 _LAYER_SCALE = {'ViT-M-16-alt': ('ViT-M-16', 384, 6, 1e-4)}
 
 
+# timm builds these SigLIP trunks with tanh-approximated GELU; the others use exact GELU.
+_TIMM_TANH_GELU = ('vit_base_patch32_siglip_256', 'vit_large_patch16_siglip_512',
+                   'vit_so400m_patch16_siglip_256', 'vit_so400m_patch16_siglip_384',
+                   'vit_so400m_patch16_siglip_512')
+
+
 def _siglip(timm_name: str, image_size: int, patch: int, width: int, layers: int, heads: int,
             mlp_dim: int, vocab: int, context: int, hf_tokenizer: str, *,
             text_act: str = 'gelu', text_proj: bool = True) -> CLIPConfig:
   """SigLIP: timm trunk (no class token, MAP head, no projection) + bidirectional text."""
   vision = VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
                         heads=heads, mlp_dim=mlp_dim, class_token=False, pool='map', ln_pre=False,
-                        patch_bias=True, proj=False, norm_eps=1e-6, timm_model_name=timm_name)
+                        patch_bias=True, proj=False, norm_eps=1e-6, timm_model_name=timm_name,
+                        act='gelu_tanh' if timm_name in _TIMM_TANH_GELU else 'gelu')
   text = TextConfig(context_length=context, vocab_size=vocab, width=width, heads=heads,
                     layers=layers, mlp_dim=mlp_dim, causal=False, pool='last', proj=text_proj,
                     proj_bias=text_proj, act=text_act, norm_eps=1e-6, tokenizer='',

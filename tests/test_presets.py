@@ -1,0 +1,75 @@
+"""Every preset is the architecture OpenCLIP builds under the same name.
+
+OpenCLIP's own models are instantiated on the `meta` device (shapes and modules, no
+memory), so even ViT-bigG-14 and ViT-e-14 are checked at full size: every state_dict
+key and shape, the activation of each tower, LayerNorm eps, text masking and pooling.
+"""
+
+import open_clip
+import pytest
+import torch
+from open_clip.model import CLIP as TorchCLIP
+from open_clip.model import CustomTextCLIP
+from open_clip.transformer import QuickGELU
+
+import clip_jax
+from clip_jax.api import param_shapes
+from clip_jax.convert.open_clip import open_clip_shapes
+
+OPEN_CLIP_PRESETS = [n for n in clip_jax.list_models() if not n.startswith('tiny')]
+
+
+def _meta_model(name):
+  cfg = dict(open_clip.get_model_config(name))
+  custom_text = cfg.pop('custom_text', False)
+  with torch.device('meta'):
+    return (CustomTextCLIP if custom_text else TorchCLIP)(**cfg), cfg
+
+
+def _act_name(module):
+  if isinstance(module, QuickGELU):
+    return 'quick_gelu'
+  if type(module).__name__ == 'GELUTanh' or getattr(module, 'approximate', 'none') == 'tanh':
+    return 'gelu_tanh'
+  assert isinstance(module, torch.nn.GELU), module
+  return 'gelu'
+
+
+def test_presets_cover_open_clip_names():
+  assert len(OPEN_CLIP_PRESETS) >= 50
+  assert set(OPEN_CLIP_PRESETS) <= set(open_clip.list_models())
+
+
+def test_presets_cover_the_open_clip_vit_and_siglip_families():
+  names = set(clip_jax.list_models())
+  for required in ('ViT-S-16', 'ViT-M-32', 'ViT-B-32', 'ViT-B-16', 'ViT-L-14', 'ViT-H-14',
+                   'ViT-g-14', 'ViT-bigG-14', 'ViT-B-32-quickgelu', 'ViT-B-16-plus-240',
+                   'ViT-L-14-336', 'ViT-H-14-378', 'ViT-B-16-SigLIP', 'ViT-B-16-SigLIP-256',
+                   'ViT-B-16-SigLIP-384', 'ViT-B-16-SigLIP-512', 'ViT-B-16-SigLIP-i18n-256',
+                   'ViT-L-16-SigLIP-256', 'ViT-L-16-SigLIP-384', 'ViT-SO400M-14-SigLIP',
+                   'ViT-SO400M-14-SigLIP-384', 'tiny'):
+    assert required in names
+
+
+@pytest.mark.parametrize('name', OPEN_CLIP_PRESETS)
+def test_preset_matches_open_clip_architecture(name):
+  torch_model, torch_cfg = _meta_model(name)
+  cfg = clip_jax.get_config(name)
+  ours = open_clip_shapes(cfg, param_shapes(cfg))
+  theirs = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+  assert ours == theirs
+
+  text = torch_model.text if cfg.custom_text else torch_model
+  assert _act_name(text.transformer.resblocks[0].mlp.gelu) == cfg.text.act
+  assert text.ln_final.eps == cfg.text.norm_eps
+  assert (text.attn_mask is not None) == cfg.text.causal
+  assert getattr(text, 'pool_type', getattr(text, 'text_pool_type', None)) == cfg.text.pool
+  if cfg.vision.timm_model_name:
+    trunk = torch_model.visual.trunk
+    assert _act_name(trunk.blocks[0].mlp.act) == cfg.vision.act
+    assert _act_name(trunk.attn_pool.mlp.act) == cfg.vision.act
+    assert trunk.norm.eps == cfg.vision.norm_eps
+  else:
+    assert _act_name(torch_model.visual.transformer.resblocks[0].mlp.gelu) == cfg.vision.act
+    assert torch_model.visual.ln_post.eps == cfg.vision.norm_eps
+  assert torch_cfg.get('init_logit_bias') == cfg.init_logit_bias
