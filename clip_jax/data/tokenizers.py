@@ -20,6 +20,7 @@ Texts = Union[str, Sequence[str]]
 DEFAULT_BPE = epath.resource_path('clip_jax.data') / 'assets' / 'bpe_simple_vocab_16e6.txt.gz'
 SOT, EOT = '<start_of_text>', '<end_of_text>'
 _NUM_MERGES = 49152 - 256 - 2
+_CACHE_SIZE = 1 << 16
 
 
 def basic_clean(text: str) -> str:
@@ -91,7 +92,15 @@ class CLIPTokenizer:
     self.pattern = regex.compile(
         rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
         regex.IGNORECASE)
-    self._bpe = functools.lru_cache(maxsize=1 << 16)(self._merge)
+    self._cache: dict[str, tuple[str, ...]] = {}  # a plain dict keeps the tokenizer picklable
+
+  def _bpe(self, token: str) -> tuple[str, ...]:
+    pieces = self._cache.get(token)
+    if pieces is None:
+      pieces = self._merge(token)
+      if len(self._cache) < _CACHE_SIZE:
+        self._cache[token] = pieces
+    return pieces
 
   def _merge(self, token: str) -> tuple[str, ...]:
     """Applies BPE merges, lowest rank first, to one pre-tokenised word."""
@@ -152,10 +161,10 @@ class SentencePieceTokenizer:
                clean: Callable[[str], str] = clean_canonicalize):
     import sentencepiece  # pylint: disable=import-outside-toplevel
     model_path = epath.Path(model_path)
-    proto = _read_text(model_path, 'sentencepiece model')
+    self._proto = _read_text(model_path, 'sentencepiece model')
     self.sp = sentencepiece.SentencePieceProcessor()
     try:
-      self.sp.LoadFromSerializedProto(proto)
+      self.sp.LoadFromSerializedProto(self._proto)
     except Exception as e:  # sentencepiece raises plain RuntimeError/OSError
       raise ValueError(f'{model_path} is not a valid sentencepiece model: {e}') from e
     self.eos_id = self.sp.eos_id()
@@ -165,6 +174,15 @@ class SentencePieceTokenizer:
     self.vocab_size = self.sp.get_piece_size()
     self.context_length = context_length
     self.clean = clean
+
+  def __getstate__(self):  # pickled into data-loader workers as the model proto bytes
+    return {k: v for k, v in self.__dict__.items() if k != 'sp'}
+
+  def __setstate__(self, state):
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+    self.__dict__.update(state)
+    self.sp = sentencepiece.SentencePieceProcessor()
+    self.sp.LoadFromSerializedProto(self._proto)
 
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(self.clean(text))

@@ -6,6 +6,7 @@ sides to the target (SigLIP). Output: float32 HWC, normalised with the model's m
 
 from __future__ import annotations
 
+import io
 from typing import Callable
 
 import numpy as np
@@ -49,3 +50,41 @@ def make_preprocess(cfg: PreprocessConfig, size: int) -> Callable[[Image.Image],
     return normalize(np.asarray(image), cfg)
 
   return preprocess
+
+
+def decode_image(data: bytes, min_size: int) -> Image.Image:
+  """Decodes image bytes to RGB; JPEGs decode at reduced scale when still >= min_size.
+
+  PIL's `draft` lets libjpeg skip DCT work (1/2, 1/4, 1/8 scale), the pipeline's floor.
+  Raises on corrupt or truncated data.
+  """
+  image = Image.open(io.BytesIO(data))
+  if image.format == 'JPEG':
+    image.draft('RGB', (min_size, min_size))
+  image.load()
+  return image.convert('RGB')
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.9, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+  """torchvision's RandomResizedCrop: a random area/aspect crop resized to size x size."""
+  w, h = image.size
+  area = w * h
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+    cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+    if 0 < cw <= w and 0 < ch <= h:
+      left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+      return image.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+  side = min(w, h)  # fallback: the central square
+  left, top = (w - side) // 2, (h - side) // 2
+  return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+
+
+def normalize_on_device(images, cfg: PreprocessConfig):
+  """uint8 NHWC batch (as the pipeline ships it) -> normalised float32, inside jit."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)

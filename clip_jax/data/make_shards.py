@@ -1,0 +1,90 @@
+"""Turns an image folder or a (filepath, caption) table into webdataset tar shards.
+
+  python -m clip_jax.data.make_shards --input photos/ --output shards/ [--samples_per_shard N]
+  python -m clip_jax.data.make_shards --input pairs.csv --output shards/
+  python -m clip_jax.data.make_shards --input pairs.parquet --output shards/ \
+      --path_column filepath --caption_column caption
+
+A folder holds images with caption sidecars (`x.jpg` + `x.txt`). In a table, relative
+paths are taken relative to the table's folder. Images are stored as their original
+bytes; pairs whose image or caption is missing are skipped and counted in `_stats.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+from typing import Iterator
+
+from etils import epath
+from tqdm import tqdm
+
+from clip_jax.data.shard_writer import ShardWriter
+from clip_jax.data.tar_samples import IMAGE_EXTENSIONS
+
+Pair = tuple[epath.Path, str | None]
+
+
+def folder_pairs(folder: epath.Path) -> Iterator[Pair]:
+  for path in sorted(folder.rglob('*')):
+    if path.suffix.lower().lstrip('.') in IMAGE_EXTENSIONS:
+      sidecar = path.with_suffix('.txt')
+      yield path, sidecar.read_text().strip() if sidecar.exists() else None
+
+
+def table_pairs(table: epath.Path, path_column: str, caption_column: str) -> Iterator[Pair]:
+  if table.suffix == '.parquet':
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    rows = pq.read_table(str(table), columns=[path_column, caption_column]).to_pylist()
+  else:
+    with table.open() as f:
+      rows = list(csv.DictReader(f))
+  if rows and (path_column not in rows[0] or caption_column not in rows[0]):
+    raise KeyError(f'{table} needs columns {path_column!r} and {caption_column!r}; '
+                   f'it has {sorted(rows[0])}.')
+  for row in rows:
+    path = epath.Path(row[path_column])
+    yield (path if path.is_absolute() else table.parent / path), row[caption_column]
+
+
+def make_shards(input_path: str, output: str, samples_per_shard: int = 10000,
+                path_column: str = 'filepath', caption_column: str = 'caption') -> dict:
+  source = epath.Path(input_path)
+  if source.is_dir():
+    pairs = list(folder_pairs(source))
+  elif source.suffix in ('.csv', '.parquet') and source.exists():
+    pairs = list(table_pairs(source, path_column, caption_column))
+  else:
+    raise FileNotFoundError(f'--input {source} is neither a folder nor a .csv/.parquet file.')
+  writer = ShardWriter(output, samples_per_shard)
+  skipped = collections.Counter()
+  for path, caption in tqdm(pairs, desc='make_shards', unit='pair'):
+    if not caption:
+      skipped['missing_caption'] += 1
+      continue
+    try:
+      image = path.read_bytes()
+    except OSError:
+      skipped['missing_image'] += 1
+      continue
+    writer.write(image, path.suffix.lower().lstrip('.'), caption, {'source': str(path)})
+  return writer.close({'skipped': dict(skipped)})
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--input', required=True, help='image folder, .csv or .parquet')
+  parser.add_argument('--output', required=True, help='output folder for the shards')
+  parser.add_argument('--samples_per_shard', type=int, default=10000)
+  parser.add_argument('--path_column', default='filepath')
+  parser.add_argument('--caption_column', default='caption')
+  args = parser.parse_args(argv)
+  stats = make_shards(args.input, args.output, args.samples_per_shard, args.path_column,
+                      args.caption_column)
+  print(f'Wrote {stats["count"]} samples in {stats["shards"]} shards to {args.output} '
+        f'(skipped: {stats["skipped"] or "none"})')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,249 @@
+"""The grain input pipeline: tar shards (or synthetic data) -> global sharded batches.
+
+Per process:  shards (this process's disjoint share, reshuffled every epoch)
+  -> interleave `cycle_length` open shards -> weighted mixture of sources
+  -> window shuffle -> decode + augment + tokenize (seeded per element)
+  -> drop and count bad samples -> batch to the per-process batch
+  -> `mp_prefetch` worker processes -> `jax.make_array_from_process_local_data`.
+
+Batches hold `image` (uint8 [B, H, W, 3]; normalise on device with
+`transforms.normalize_on_device`, 4x less inter-process traffic than float32) and
+`text` (int32 [B, context]). Every stage is a grain dataset with checkpointable state,
+so `Loader.get_state()` / `set_state()` resume at the exact next batch, workers included.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import grain
+import jax
+from absl import flags
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from clip_jax.data.specs import Source, parse_spec
+from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, ShardDataset, Skip
+from clip_jax.data.transforms import decode_image, random_resized_crop, resize_and_crop
+
+AUGMENTATIONS = ('random_resized_crop', 'center_crop', 'squash')
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Everything the pipeline needs; the trainer fills it from `config.data`."""
+  global_batch_size: int
+  image_size: int
+  tokenizer: Callable[[Sequence[str]], np.ndarray]
+  kind: str = 'tar'                       # 'tar' | 'synthetic'
+  train: Any = ''                         # shard spec (str or list), see specs.py
+  weights: Any = None                     # mixture weights, '1::2'
+  caption_key: str = 'caption'            # json field when a sample has no .txt
+  augment: str = 'random_resized_crop'    # or 'center_crop' / 'squash' (eval-style)
+  crop_scale: tuple[float, float] = (0.9, 1.0)
+  seed: int = 0
+  shuffle_window: int = 1024
+  cycle_length: int = 4                   # shards open at once per worker
+  workers: int = 0                        # mp_prefetch processes (0: in-process)
+  worker_buffer: int = 2                  # batches buffered per worker
+  max_bad_before_first_good: int = 1000
+  vocab_size: int = 49408                 # synthetic only
+
+
+class ImageTextMapper:
+  """RawSample -> {'image': uint8 HWC, 'text': int32 [context]}, or Skip('bad_image')."""
+
+  def __init__(self, cfg: PipelineConfig):
+    self.cfg = cfg
+
+  def __call__(self, record, rng: np.random.Generator):
+    if isinstance(record, Skip):
+      return record
+    try:
+      image = decode_image(record.image, self.cfg.image_size)
+    except Exception:  # PIL raises many types for corrupt data pylint: disable=broad-except
+      return Skip('bad_image', f'{record.shard}:{record.key}')
+    image = augment(image, self.cfg, rng)
+    return {'image': np.asarray(image, np.uint8), 'text': self.cfg.tokenizer([record.caption])[0]}
+
+
+def augment(image: Image.Image, cfg: PipelineConfig, rng: np.random.Generator) -> Image.Image:
+  if cfg.augment == 'random_resized_crop':
+    return random_resized_crop(image, cfg.image_size, rng, scale=cfg.crop_scale)
+  mode = 'shortest' if cfg.augment == 'center_crop' else 'squash'
+  return resize_and_crop(image, cfg.image_size, mode, 'bicubic')
+
+
+class _DropBadIterator(grain.DatasetIterator):
+  """Drops Skip records; each good element carries the skips counted since the last one.
+
+  Summing `skipped` over all batches gives exact totals even across worker processes.
+  A stream whose first `limit` records are all bad fails, naming the spec.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, spec: str, limit: int):
+    super().__init__(parent)
+    self._spec, self._limit = spec, limit
+    self._seen_good = False
+
+  def __next__(self):
+    counts = np.zeros(len(SKIP_REASONS), np.int32)
+    while True:
+      record = next(self._parent)
+      if not isinstance(record, Skip):
+        self._seen_good = True
+        return {**record, 'skipped': counts}
+      counts[SKIP_REASONS.index(record.reason)] += 1
+      if not self._seen_good and counts.sum() >= self._limit:
+        summary = {r: int(c) for r, c in zip(SKIP_REASONS, counts) if c}
+        raise ValueError(f'Data spec {self._spec!r}: the first {counts.sum()} samples are all '
+                         f'bad ({summary}, last: {record.reason} at {record.where}).')
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'seen_good': self._seen_good}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._seen_good = state['seen_good']
+
+
+class DropBad(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, spec: str, limit: int):
+    super().__init__(parent)
+    self._spec, self._limit = spec, limit
+
+  def __iter__(self):
+    return _DropBadIterator(self._parent.__iter__(), self._spec, self._limit)
+
+
+def process_shards(source: Source, process_index: int, process_count: int) -> list[str]:
+  """This process's disjoint share of a source's shards (round-robin)."""
+  shards = list(source.shards[process_index::process_count])
+  if not shards:
+    raise ValueError(f'Shard spec {source.spec!r} has {len(source.shards)} shards, fewer than '
+                     f'the {process_count} processes; write more, smaller shards.')
+  return shards
+
+
+def source_records(source: Source, cfg: PipelineConfig, process_index: int,
+                   process_count: int, index: int) -> grain.IterDataset:
+  """Endless records of one source: shards reshuffled each epoch, several open at once.
+
+  The shard list repeats before interleaving, so every worker of `mp_prefetch` always has
+  shards to read, even with fewer shards than workers (no webdataset-style hang).
+  """
+  shards = process_shards(source, process_index, process_count)
+  paths = grain.MapDataset.source(shards).shuffle(seed=cfg.seed + 7919 * index).repeat(None)
+  datasets = paths.map(lambda path: ShardDataset(path, cfg.caption_key))
+  return grain.experimental.InterleaveIterDataset(datasets, cycle_length=cfg.cycle_length)
+
+
+def tar_dataset(cfg: PipelineConfig, process_index: int, process_count: int) -> grain.IterDataset:
+  sources = parse_spec(cfg.train, cfg.weights)
+  streams = [source_records(s, cfg, process_index, process_count, i)
+             for i, s in enumerate(sources)]
+  ds = (streams[0] if len(streams) == 1
+        else grain.IterDataset.mix(streams, [s.weight for s in sources]))
+  if cfg.shuffle_window > 1:
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=cfg.shuffle_window,
+                                                     seed=cfg.seed)
+  ds = ds.random_map(ImageTextMapper(cfg), seed=cfg.seed + process_index)
+  return DropBad(ds, str(cfg.train), cfg.max_bad_before_first_good)
+
+
+class SyntheticMapper:
+  """Index -> random image and token ids ending in EOT (OpenCLIP's synthetic dataset)."""
+
+  def __init__(self, cfg: PipelineConfig):
+    self.cfg = cfg
+    self.context = len(cfg.tokenizer(['']).reshape(-1))
+
+  def __call__(self, index: int, rng: np.random.Generator):
+    del index
+    size, context = self.cfg.image_size, self.context
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    length = rng.integers(2, context + 1)
+    text = np.zeros(context, np.int32)
+    text[:length - 1] = rng.integers(1, self.cfg.vocab_size - 1, length - 1)
+    text[length - 1] = self.cfg.vocab_size - 1
+    return {'image': image, 'text': text, 'skipped': np.zeros(len(SKIP_REASONS), np.int32)}
+
+
+def synthetic_dataset(cfg: PipelineConfig, process_index: int) -> grain.IterDataset:
+  ds = grain.MapDataset.range(1 << 62).random_map(SyntheticMapper(cfg),
+                                                   seed=cfg.seed + process_index)
+  return ds.to_iter_dataset()
+
+
+def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1
+                  ) -> grain.IterDataset:
+  """The per-process dataset of numpy batches (before device transfer)."""
+  if cfg.kind not in ('tar', 'synthetic'):
+    raise ValueError(f"data.kind must be 'tar' or 'synthetic', got {cfg.kind!r}")
+  if cfg.augment not in AUGMENTATIONS:
+    raise ValueError(f'data.augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}')
+  if cfg.global_batch_size % process_count:
+    raise ValueError(f'Global batch {cfg.global_batch_size} is not divisible by the '
+                     f'{process_count} processes.')
+  ds = (tar_dataset(cfg, process_index, process_count) if cfg.kind == 'tar'
+        else synthetic_dataset(cfg, process_index))
+  ds = ds.batch(cfg.global_batch_size // process_count, drop_remainder=True)
+  if cfg.workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
+                                                     per_worker_buffer_size=cfg.worker_buffer))
+  return ds
+
+
+class Loader:
+  """Iterates global `jax.Array` batches sharded over the mesh's batch axes.
+
+  Also counts skipped samples by reason (`skipped`) and waits (`data_wait_seconds`). Its
+  state (`get_state`) is a JSON-serialisable dict: store it with the checkpoint.
+  """
+
+  def __init__(self, cfg: PipelineConfig, mesh: Optional[Mesh] = None,
+               batch_axes: Sequence[str] = ('data', 'fsdp')):
+    self.cfg = cfg
+    self.dataset = build_dataset(cfg, jax.process_index(), jax.process_count())
+    self._iterator = iter(self.dataset)
+    self.skipped: collections.Counter = collections.Counter()
+    self._sharding = None
+    if mesh is not None:
+      axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+      self._sharding = NamedSharding(mesh, P(axes or None))
+
+  def next_numpy(self) -> dict[str, np.ndarray]:
+    """The next per-process batch as numpy, with skip counts folded into `skipped`."""
+    batch = dict(next(self._iterator))
+    for reason, count in zip(SKIP_REASONS, batch.pop('skipped').sum(0)):
+      if count:
+        self.skipped[reason] += int(count)
+    return batch
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    batch = self.next_numpy()
+    if self._sharding is None:
+      return batch
+    return {k: jax.make_array_from_process_local_data(self._sharding, v)
+            for k, v in batch.items()}
+
+  def get_state(self) -> dict:
+    return {'iterator': self._iterator.get_state(), 'skipped': dict(self.skipped)}
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(state['iterator'])
+    self.skipped = collections.Counter(state['skipped'])
+
+  def close(self) -> None:
+    close = getattr(self._iterator, 'close', None)
+    if close:
+      close()

@@ -1,0 +1,72 @@
+"""Writes webdataset tar shards the way img2dataset lays them out.
+
+Members are added from bytes in memory under generated keys (`000000123.jpg`,
+`.txt`, `.json`), never from paths on disk, and each shard is written to a temporary
+name and renamed when complete, so a reader never sees a half-written shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from typing import Optional
+
+from etils import epath
+
+
+class ShardWriter:
+  """Appends samples to `OUT/00000.tar`, `OUT/00001.tar`, ... (N samples per shard)."""
+
+  def __init__(self, out_dir: str | epath.Path, samples_per_shard: int = 10000):
+    if samples_per_shard <= 0:
+      raise ValueError(f'samples_per_shard must be positive, got {samples_per_shard}')
+    self.out_dir = epath.Path(out_dir)
+    self.out_dir.mkdir(parents=True, exist_ok=True)
+    self.samples_per_shard = samples_per_shard
+    self.count = 0
+    self.shards: list[str] = []
+    self._tar: Optional[tarfile.TarFile] = None
+    self._file = None
+
+  def write(self, image: bytes, image_ext: str, caption: str, meta: Optional[dict] = None) -> str:
+    """Adds one sample; returns its key."""
+    if self._tar is None:
+      self._open()
+    key = f'{self.count:09d}'
+    self._add(f'{key}.{image_ext}', image)
+    self._add(f'{key}.txt', caption.encode('utf-8'))
+    self._add(f'{key}.json', json.dumps({'key': key, 'caption': caption, **(meta or {})}).encode())
+    self.count += 1
+    if self.count % self.samples_per_shard == 0:
+      self._close_shard()
+    return key
+
+  def _shard_name(self) -> str:
+    return f'{len(self.shards):05d}.tar'
+
+  def _open(self) -> None:
+    self._file = (self.out_dir / f'{self._shard_name()}.tmp').open('wb')
+    self._tar = tarfile.open(fileobj=self._file, mode='w', format=tarfile.USTAR_FORMAT)
+
+  def _add(self, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o444
+    self._tar.addfile(info, io.BytesIO(data))
+
+  def _close_shard(self) -> None:
+    self._tar.close()
+    self._file.close()
+    name = self._shard_name()
+    (self.out_dir / f'{name}.tmp').rename(self.out_dir / name)
+    self.shards.append(name)
+    self._tar = self._file = None
+
+  def close(self, stats: Optional[dict] = None) -> dict:
+    """Flushes the last shard and writes `_stats.json`; returns the stats."""
+    if self._tar is not None:
+      self._close_shard()
+    summary = {'count': self.count, 'shards': len(self.shards), **(stats or {})}
+    (self.out_dir / '_stats.json').write_text(json.dumps(summary, indent=2))
+    return summary
