@@ -107,9 +107,9 @@ def _pair_metrics(pos_sum, all_sum, i2t_correct, t2i_correct, global_batch, axes
   """Global means from per-device sums; computed outside the gradient."""
   pos_sum, all_sum, i2t_correct, t2i_correct = jax.lax.stop_gradient(
       _psum((pos_sum, all_sum, i2t_correct, t2i_correct), axes))
-  n_neg = global_batch * (global_batch - 1)
+  n_neg = float(global_batch) * (global_batch - 1)  # 64k^2 overflows int32
   return {'pos_logit': pos_sum / global_batch,
-          'neg_logit': (all_sum - pos_sum) / max(n_neg, 1),
+          'neg_logit': (all_sum - pos_sum) / max(n_neg, 1.0),
           'i2t_acc': i2t_correct / global_batch,
           't2i_acc': t2i_correct / global_batch}
 

@@ -27,8 +27,11 @@ Pair = tuple[epath.Path, str | None]
 
 
 def folder_pairs(folder: epath.Path) -> Iterator[Pair]:
-  for path in sorted(folder.rglob('*')):
-    if path.suffix.lower().lstrip('.') in IMAGE_EXTENSIONS:
+  """Images (in sorted order, subfolders included) with their `.txt` sidecar captions."""
+  for path in sorted(folder.iterdir()):
+    if path.is_dir():
+      yield from folder_pairs(path)
+    elif path.suffix.lower().lstrip('.') in IMAGE_EXTENSIONS:
       sidecar = path.with_suffix('.txt')
       yield path, sidecar.read_text().strip() if sidecar.exists() else None
 
@@ -36,13 +39,15 @@ def folder_pairs(folder: epath.Path) -> Iterator[Pair]:
 def table_pairs(table: epath.Path, path_column: str, caption_column: str) -> Iterator[Pair]:
   if table.suffix == '.parquet':
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-    rows = pq.read_table(str(table), columns=[path_column, caption_column]).to_pylist()
+    data = pq.read_table(str(table))
+    columns, rows = data.column_names, data.to_pylist()
   else:
     with table.open() as f:
-      rows = list(csv.DictReader(f))
-  if rows and (path_column not in rows[0] or caption_column not in rows[0]):
+      reader = csv.DictReader(f)
+      columns, rows = reader.fieldnames or [], list(reader)
+  if path_column not in columns or caption_column not in columns:
     raise KeyError(f'{table} needs columns {path_column!r} and {caption_column!r}; '
-                   f'it has {sorted(rows[0])}.')
+                   f'it has {sorted(columns)}.')
   for row in rows:
     path = epath.Path(row[path_column])
     yield (path if path.is_absolute() else table.parent / path), row[caption_column]

@@ -45,6 +45,7 @@ class PipelineConfig:
   augment: str = 'random_resized_crop'    # or 'center_crop' / 'squash' (eval-style)
   crop_scale: tuple[float, float] = (0.9, 1.0)
   seed: int = 0
+  num_epochs: Optional[int] = None        # passes over the shards; None: endless (training)
   shuffle_window: int = 1024
   cycle_length: int = 4                   # shards open at once per worker
   workers: int = 0                        # mp_prefetch processes (0: in-process)
@@ -122,22 +123,23 @@ class DropBad(grain.IterDataset):
 
 def process_shards(source: Source, process_index: int, process_count: int) -> list[str]:
   """This process's disjoint share of a source's shards (round-robin)."""
-  shards = list(source.shards[process_index::process_count])
-  if not shards:
+  if len(source.shards) < process_count:  # checked on every process, so all fail alike
     raise ValueError(f'Shard spec {source.spec!r} has {len(source.shards)} shards, fewer than '
                      f'the {process_count} processes; write more, smaller shards.')
-  return shards
+  return list(source.shards[process_index::process_count])
 
 
 def source_records(source: Source, cfg: PipelineConfig, process_index: int,
                    process_count: int, index: int) -> grain.IterDataset:
-  """Endless records of one source: shards reshuffled each epoch, several open at once.
+  """Records of one source: shards reshuffled each epoch, several open at once.
 
-  The shard list repeats before interleaving, so every worker of `mp_prefetch` always has
-  shards to read, even with fewer shards than workers (no webdataset-style hang).
+  The shard list repeats before interleaving, so in endless mode every worker of
+  `mp_prefetch` always has shards to read, even with fewer shards than workers (no
+  webdataset-style hang); with `num_epochs`, a worker without shards simply ends.
   """
   shards = process_shards(source, process_index, process_count)
-  paths = grain.MapDataset.source(shards).shuffle(seed=cfg.seed + 7919 * index).repeat(None)
+  paths = grain.MapDataset.source(shards).shuffle(seed=cfg.seed + 7919 * index)
+  paths = paths.repeat(cfg.num_epochs)
   datasets = paths.map(lambda path: ShardDataset(path, cfg.caption_key))
   return grain.experimental.InterleaveIterDataset(datasets, cycle_length=cfg.cycle_length)
 

@@ -50,8 +50,9 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _expand_glob(path: str) -> list[str]:
+  """Glob patterns -> matching files; a plain path is kept even if missing (see below)."""
   if not any(c in path for c in '*?['):
-    return [path] if epath.Path(path).exists() else []
+    return [path]
   parent = epath.Path(path).parent
   if any(c in str(parent) for c in '*?['):
     raise ValueError(f'Globs are only supported in the file name: {path!r}')
@@ -79,12 +80,16 @@ def parse_weights(weights: Union[None, str, Sequence[float]], n: int) -> list[fl
 
 
 def parse_spec(spec: Spec, weights: Union[None, str, Sequence[float]] = None) -> list[Source]:
-  """Spec -> sources; a component that matches no file is an error naming it."""
+  """Spec -> sources; a component that matches no existing file is an error naming it.
+
+  Individually missing shards stay in the list: the reader counts them as
+  `unreadable_shard` (as it does a shard that vanishes mid-run) instead of failing.
+  """
   components = spec.split('::') if isinstance(spec, str) else [spec]
   sources = []
   for component, weight in zip(components, parse_weights(weights, len(components))):
     shards = expand_component(component)
-    if not shards:
+    if not any(epath.Path(p).exists() for p in shards):
       raise FileNotFoundError(f'Shard spec {component!r} matches no file.')
     sources.append(Source(str(component), tuple(shards), weight))
   return sources
