@@ -9,7 +9,8 @@ checkpoint also takes a workdir (meaning its latest step).
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Optional
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -68,3 +69,76 @@ def _to_numpy(tree: Any) -> Any:
   if isinstance(tree, dict):
     return {k: _to_numpy(v) for k, v in tree.items()}
   return np.asarray(tree)
+
+
+class _DataState:
+  """Adapts `Loader` to grain's orbax handler (one JSON file per process).
+
+  The state is snapshotted when the checkpoint is requested, so an asynchronous save
+  never records batches the loop consumed afterwards.
+  """
+
+  def __init__(self, loader, snapshot: Optional[dict] = None):
+    self.loader, self.snapshot = loader, snapshot
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.snapshot).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.loader.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class TrainCheckpoints:
+  """Asynchronous, atomic training checkpoints in `WORKDIR/checkpoints/<step>/`.
+
+  Items: `params`, `opt_state`, `train` (step counters), `model_config` and `data` (the
+  input pipeline state, per process). Restoring takes the current state's shardings as
+  the target, so a run can resume on a different mesh or device count.
+  """
+
+  def __init__(self, workdir: str, model_cfg: CLIPConfig, every: int, keep: int):
+    self.directory = epath.Path(workdir) / CHECKPOINTS_SUBDIR
+    self.model_cfg = model_cfg
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                           enable_async_checkpointing=True, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def should_save(self, step: int) -> bool:
+    return self.manager.should_save(step)
+
+  def save(self, step: int, state: dict, loader, force: bool = False) -> None:
+    import grain  # pylint: disable=import-outside-toplevel
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state['params']),
+        opt_state=ocp.args.StandardSave(state['opt_state']),
+        train=ocp.args.JsonSave({'step': int(state['step']),
+                                 'bad_steps': int(state['bad_steps'])}),
+        model_config=ocp.args.JsonSave(self.model_cfg.to_dict()),
+        data=grain.checkpoint.CheckpointSave(_DataState(loader, loader.get_state())))
+    self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, state: dict, loader) -> dict:
+    """Restores onto the shardings of `state` (a freshly initialised state)."""
+    import grain  # pylint: disable=import-outside-toplevel
+    import jax  # pylint: disable=import-outside-toplevel
+    abstract = lambda tree: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(state['params'])),
+        opt_state=ocp.args.StandardRestore(abstract(state['opt_state'])),
+        train=ocp.args.JsonRestore(),
+        data=grain.checkpoint.CheckpointRestore(_DataState(loader))))
+    replicated = state['step'].sharding
+    return {'params': restored['params'], 'opt_state': restored['opt_state'],
+            'step': jax.device_put(np.int32(restored['train']['step']), replicated),
+            'bad_steps': jax.device_put(np.int32(restored['train']['bad_steps']), replicated)}
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

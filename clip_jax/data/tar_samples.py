@@ -38,6 +38,7 @@ class RawSample:
   shard: str
   image: bytes
   caption: str
+  meta: bytes = b''  # the sample's raw `.json` (labels for evaluation), if any
 
 
 Record = Union[RawSample, Skip]
@@ -75,7 +76,7 @@ def assemble(key: str, shard: str, files: dict[str, bytes], caption_key: str) ->
     return Skip('bad_caption', where)
   if caption is None:
     return Skip('missing_caption', where)
-  return RawSample(key, shard, files[images[0]], caption)
+  return RawSample(key, shard, files[images[0]], caption, files.get('json', b''))
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

@@ -1,0 +1,71 @@
+"""Every training config key with its default; `configs/*.py` start from `base_config()`.
+
+The trainer locks the config, so a misspelt `--config.KEY=VALUE` fails at once.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from clip_jax import sharding
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 256                 # global, over all devices and processes
+  c.log_every = 10
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.max_bad_steps = 10               # non-finite steps in a row before stopping
+  c.peak_flops_per_device = 0.0      # for MFU on devices not in metrics.PEAK_FLOPS
+  c.init_from = ''                   # clip_jax checkpoint (imported or exported) to start from
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'tiny'              # a preset, see clip_jax.list_models()
+  c.model.vision = ml_collections.ConfigDict()  # preset overrides, e.g. c.model.vision.layers
+  c.model.text = ml_collections.ConfigDict()
+  c.model.dtype = 'float32'          # compute dtype: 'bfloat16' on accelerators
+  c.model.scan_layers = True
+  c.model.remat = 'none'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = 'tar'                # 'tar' | 'synthetic'
+  c.data.train = ''                  # shard spec, '::' between mixture sources
+  c.data.weights = ''                # mixture weights, e.g. '1::2'
+  c.data.caption_key = 'caption'
+  c.data.augment = 'random_resized_crop'
+  c.data.crop_scale = (0.9, 1.0)
+  c.data.shuffle_window = 2048
+  c.data.cycle_length = 4
+  c.data.workers = 2
+  c.data.demo_dir = ''               # generate the demo dataset here when it is missing
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = 'softmax'            # 'softmax' | 'sigmoid' | 'sigmoid_chunked'
+  c.loss.chunk_size = 0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 100
+  c.optim.schedule = 'cosine'        # 'cosine' | 'constant' | 'constant_cooldown'
+  c.optim.end_lr_ratio = 0.0
+  c.optim.cooldown_steps = 0
+  c.optim.weight_decay = 0.2
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.clip_norm = 1.0
+  c.optim.grad_accum = 1             # micro-batches per step (each with its own negatives)
+  c.optim.freeze = ''                # regex on parameter paths, e.g. '^visual/' (LiT)
+
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.zeroshot_shards = ''        # tar shards whose .json holds 'label'
+  c.eval.classnames = ''             # one class name per line
+  c.eval.templates = ['a photo of a {}.']
+  return c

@@ -1,0 +1,85 @@
+"""Training logs: TensorBoard (clu), `WORKDIR/metrics.jsonl`, a console line, and MFU.
+
+Only process 0 writes files. FLOPs are counted analytically per tower
+(L * (8Nd^2 + 4Nd*mlp + 4N^2 d), plus the patch embedding), x3 for training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Optional
+
+import jax
+from etils import epath
+
+from clip_jax.models.config import CLIPConfig
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate.
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v4': 275e12,
+              'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12}
+
+
+def tower_flops(layers: int, tokens: int, width: int, mlp: int) -> float:
+  per_layer = 8 * tokens * width**2 + 4 * tokens * width * mlp + 4 * tokens**2 * width
+  return float(layers * per_layer)
+
+
+def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
+  """Forward + backward (3x forward) FLOPs of one image-text pair."""
+  v, t = cfg.vision, cfg.text
+  patches = v.grid ** 2
+  image = (tower_flops(v.layers, patches + int(v.class_token), v.width, v.mlp_dim)
+           + 2 * patches * 3 * v.patch_size**2 * v.width)
+  text = tower_flops(t.layers, context_length, t.width, t.mlp_dim)
+  return 3 * (image + text)
+
+
+def peak_flops_per_device(override: float = 0.0) -> Optional[float]:
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+
+
+class MetricLogger:
+  """Writes scalars to TensorBoard, metrics.jsonl and the console (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.workdir = epath.Path(workdir)
+    self.writer = None
+    if self.enabled:
+      _hide_gpus_from_tensorflow()
+      from clu import metric_writers  # pylint: disable=import-outside-toplevel
+      self.writer = metric_writers.create_default_writer(str(self.workdir / 'tensorboard'),
+                                                         asynchronous=False)
+      self.jsonl = (self.workdir / 'metrics.jsonl').open('a')
+
+  def write_config(self, config: Any, param_overview: str) -> None:
+    if not self.enabled:
+      return
+    (self.workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    logging.info('Parameters:\n%s', param_overview)
+    self.writer.write_texts(0, {'config': f'```\n{config}\n```'})
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items() if v is not None}
+    self.writer.write_scalars(step, scalars)
+    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.writer.close()
+      self.jsonl.close()
+
+
+def _hide_gpus_from_tensorflow() -> None:
+  """clu imports TensorFlow for its writers; keep it off the accelerators JAX uses."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf.config.set_visible_devices([], 'GPU')

@@ -1,0 +1,62 @@
+"""Optimizer: AdamW with a weight-decay mask, LR schedules, clipping and frozen towers.
+
+Weight decay applies to matrices only (`kernel`s and the image projection), never to
+biases, norms, embeddings or the logit scale/bias, as in OpenCLIP. Parameters whose
+'/'-joined path matches `freeze` (a regex, e.g. '^visual/' for LiT) get no update.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import optax
+
+SCHEDULES = ('cosine', 'constant', 'constant_cooldown')
+
+
+def schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+  """Linear warmup, then cosine to `end_lr_ratio` x lr, constant, or constant + linear cooldown."""
+  warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+  rest = max(total_steps - cfg.warmup_steps, 1)
+  if cfg.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(cfg.lr, rest, alpha=cfg.end_lr_ratio)
+  elif cfg.schedule == 'constant':
+    main = optax.constant_schedule(cfg.lr)
+  elif cfg.schedule == 'constant_cooldown':
+    cooldown = min(cfg.cooldown_steps, rest)
+    main = optax.join_schedules(
+        [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, 0.0, max(cooldown, 1))],
+        [rest - cooldown])
+  else:
+    raise ValueError(f'config.optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}')
+  return optax.join_schedules([warmup, main], [cfg.warmup_steps])
+
+
+def _paths(params: dict) -> dict:
+  """Same tree with each leaf replaced by its '/'-joined path."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: '/'.join(str(getattr(k, 'key', k)) for k in path), params)
+
+
+def decay_mask(params: dict) -> dict:
+  return jax.tree.map(lambda p: p.endswith('/kernel') or p == 'visual/proj', _paths(params))
+
+
+def freeze_labels(params: dict, freeze: str) -> dict:
+  pattern = re.compile(freeze) if freeze else None
+  return jax.tree.map(lambda p: 'frozen' if pattern and pattern.search(p) else 'trained',
+                      _paths(params))
+
+
+def make_optimizer(cfg: Any, total_steps: int, params: dict) -> optax.GradientTransformation:
+  adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm else adamw
+  if not cfg.freeze:
+    return tx
+  labels = freeze_labels(params, cfg.freeze)
+  if 'frozen' not in jax.tree.leaves(labels):
+    raise ValueError(f'config.optim.freeze={cfg.freeze!r} matches no parameter path.')
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)

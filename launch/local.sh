@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs the train binary as NPROC processes on this machine, each with DEVICES_PER_PROC
+# devices, joined by jax.distributed (gloo collectives on CPU): the code path of a TPU pod
+# or a multi-GPU cluster.
+#
+#   launch/local.sh NPROC DEVICES_PER_PROC -- --config configs/demo.py --workdir /tmp/run
+#
+# On CPU each process gets DEVICES_PER_PROC fake devices; on a GPU host each process gets
+# DEVICES_PER_PROC GPUs (CUDA_VISIBLE_DEVICES). Logs: WORKDIR-less, one per process in
+# ${CLIP_JAX_LOG_DIR:-/tmp}/clip_jax_proc_N.log; process 0 also prints to the console.
+set -euo pipefail
+
+usage() { echo "usage: $0 NPROC DEVICES_PER_PROC -- TRAIN_ARGS..." >&2; exit 2; }
+[[ $# -ge 3 && "$3" == "--" ]] || usage
+nproc="$1"; devices="$2"; shift 3
+[[ "$nproc" =~ ^[1-9][0-9]*$ && "$devices" =~ ^[1-9][0-9]*$ ]] || usage
+
+port="${CLIP_JAX_PORT:-$((20000 + RANDOM % 20000))}"
+log_dir="${CLIP_JAX_LOG_DIR:-/tmp}"
+python="${PYTHON:-python3}"
+platform="${JAX_PLATFORMS:-cpu}"
+pids=()
+
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap cleanup INT TERM
+
+for ((i = 0; i < nproc; i++)); do
+  env_vars=(CLIP_JAX_COORDINATOR="127.0.0.1:${port}" CLIP_JAX_NUM_PROCESSES="$nproc"
+            CLIP_JAX_PROCESS_ID="$i" JAX_PLATFORMS="$platform")
+  if [[ "$platform" == "cpu" ]]; then
+    env_vars+=(CLIP_JAX_LOCAL_DEVICES="$devices")
+  else
+    first=$((i * devices))
+    env_vars+=(CUDA_VISIBLE_DEVICES="$(seq -s, "$first" $((first + devices - 1)))")
+  fi
+  if [[ $i -eq 0 ]]; then
+    env "${env_vars[@]}" "$python" -m clip_jax.train "$@" 2>&1 | tee "${log_dir}/clip_jax_proc_${i}.log" &
+  else
+    env "${env_vars[@]}" "$python" -m clip_jax.train "$@" > "${log_dir}/clip_jax_proc_${i}.log" 2>&1 &
+  fi
+  pids+=($!)
+done
+
+status=0
+for pid in "${pids[@]}"; do
+  wait "$pid" || status=$?
+done
+exit "$status"
