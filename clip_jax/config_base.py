@@ -5,9 +5,16 @@ The trainer locks the config, so a misspelt `--config.KEY=VALUE` fails at once.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from clip_jax import sharding
+from clip_jax.models.config import TextConfig, VisionConfig
+
+
+def _overrides(klass) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({f.name: None for f in dataclasses.fields(klass)})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -25,8 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'tiny'              # a preset, see clip_jax.list_models()
-  c.model.vision = ml_collections.ConfigDict()  # preset overrides, e.g. c.model.vision.layers
-  c.model.text = ml_collections.ConfigDict()
+  # Preset overrides (None keeps the preset's value), e.g. --config.model.vision.layers=6.
+  c.model.vision = _overrides(VisionConfig)
+  c.model.text = _overrides(TextConfig)
   c.model.dtype = 'float32'          # compute dtype: 'bfloat16' on accelerators
   c.model.scan_layers = True
   c.model.remat = 'none'

@@ -60,7 +60,7 @@ Params = dict[str, Any]
 def model_config(config) -> CLIPConfig:
   """The preset with `config.model.{vision,text}` overrides and execution options."""
   overrides = {f'{tower}.{k}': v for tower in ('vision', 'text')
-               for k, v in config.model.get(tower, {}).items()}
+               for k, v in config.model[tower].items() if v is not None}
   overrides.update(dtype=config.model.dtype, scan_layers=config.model.scan_layers,
                    remat=config.model.remat)
   return get_config(config.model.name, **overrides)
@@ -163,10 +163,15 @@ def init_params(config, model: Model, shardings: Params, init_fn) -> Params:
   return jax.device_put(params, shardings)
 
 
-def create_state(params: Params, tx) -> dict[str, Any]:
-  opt_state = jax.jit(tx.init)(params)
-  return {'params': params, 'opt_state': opt_state, 'step': jnp.zeros((), jnp.int32),
-          'bad_steps': jnp.zeros((), jnp.int32)}
+def create_state(params: Params, tx, mesh) -> dict[str, Any]:
+  """Params, optimizer state (sharded like the params) and replicated step counters."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_state = jax.tree.map(  # moments follow the params; scalars (counts) are replicated
+      lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated),
+      jax.jit(tx.init)(params))
+  counter = lambda: jax.device_put(np.zeros((), np.int32), replicated)  # pylint: disable=unnecessary-lambda-assignment
+  # Separate buffers: the step donates its state, and a buffer cannot be donated twice.
+  return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter()}
 
 
 # --- the step -----------------------------------------------------------------------------
@@ -305,7 +310,7 @@ def train(config, workdir: str) -> dict[str, float]:
   model, param_shardings, init_fn = build_model(cfg, mesh, rules, config.seed)
   params = init_params(config, model, param_shardings, init_fn)
   tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  state = create_state(params, tx)
+  state = create_state(params, tx, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   loader = make_loader(config, cfg, mesh)
   manager = ckpt.TrainCheckpoints(workdir, cfg, config.checkpoint_every, config.keep_checkpoints)
@@ -321,6 +326,17 @@ def train(config, workdir: str) -> dict[str, float]:
   peak = peak_flops_per_device(config.peak_flops_per_device)
   schedule = optim.schedule(config.optim, config.total_steps)
   preemption = Preemption()
+  try:
+    return run_loop(config, state, step_fn, loader, manager, evaluate, logger, start,
+                    flops, peak, schedule, preemption)
+  finally:  # worker processes and async saves must end even when the loop raises
+    manager.close()
+    logger.close()
+    loader.close()
+
+
+def run_loop(config, state, step_fn, loader, manager, evaluate, logger, start, flops, peak,
+             schedule, preemption) -> dict[str, float]:
   last: dict[str, float] = {}
   step, window_start, data_wait = start, time.perf_counter(), 0.0
   while step < config.total_steps:
@@ -347,9 +363,6 @@ def train(config, workdir: str) -> dict[str, float]:
       manager.save(step, state, loader, force=preemption.requested or step == config.total_steps)
     if preemption.requested:
       break
-  manager.close()
-  logger.close()
-  loader.close()
   return last
 
 
@@ -384,7 +397,10 @@ def main(argv):
   distributed.initialize()
   if _WORKDIR.value is None:
     raise app.UsageError('--workdir is required.')
-  train(_CONFIG.value, _WORKDIR.value)
+  last = train(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0 and 'zeroshot_top1' in last:
+    print(f'Zero-shot on {_CONFIG.value.eval.zeroshot_shards}: top-1 {last["zeroshot_top1"]:.1%}, '
+          f'top-5 {last["zeroshot_top5"]:.1%}; checkpoints and logs in {_WORKDIR.value}')
 
 
 if __name__ == '__main__':

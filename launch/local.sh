@@ -6,8 +6,8 @@
 #   launch/local.sh NPROC DEVICES_PER_PROC -- --config configs/demo.py --workdir /tmp/run
 #
 # On CPU each process gets DEVICES_PER_PROC fake devices; on a GPU host each process gets
-# DEVICES_PER_PROC GPUs (CUDA_VISIBLE_DEVICES). Logs: WORKDIR-less, one per process in
-# ${CLIP_JAX_LOG_DIR:-/tmp}/clip_jax_proc_N.log; process 0 also prints to the console.
+# DEVICES_PER_PROC GPUs (CUDA_VISIBLE_DEVICES). Process 0 prints to the console; the others
+# log to ${CLIP_JAX_LOG_DIR:-/tmp}/clip_jax_proc_N.log. Exits non-zero if any process fails.
 set -euo pipefail
 
 usage() { echo "usage: $0 NPROC DEVICES_PER_PROC -- TRAIN_ARGS..." >&2; exit 2; }
@@ -34,7 +34,7 @@ for ((i = 0; i < nproc; i++)); do
     env_vars+=(CUDA_VISIBLE_DEVICES="$(seq -s, "$first" $((first + devices - 1)))")
   fi
   if [[ $i -eq 0 ]]; then
-    env "${env_vars[@]}" "$python" -m clip_jax.train "$@" 2>&1 | tee "${log_dir}/clip_jax_proc_${i}.log" &
+    env "${env_vars[@]}" "$python" -m clip_jax.train "$@" &
   else
     env "${env_vars[@]}" "$python" -m clip_jax.train "$@" > "${log_dir}/clip_jax_proc_${i}.log" 2>&1 &
   fi

@@ -15,7 +15,7 @@ def _quickstart_commands():
 def test_quickstart_has_the_main_job_and_the_test_command():
   commands = _quickstart_commands()
   assert len(commands) == 2
-  assert 'clip_jax.demo' in commands[0]
+  assert 'clip_jax.train' in commands[0] and 'configs/demo.py' in commands[0]
   assert 'pytest' in commands[1]
 
 

@@ -157,15 +157,23 @@ def tar_dataset(cfg: PipelineConfig, process_index: int, process_count: int) -> 
   return DropBad(ds, str(cfg.train), cfg.max_bad_before_first_good)
 
 
-class SyntheticMapper:
-  """Index -> random image and token ids ending in EOT (OpenCLIP's synthetic dataset)."""
+class SyntheticSample:
+  """Global sample index -> random image and token ids ending in an EOT-like max id.
 
-  def __init__(self, cfg: PipelineConfig):
+  Samples depend only on (seed, global index), and each process generates the rows it
+  owns in the global batch, so any process layout sees the same global batches.
+  """
+
+  def __init__(self, cfg: PipelineConfig, process_index: int, process_count: int):
     self.cfg = cfg
+    self.local_batch = cfg.global_batch_size // process_count
+    self.offset = process_index * self.local_batch
     self.context = len(cfg.tokenizer(['']).reshape(-1))
 
-  def __call__(self, index: int, rng: np.random.Generator):
-    del index
+  def __call__(self, local_index: int):
+    batch, row = divmod(local_index, self.local_batch)
+    rng = np.random.default_rng([self.cfg.seed, batch * self.cfg.global_batch_size
+                                 + self.offset + row])
     size, context = self.cfg.image_size, self.context
     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     length = rng.integers(2, context + 1)
@@ -175,10 +183,10 @@ class SyntheticMapper:
     return {'image': image, 'text': text, 'skipped': np.zeros(len(SKIP_REASONS), np.int32)}
 
 
-def synthetic_dataset(cfg: PipelineConfig, process_index: int) -> grain.IterDataset:
-  ds = grain.MapDataset.range(1 << 62).random_map(SyntheticMapper(cfg),
-                                                   seed=cfg.seed + process_index)
-  return ds.to_iter_dataset()
+def synthetic_dataset(cfg: PipelineConfig, process_index: int, process_count: int
+                      ) -> grain.IterDataset:
+  sample = SyntheticSample(cfg, process_index, process_count)
+  return grain.MapDataset.range(1 << 62).map(sample).to_iter_dataset()
 
 
 def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1
@@ -192,7 +200,7 @@ def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: in
     raise ValueError(f'Global batch {cfg.global_batch_size} is not divisible by the '
                      f'{process_count} processes.')
   ds = (tar_dataset(cfg, process_index, process_count) if cfg.kind == 'tar'
-        else synthetic_dataset(cfg, process_index))
+        else synthetic_dataset(cfg, process_index, process_count))
   ds = ds.batch(cfg.global_batch_size // process_count, drop_remainder=True)
   if cfg.workers > 0:
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults

@@ -1,0 +1,31 @@
+r"""LiT: locked-image tuning. The image tower comes from a checkpoint and stays frozen;
+the text tower learns to match it.
+
+  python -m clip_jax.import_open_clip --model ViT-B-32 --checkpoint open_clip_model.safetensors --out /ckpt/b32
+  python -m clip_jax.train --config configs/lit.py:model=ViT-B-32 --workdir /runs/lit_b32 \
+      --config.init_from=/ckpt/b32 --config.data.train='/data/cc12m/{00000..01242}.tar'
+
+`init_from` may be an imported OpenCLIP checkpoint or any clip_jax checkpoint/workdir.
+Everything under `visual/` gets no update (`optim.freeze`); weight decay and the
+schedule apply to the text tower and the logit scale only. Quick CPU try:
+`configs/lit.py:model=tiny,steps=200` with the demo data and a demo-trained init.
+"""
+
+from clip_jax.config_base import base_config
+
+
+def get_config(arg=None):
+  args = dict(kv.split('=') for kv in arg.split(',')) if arg else {}
+  c = base_config()
+  c.model.name = args.get('model', 'ViT-B-32')
+  c.model.dtype = args.get('dtype', 'bfloat16')
+  c.batch_size = int(args.get('batch_size', 16384))
+  c.total_steps = int(args.get('steps', 20000))
+  c.init_from = ''  # required: --config.init_from=CHECKPOINT
+  c.optim.freeze = '^visual/'
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 1000
+  c.optim.weight_decay = 1e-4
+  c.loss.kind = 'softmax'
+  c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
+  return c

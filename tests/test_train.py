@@ -1,0 +1,239 @@
+"""The train binary end to end: learning, exact resume, preemption, multi-host, FSDP."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from clip_jax import sharding
+from clip_jax.checkpoint import load_params, resolve_checkpoint
+from clip_jax.config_base import base_config
+from clip_jax.data.make_demo import make_demo
+from clip_jax.models.clip import CLIP
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
+
+
+@pytest.fixture(scope='module')
+def demo_dir(tmp_path_factory):
+  """A small demo dataset shared by the tests (the demo config generates the full one)."""
+  root = tmp_path_factory.mktemp('demo_data')
+  make_demo(str(root), train_samples=3000, eval_samples=400, samples_per_shard=300)
+  return root
+
+
+def _env(devices=8, **extra):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env.update(extra)
+  return env
+
+
+def _train_cmd(workdir, *overrides, config=DEMO_CONFIG):
+  return [sys.executable, '-m', 'clip_jax.train', '--config', config, '--workdir', str(workdir),
+          *overrides]
+
+
+def _demo_overrides(demo_dir, steps, *extra):
+  return [f'--config.total_steps={steps}', f'--config.data.demo_dir={demo_dir}',
+          f'--config.data.train={demo_dir}/train/{{00000..00009}}.tar',
+          f'--config.eval.zeroshot_shards={demo_dir}/eval/{{00000..00001}}.tar',
+          f'--config.eval.classnames={demo_dir}/classnames.txt', *extra]
+
+
+def _metrics(workdir):
+  """step -> last logged record for that step (a resumed run re-logs replayed steps)."""
+  records = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    record = json.loads(line)
+    records.setdefault(record['step'], {}).update(record)
+  return records
+
+
+def _run(cmd, env, timeout=600):
+  result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.mark.slow
+def test_demo_config_learns(demo_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  _run(_train_cmd(workdir, *_demo_overrides(demo_dir, 150, '--config.eval_every=150',
+                                            '--config.log_every=10')), _env())
+  metrics = _metrics(workdir)
+  assert metrics[150]['loss'] < 0.6 * metrics[10]['loss']
+  assert metrics[150]['zeroshot_top1'] > 4 * (1 / 40)  # chance is 2.5%
+  assert metrics[150]['samples_per_second'] > 0 and 'data_wait' in metrics[150]
+  assert resolve_checkpoint(workdir).name == '150'
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
+  common = _demo_overrides(demo_dir, 16, '--config.log_every=1', '--config.checkpoint_every=5',
+                           '--config.eval.zeroshot_shards=', '--config.batch_size=32')
+  _run(_train_cmd(tmp_path / 'straight', *common), _env())
+
+  workdir = tmp_path / 'killed'
+  process = subprocess.Popen(_train_cmd(workdir, *common), env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if (workdir / 'metrics.jsonl').exists() and max(_metrics(workdir), default=0) >= 8:
+      break
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = max(_metrics(workdir))
+  assert killed_at < 16, 'the run finished before it could be killed'
+  _run(_train_cmd(workdir, *common), _env())
+
+  straight, resumed = _metrics(tmp_path / 'straight'), _metrics(workdir)
+  assert sorted(straight) == sorted(resumed) == list(range(1, 17))
+  for step in straight:
+    assert resumed[step]['loss'] == straight[step]['loss'], step
+  _, params_a = load_params(tmp_path / 'straight')
+  _, params_b = load_params(workdir)
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_cleanly(demo_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  cmd = _train_cmd(workdir, *_demo_overrides(demo_dir, 10_000, '--config.log_every=1',
+                                             '--config.checkpoint_every=1000',
+                                             '--config.eval.zeroshot_shards=',
+                                             '--config.batch_size=32'))
+  process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if (workdir / 'metrics.jsonl').exists() and max(_metrics(workdir), default=0) >= 3:
+      break
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-2000:]
+  assert 'SIGTERM received' in stderr
+  step = int(resolve_checkpoint(workdir).name)
+  assert 3 <= step < 10_000 and step >= max(_metrics(workdir))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  synthetic = ['--config.data.kind=synthetic', '--config.data.demo_dir=', '--config.total_steps=4',
+               '--config.log_every=1', '--config.eval.zeroshot_shards=', '--config.batch_size=32',
+               '--config.mesh.data=4', '--config.mesh.fsdp=2']
+  _run(_train_cmd(tmp_path / 'one', *synthetic), _env())
+  env = _env(PYTHON=sys.executable, CLIP_JAX_LOG_DIR=str(tmp_path))
+  env.pop('XLA_FLAGS')
+  result = subprocess.run([str(ROOT / 'launch' / 'local.sh'), '2', '4', '--',
+                           *_train_cmd(tmp_path / 'two', *synthetic)[3:]],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+  logs = (tmp_path / 'clip_jax_proc_1.log').read_text() if (tmp_path / 'clip_jax_proc_1.log').exists() else ''
+  assert result.returncode == 0, result.stderr[-2000:] + logs[-2000:]
+  one, two = _metrics(tmp_path / 'one'), _metrics(tmp_path / 'two')
+  assert 'Process 0 of 2' in result.stderr
+  for step in range(1, 5):
+    np.testing.assert_allclose(two[step]['loss'], one[step]['loss'], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_restore_onto_a_smaller_mesh_continues(demo_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  common = ['--config.log_every=1', '--config.checkpoint_every=3', '--config.eval.zeroshot_shards=',
+            '--config.batch_size=32', '--config.mesh.fsdp=2']
+  _run(_train_cmd(workdir, *_demo_overrides(demo_dir, 3, *common)), _env(devices=8))
+  _run(_train_cmd(workdir, *_demo_overrides(demo_dir, 6, *common)), _env(devices=4))
+  metrics = _metrics(workdir)
+  assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(metrics[s]['loss']) for s in metrics)
+  assert resolve_checkpoint(workdir).name == '6'
+
+
+def test_fsdp_shards_weights_across_devices():
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1})
+  from clip_jax.train import build_model  # pylint: disable=import-outside-toplevel
+  cfg = __import__('clip_jax').get_config('ViT-B-32', **{'vision.layers': 2, 'text.layers': 2})
+  _, shardings, init = build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
+  params = init()
+  total = sum(x.size for x in jax.tree.leaves(params))
+  on_device0 = sum(s.data.size for x in jax.tree.leaves(params) for s in x.addressable_shards
+                   if s.device == jax.devices()[0])
+  assert on_device0 / total < 1 / 8 + 0.01  # only tiny vectors (logit scale) are replicated
+  kernel = params['visual']['transformer']['blocks']['mlp']['fc1']['kernel']  # [L, 768, 3072]
+  assert kernel.addressable_shards[0].data.shape == (2, 96, 3072)
+  del shardings
+
+
+def test_tensor_rules_shard_heads_and_mlp():
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  abstract = nnx.eval_shape(lambda: CLIP(__import__('clip_jax').get_config('tiny'),
+                                         rngs=nnx.Rngs(0)))
+  specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(abstract, mesh))
+  blocks = specs['visual']['transformer']['blocks']
+  assert tuple(blocks['attn']['qkv']['kernel']) == (None, 'fsdp', None, 'tensor', None)
+  assert tuple(blocks['mlp']['fc2']['kernel']) == (None, 'tensor', 'fsdp')
+  assert tuple(specs['logit_scale']) == ()
+
+
+def _config(**kw):
+  c = base_config()
+  c.data.kind = 'synthetic'
+  for key, value in kw.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize('overrides,error,message', [
+    ({'mesh.data': 3}, ValueError, r'config.mesh .* needs 3 devices'),
+    ({'batch_size': 12}, ValueError, r'config.batch_size=12 must be divisible by the data-parallel size 8'),
+    ({'data.kind': 'tar', 'data.train': '/nonexistent/{0..3}.tar'}, FileNotFoundError, 'matches no file'),
+    ({'model.name': 'ViT-B32'}, ValueError, 'Did you mean'),
+    ({'loss.kind': 'hinge'}, ValueError, 'config.loss.kind'),
+])
+def test_bad_configs_fail_before_compiling(overrides, error, message, tmp_path):
+  from clip_jax.train import validate  # pylint: disable=import-outside-toplevel
+  with pytest.raises(error, match=message):
+    validate(_config(**overrides), str(tmp_path), 8)
+
+
+def test_unwritable_workdir_and_unknown_key(tmp_path):
+  from clip_jax.train import validate  # pylint: disable=import-outside-toplevel
+  blocker = tmp_path / 'file'
+  blocker.write_text('x')
+  with pytest.raises(ValueError, match='--workdir .* is not writable'):
+    validate(_config(), str(blocker / 'sub'), 8)
+  result = subprocess.run(_train_cmd(tmp_path / 'w', '--config.optim.learning_rate=1'),
+                          env=_env(), capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0 and 'learning_rate' in result.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(_train_cmd(
+      workdir, '--config.data.kind=synthetic', '--config.data.demo_dir=',
+      '--config.eval.zeroshot_shards=', '--config.batch_size=16', '--config.total_steps=50',
+      '--config.optim.lr=1e30', '--config.optim.clip_norm=0', '--config.optim.warmup_steps=0',
+      '--config.max_bad_steps=3', '--config.log_every=1', '--config.checkpoint_every=1'),
+      env=_env(), capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  assert '3 steps in a row had a non-finite loss or gradient' in result.stderr
+  _, params = load_params(workdir)  # the last checkpoint is complete and loads
+  assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
