@@ -13,7 +13,7 @@ def test_demo_runs_from_random_init():
                           capture_output=True, text=True, check=True)
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 1 + 6 + 1
-  assert 'random init' in lines[-1] and 'over 6 classes' in lines[-1]
+  assert 'random init' in lines[-1] and 'over 40 classes' in lines[-1]
 
 
 def test_demo_loads_a_checkpoint(tmp_path):

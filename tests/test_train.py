@@ -59,6 +59,16 @@ def _metrics(workdir):
   return records
 
 
+def _wait_for_step(workdir, step, timeout=300):
+  """Polls metrics.jsonl until a running training process has logged `step`."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (workdir / 'metrics.jsonl').exists() and max(_metrics(workdir), default=0) >= step:
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'{workdir} never reached step {step}')
+
+
 def _run(cmd, env, timeout=600):
   result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           check=False)
@@ -87,11 +97,7 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
   workdir = tmp_path / 'killed'
   process = subprocess.Popen(_train_cmd(workdir, *common), env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if (workdir / 'metrics.jsonl').exists() and max(_metrics(workdir), default=0) >= 8:
-      break
-    time.sleep(0.2)
+  _wait_for_step(workdir, 8)
   process.send_signal(signal.SIGKILL)
   process.wait()
   killed_at = max(_metrics(workdir))
@@ -117,11 +123,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(demo_dir, tmp_path):
                                              '--config.batch_size=32'))
   process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if (workdir / 'metrics.jsonl').exists() and max(_metrics(workdir), default=0) >= 3:
-      break
-    time.sleep(0.2)
+  _wait_for_step(workdir, 3)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, stderr[-2000:]
