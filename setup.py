@@ -19,7 +19,7 @@ setup(
     long_description=(HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['clip_jax', 'clip_jax.*']),
-    package_data={'clip_jax.data': ['assets/*']},
+    package_data={'clip_jax.data': ['assets/*'], 'clip_jax.eval': ['assets/*']},
     python_requires='>=3.10',
     install_requires=requirements('requirements.txt'),
     extras_require={'test': requirements('requirements-test.txt')},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
@@ -24,6 +25,27 @@ def create_model(name_or_cfg: str | CLIPConfig, *, seed: int = 0, **overrides: A
   cfg = (get_config(name_or_cfg, **overrides) if isinstance(name_or_cfg, str)
          else name_or_cfg.replace(**overrides).validate())
   return CLIP(cfg, rngs=nnx.Rngs(seed))
+
+
+@dataclasses.dataclass
+class FunctionalModel:
+  """A model as a pure function of its params dict, for use inside `jax.jit`."""
+  cfg: CLIPConfig
+  abstract: CLIP   # shapes and metadata only, no arrays
+  graphdef: Any
+  template: Any    # the abstract nnx.State of the params
+
+  @classmethod
+  def create(cls, cfg: CLIPConfig) -> 'FunctionalModel':
+    abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
+    graphdef, template = nnx.split(abstract, nnx.Param)
+    return cls(cfg, abstract, graphdef, template)
+
+  def bind(self, params: Params) -> CLIP:
+    """The module with `params` (arrays or tracers) in place."""
+    state = jax.tree.map(lambda x: x, self.template)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state)
 
 
 def param_shapes(cfg: CLIPConfig) -> Params:

@@ -12,7 +12,6 @@ resumes exactly where the run stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import time
@@ -34,6 +33,7 @@ from flax import nnx  # pylint: disable=wrong-import-position
 from jax.experimental import multihost_utils  # pylint: disable=wrong-import-position
 
 from clip_jax import checkpoint as ckpt  # pylint: disable=wrong-import-position
+from clip_jax.api import FunctionalModel  # pylint: disable=wrong-import-position
 from clip_jax import optim, sharding  # pylint: disable=wrong-import-position
 from clip_jax.data.make_demo import make_demo  # pylint: disable=wrong-import-position
 from clip_jax.data.pipeline import Loader, PipelineConfig  # pylint: disable=wrong-import-position
@@ -41,6 +41,7 @@ from clip_jax.data.specs import parse_spec  # pylint: disable=wrong-import-posit
 from clip_jax.data.tokenizers import tokenizer_from_spec  # pylint: disable=wrong-import-position
 from clip_jax.data.transforms import normalize_on_device  # pylint: disable=wrong-import-position
 from clip_jax.eval import zeroshot  # pylint: disable=wrong-import-position
+from clip_jax.eval.encoder import Encoder  # pylint: disable=wrong-import-position
 from clip_jax.losses import KINDS, contrastive_loss  # pylint: disable=wrong-import-position
 from clip_jax.metrics import (MetricLogger, peak_flops_per_device,  # pylint: disable=wrong-import-position
                               train_flops_per_sample)
@@ -124,32 +125,19 @@ def make_loader(config, cfg: CLIPConfig, mesh) -> Loader:
 
 # --- model and optimizer state ------------------------------------------------------------
 
-@dataclasses.dataclass
-class Model:
-  """What the step needs to turn a params dict back into a module."""
-  cfg: CLIPConfig
-  graphdef: Any
-  template: Any  # abstract nnx.State of the params
-
-  def bind(self, params: Params) -> CLIP:
-    state = jax.tree.map(lambda x: x, self.template)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
-
-
-def build_model(cfg: CLIPConfig, mesh, rules, seed: int) -> tuple[Model, Params, Callable]:
-  """Abstract model, param shardings and a jitted init that creates params sharded."""
-  abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(seed)))
-  graphdef, template = nnx.split(abstract, nnx.Param)
-  shardings = sharding.param_shardings(abstract, mesh, rules)
+def build_model(cfg: CLIPConfig, mesh, rules, seed: int
+                ) -> tuple[FunctionalModel, Params, Callable]:
+  """Functional model, param shardings and a jitted init that creates params sharded."""
+  model = FunctionalModel.create(cfg)
+  shardings = sharding.param_shardings(model.abstract, mesh, rules)
 
   def init() -> Params:
     return nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
-  return Model(cfg, graphdef, template), shardings, jax.jit(init, out_shardings=shardings)
+  return model, shardings, jax.jit(init, out_shardings=shardings)
 
 
-def init_params(config, model: Model, shardings: Params, init_fn) -> Params:
+def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> Params:
   if not config.init_from:
     return init_fn()
   source_cfg, params = ckpt.load_params(config.init_from)
@@ -176,7 +164,7 @@ def create_state(params: Params, tx, mesh) -> dict[str, Any]:
 
 # --- the step -----------------------------------------------------------------------------
 
-def make_train_step(config, model: Model, tx, mesh, state_shardings, batch_sharding):
+def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding):
   """One jitted step: loss, grads (with accumulation), update, clamp, NaN guard."""
   accum = config.optim.grad_accum
   loss_kind, chunk = config.loss.kind, config.loss.chunk_size or None
@@ -239,38 +227,32 @@ def make_train_step(config, model: Model, tx, mesh, state_shardings, batch_shard
 # --- evaluation ---------------------------------------------------------------------------
 
 class ZeroShotEval:
-  """Periodic zero-shot accuracy on labelled tar shards (the same code as the evaluator)."""
+  """Periodic zero-shot accuracy on labelled tar shards (the evaluator CLI's code)."""
 
-  def __init__(self, config, model: Model, mesh):
+  def __init__(self, config, model: FunctionalModel, mesh, params: Params):
     self.enabled = bool(config.eval.zeroshot_shards)
     if not self.enabled:
       return
     cfg = model.cfg
-    self.model, self.mesh = model, mesh
-    self.classnames = epath.Path(config.eval.classnames).read_text().split('\n')
-    self.classnames = [c for c in self.classnames if c.strip()]
-    self.templates = tuple(config.eval.templates)
-    zeroshot.check_templates(self.templates)
+    self.classnames = zeroshot.read_lines(config.eval.classnames, 'config.eval.classnames')
+    self.templates = list(config.eval.templates)
+    zeroshot.check_templates(self.templates, 'config.eval.templates')
     self.tokenizer = tokenizer_from_spec(cfg.text.tokenizer, cfg.text.context_length)
-    data = list(zeroshot.labelled_images(config.eval.zeroshot_shards, cfg.vision.image_size,
-                                         cfg.preprocess))
-    if not data:
+    examples = list(zeroshot.shard_images(config.eval.zeroshot_shards, cfg.vision.image_size,
+                                          cfg.preprocess))
+    if not examples:
       raise ValueError(f'config.eval.zeroshot_shards={config.eval.zeroshot_shards!r} holds no '
                        'labelled sample.')
-    self.images = np.stack([d[0] for d in data])
-    self.labels = np.array([d[1] for d in data])
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self._text = jax.jit(lambda p, t: model.bind(p).encode_text(t, normalize=True),
-                         out_shardings=replicated)
-    self._image = jax.jit(lambda p, x: model.bind(p).encode_image(
-        normalize_on_device(x, cfg.preprocess), normalize=True), out_shardings=replicated)
+    self.examples = examples
+    self.encoder = Encoder(model, params, mesh)
 
   def __call__(self, params: Params) -> dict[str, float]:
-    classifier = zeroshot.build_classifier(lambda t: self._text(params, t), self.tokenizer,
-                                           self.classnames, self.templates)
-    features = np.concatenate([np.asarray(self._image(params, self.images[i:i + 256]))
-                               for i in range(0, len(self.images), 256)])
-    result = zeroshot.accuracy(features @ classifier.T, self.labels)
+    self.encoder.params = params
+    classifier = zeroshot.build_classifier(self.encoder.texts, self.tokenizer, self.classnames,
+                                           self.templates)
+    features, labels = self.encoder.image_stream(iter(self.examples), len(self.examples),
+                                                 desc='zero-shot')
+    result = zeroshot.accuracy(features @ classifier.T, np.asarray(labels))
     return {f'zeroshot_{k}': v for k, v in result.items()}
 
 
@@ -317,7 +299,7 @@ def train(config, workdir: str) -> dict[str, float]:
   state, start = restore_or_init(config, manager, state, loader)
   step_fn = make_train_step(config, model, tx, mesh, state_shardings,
                             sharding.batch_sharding(mesh))
-  evaluate = ZeroShotEval(config, model, mesh)
+  evaluate = ZeroShotEval(config, model, mesh, state['params'])
   logger = MetricLogger(workdir)
   if start == 0:
     from clu import parameter_overview  # pylint: disable=import-outside-toplevel

@@ -21,6 +21,7 @@ python="${PYTHON:-python3}"
 platform="${JAX_PLATFORMS:-cpu}"
 pids=()
 
+# shellcheck disable=SC2329  # invoked by the trap below
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup INT TERM
 

@@ -16,7 +16,6 @@ from flax import nnx
 from clip_jax import sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.config_base import base_config
-from clip_jax.data.make_demo import make_demo
 from clip_jax.models.clip import CLIP
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,11 +23,8 @@ DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
 
 
 @pytest.fixture(scope='module')
-def demo_dir(tmp_path_factory):
-  """A small demo dataset shared by the tests (the demo config generates the full one)."""
-  root = tmp_path_factory.mktemp('demo_data')
-  make_demo(str(root), train_samples=3000, eval_samples=400, samples_per_shard=300)
-  return root
+def demo_dir(demo_data):
+  return demo_data
 
 
 def _env(devices=8, **extra):

@@ -1,8 +1,9 @@
 """Zero-shot classification: class names x prompt templates -> a text classifier.
 
 Each class's prompts are encoded, L2-normalised, averaged and re-normalised (OpenAI's
-recipe); images are classified by cosine similarity. Labelled images come from tar shards
-whose `.json` carries the class index (`label_key`), as `make_demo` writes them.
+recipe); images are classified by cosine similarity, top-1 and top-5. Datasets: an image
+folder (one subfolder per class), tar shards whose `.json` carries the class index, or a
+TFDS dataset through `tfds.data_source` (array_record, prepared locally).
 """
 
 from __future__ import annotations
@@ -11,50 +12,120 @@ import json
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from etils import epath
+from PIL import Image
 
 from clip_jax.data.specs import parse_spec
-from clip_jax.data.tar_samples import RawSample, read_shard
+from clip_jax.data.tar_samples import IMAGE_EXTENSIONS, RawSample, read_shard
 from clip_jax.data.transforms import decode_image, resize_and_crop
 from clip_jax.models.config import PreprocessConfig
 
-SIMPLE_TEMPLATES = ('a photo of a {}.', 'a picture of a {}.', '{}')
+ASSETS = epath.resource_path('clip_jax.eval') / 'assets'
+TEMPLATE_SETS = ('openai', 'simple', 'generic')
+Example = tuple[np.ndarray, int]
 
 
-def check_templates(templates: Sequence[str]) -> None:
+def read_lines(path: str | epath.Path, what: str) -> list[str]:
+  path = epath.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'{what} file {path} does not exist.')
+  return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_templates(name_or_path: str) -> list[str]:
+  """'openai' (80), 'simple' (7), 'generic' (5), or a file with one template per line."""
+  if name_or_path in TEMPLATE_SETS:
+    templates = read_lines(ASSETS / f'templates_{name_or_path}.txt', 'Templates')
+  else:
+    templates = read_lines(name_or_path, 'Templates')
+  check_templates(templates, name_or_path)
+  return templates
+
+
+def imagenet_classnames() -> list[str]:
+  return read_lines(ASSETS / 'imagenet_classnames.txt', 'Class names')
+
+
+def check_templates(templates: Sequence[str], source: str = 'templates') -> None:
   bad = [t for t in templates if '{}' not in t]
-  if bad:
-    raise ValueError(f'Prompt templates must contain {{}} for the class name: {bad}')
+  if bad or not templates:
+    raise ValueError(f'Every prompt template in {source} must contain {{}} for the class name; '
+                     f'these do not: {bad or "(no templates)"}')
 
 
 def build_classifier(encode_text: Callable[[np.ndarray], np.ndarray], tokenizer,
                      classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
   """[num_classes, embed_dim] unit vectors; `encode_text` returns normalised features."""
   check_templates(templates)
-  weights = []
-  for name in classnames:
-    features = np.asarray(encode_text(tokenizer([t.format(name) for t in templates])))
-    mean = features.mean(0)
-    weights.append(mean / np.linalg.norm(mean))
-  return np.stack(weights)
-
-
-def labelled_images(spec: str, image_size: int, preprocess: PreprocessConfig,
-                    label_key: str = 'label') -> Iterator[tuple[np.ndarray, int]]:
-  """(uint8 HWC image with eval resizing, label) for every labelled sample of the shards."""
-  for source in parse_spec(spec):
-    for shard in source.shards:
-      for record in read_shard(shard):
-        if not isinstance(record, RawSample) or not record.meta:
-          continue
-        label = json.loads(record.meta).get(label_key)
-        if label is None:
-          continue
-        image = resize_and_crop(decode_image(record.image, image_size), image_size,
-                                preprocess.resize_mode, preprocess.interpolation)
-        yield np.asarray(image, np.uint8), int(label)
+  prompts = [t.format(name) for name in classnames for t in templates]
+  features = np.asarray(encode_text(tokenizer(prompts))).reshape(
+      len(classnames), len(templates), -1)
+  mean = features.mean(1)
+  return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   top5 = np.argsort(-logits, axis=1)[:, :5]
   return {'top1': float((top5[:, 0] == labels).mean()),
           'top5': float((top5 == labels[:, None]).any(1).mean())}
+
+
+def _eval_image(image: Image.Image, size: int, preprocess: PreprocessConfig) -> np.ndarray:
+  image = resize_and_crop(image, size, preprocess.resize_mode, preprocess.interpolation)
+  return np.asarray(image, np.uint8)
+
+
+def folder_dataset(folder: str, classnames_file: str | None = None
+                   ) -> tuple[list[str], list[tuple[epath.Path, int]]]:
+  """(class names, [(image path, label)]) from one subfolder per class, sorted by name."""
+  root = epath.Path(folder)
+  if not root.is_dir():
+    raise FileNotFoundError(f'--image_folder {root} is not a directory.')
+  classes = sorted(p for p in root.iterdir() if p.is_dir())
+  items = [(path, label) for label, cls in enumerate(classes) for path in sorted(cls.iterdir())
+           if path.suffix.lower().lstrip('.') in IMAGE_EXTENSIONS]
+  if not items:
+    raise ValueError(f'--image_folder {root} holds no images in class subfolders '
+                     f'({", ".join(IMAGE_EXTENSIONS)}).')
+  names = [c.name.replace('_', ' ') for c in classes]
+  if classnames_file:
+    names = read_lines(classnames_file, 'Class names')
+    if len(names) != len(classes):
+      raise ValueError(f'--classnames {classnames_file} has {len(names)} names but '
+                       f'{root} has {len(classes)} class folders.')
+  return names, items
+
+
+def folder_images(items, size: int, preprocess: PreprocessConfig) -> Iterator[Example]:
+  for path, label in items:
+    with path.open('rb') as f:
+      image = decode_image(f.read(), size)
+    yield _eval_image(image, size, preprocess), label
+
+
+def shard_images(spec: str, size: int, preprocess: PreprocessConfig,
+                 label_key: str = 'label') -> Iterator[Example]:
+  """Labelled images of tar shards (their `.json` holds `label_key`), in shard order."""
+  for source in parse_spec(spec):
+    for shard in source.shards:
+      for record in read_shard(shard):
+        if not isinstance(record, RawSample) or not record.meta:
+          continue
+        label = json.loads(record.meta).get(label_key)
+        if label is not None:
+          yield _eval_image(decode_image(record.image, size), size, preprocess), int(label)
+
+
+def tfds_dataset(name: str, split: str, data_dir: str | None, size: int,
+                 preprocess: PreprocessConfig) -> tuple[list[str], int, Iterator[Example]]:
+  """(class names, length, examples) of a locally prepared TFDS dataset (array_record)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  names = [n.replace('_', ' ') for n in source.dataset_info.features['label'].names]
+
+  def examples():
+    for record in source:
+      image = Image.fromarray(np.asarray(record['image'])).convert('RGB')
+      yield _eval_image(image, size, preprocess), int(record['label'])
+
+  return names, len(source), examples()

@@ -1,0 +1,57 @@
+"""Image<->text retrieval recall@1/5/10, with several captions per image.
+
+Captions of a sample: the `captions` list of its `.json` when present, else the lines of
+its `.txt`. image->text counts a hit when any of the image's captions ranks in the top k;
+text->image when the caption's image does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Iterator
+
+import numpy as np
+
+from clip_jax.data.specs import parse_spec
+from clip_jax.data.tar_samples import RawSample, read_shard
+from clip_jax.data.transforms import decode_image, resize_and_crop
+from clip_jax.models.config import PreprocessConfig
+
+KS = (1, 5, 10)
+
+
+def captions_of(record: RawSample) -> list[str]:
+  if record.meta:
+    captions = json.loads(record.meta).get('captions')
+    if isinstance(captions, list) and captions:
+      return [str(c) for c in captions]
+  return [line for line in record.caption.splitlines() if line.strip()]
+
+
+def retrieval_examples(spec: str, size: int, preprocess: PreprocessConfig
+                       ) -> Iterator[tuple[np.ndarray, list[str]]]:
+  for source in parse_spec(spec):
+    for shard in source.shards:
+      for record in read_shard(shard):
+        if isinstance(record, RawSample):
+          image = resize_and_crop(decode_image(record.image, size), size, preprocess.resize_mode,
+                                  preprocess.interpolation)
+          yield np.asarray(image, np.uint8), captions_of(record)
+
+
+def recall_at_k(image_features: np.ndarray, text_features: np.ndarray,
+                text_to_image: np.ndarray) -> dict[str, float]:
+  """Recall@{1,5,10} in both directions from normalised features."""
+  scores = image_features @ text_features.T  # [images, texts]
+  results = {}
+  # text -> image: rank of the true image among all images, per caption.
+  true = scores[text_to_image, np.arange(len(text_to_image))]
+  t2i_rank = (scores > true[None, :]).sum(0)
+  # image -> text: best rank over the image's own captions.
+  order = np.argsort(-scores, axis=1)
+  ranks = np.argsort(order, axis=1)  # ranks[i, t] = position of text t for image i
+  i2t_rank = np.array([ranks[i, text_to_image == i].min() for i in range(len(scores))])
+  for k in KS:
+    results[f'image_to_text_R@{k}'] = float((i2t_rank < k).mean())
+    results[f'text_to_image_R@{k}'] = float((t2i_rank < k).mean())
+  return results

@@ -1,0 +1,116 @@
+"""Evaluates a checkpoint: zero-shot classification and image-text retrieval.
+
+  python -m clip_jax.evaluate --checkpoint DIR --image_folder imagenet/val \
+      [--classnames FILE | --imagenet_classnames] [--templates openai|simple|generic|FILE]
+  python -m clip_jax.evaluate --workdir RUN --zeroshot_shards 'eval/{00000..00003}.tar' \
+      --classnames classnames.txt
+  python -m clip_jax.evaluate --checkpoint DIR --tfds imagenet_v2 --tfds_split test
+  python -m clip_jax.evaluate --checkpoint DIR --retrieval_shards 'coco_val/{00000..00004}.tar'
+
+Prints a JSON summary and writes it to CHECKPOINT/eval_results.json. Batches are sharded
+over all devices, padded to a fixed size and masked, so every example counts once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import jax
+import numpy as np
+
+from clip_jax import sharding
+from clip_jax.api import FunctionalModel
+from clip_jax.checkpoint import load_params, resolve_checkpoint
+from clip_jax.data.tokenizers import tokenizer_from_spec
+from clip_jax.eval import retrieval, zeroshot
+from clip_jax.eval.encoder import Encoder
+
+
+def zero_shot(encoder: Encoder, tokenizer, classnames, templates, examples, total=None
+              ) -> dict[str, float]:
+  classifier = zeroshot.build_classifier(encoder.texts, tokenizer, classnames, templates)
+  features, labels = encoder.image_stream(examples, total, desc='zero-shot')
+  result = zeroshot.accuracy(features @ classifier.T, np.asarray(labels))
+  return {**result, 'num_images': len(labels), 'num_classes': len(classnames)}
+
+
+def image_text_retrieval(encoder: Encoder, tokenizer, examples) -> dict[str, float]:
+  image_features, captions = encoder.image_stream(examples, desc='retrieval')
+  texts = [c for caps in captions for c in caps]
+  owners = np.array([i for i, caps in enumerate(captions) for _ in caps])
+  if not len(texts):
+    raise ValueError('The retrieval shards hold no captions.')
+  text_features = encoder.texts(tokenizer(texts))
+  return {**retrieval.recall_at_k(image_features, text_features, owners),
+          'num_images': len(captions), 'num_texts': len(texts)}
+
+
+def evaluate(args) -> dict:
+  checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
+  cfg, params = load_params(checkpoint)
+  templates = zeroshot.load_templates(args.templates)
+  mesh = sharding.make_mesh({'data': -1})
+  encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params), mesh, args.batch_size)
+  tokenizer = tokenizer_from_spec(args.tokenizer or cfg.text.tokenizer, cfg.text.context_length)
+  size, pre = cfg.vision.image_size, cfg.preprocess
+  classnames = (zeroshot.imagenet_classnames() if args.imagenet_classnames
+                else zeroshot.read_lines(args.classnames, 'Class names') if args.classnames
+                else None)
+  results = {'checkpoint': str(checkpoint)}
+  if args.image_folder:
+    names, items = zeroshot.folder_dataset(args.image_folder, args.classnames)
+    names = classnames if args.imagenet_classnames else names
+    results['image_folder'] = zero_shot(encoder, tokenizer, names, templates,
+                                        zeroshot.folder_images(items, size, pre), len(items))
+  if args.zeroshot_shards:
+    if not classnames:
+      raise ValueError('--zeroshot_shards needs --classnames FILE (or --imagenet_classnames).')
+    results['zeroshot_shards'] = zero_shot(encoder, tokenizer, classnames, templates,
+                                           zeroshot.shard_images(args.zeroshot_shards, size, pre))
+  if args.tfds:
+    names, total, examples = zeroshot.tfds_dataset(args.tfds, args.tfds_split, args.tfds_data_dir,
+                                                   size, pre)
+    results[f'tfds/{args.tfds}'] = zero_shot(encoder, tokenizer, classnames or names, templates,
+                                             examples, total)
+  if args.retrieval_shards:
+    results['retrieval'] = image_text_retrieval(
+        encoder, tokenizer, retrieval.retrieval_examples(args.retrieval_shards, size, pre))
+  if len(results) == 1:
+    raise ValueError('Nothing to evaluate: pass --image_folder, --zeroshot_shards, --tfds or '
+                     '--retrieval_shards.')
+  if jax.process_index() == 0:
+    (checkpoint / 'eval_results.json').write_text(json.dumps(results, indent=2))
+  return results
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  where = parser.add_mutually_exclusive_group(required=True)
+  where.add_argument('--checkpoint', help='clip_jax checkpoint directory')
+  where.add_argument('--workdir', help='training workdir (its latest checkpoint)')
+  parser.add_argument('--image_folder', help='one subfolder of images per class')
+  parser.add_argument('--zeroshot_shards', help="tar shards whose .json holds 'label'")
+  parser.add_argument('--tfds', help='TFDS dataset name (prepared locally), e.g. imagenet2012')
+  parser.add_argument('--tfds_split', default='validation')
+  parser.add_argument('--tfds_data_dir', default=None)
+  parser.add_argument('--retrieval_shards', help='tar shards with one or more captions each')
+  parser.add_argument('--classnames', help='file with one class name per line')
+  parser.add_argument('--imagenet_classnames', action='store_true',
+                      help='use the shipped ImageNet-1k class names')
+  parser.add_argument('--templates', default='openai',
+                      help="'openai' (80), 'simple' (7), 'generic' or a file, one per line")
+  parser.add_argument('--tokenizer', help="override the model's tokenizer (e.g. a .model file)")
+  parser.add_argument('--batch_size', type=int, default=256)
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+  logging.basicConfig(level=logging.WARNING)
+  results = evaluate(parse_args(argv))
+  print(json.dumps(results, indent=2))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,128 @@
+"""The evaluator: zero-shot (folder, shards, TFDS), retrieval, and OpenCLIP agreement."""
+
+import json
+import tarfile
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from clip_jax.eval.retrieval import recall_at_k
+from clip_jax.evaluate import evaluate, parse_args
+from clip_jax.export import export
+
+TEMPLATES = ('a photo of a {}.', 'a {}.')
+
+
+@pytest.fixture(scope='module')
+def eval_folder(demo_data, tmp_path_factory):
+  """The demo eval split as an image folder: one subfolder per class, named by class."""
+  root = tmp_path_factory.mktemp('folder')
+  names = (demo_data / 'classnames.txt').read_text().split('\n')[:-1]
+  with tarfile.open(demo_data / 'eval' / '00000.tar') as tar:
+    for member in tar.getmembers():
+      if member.name.endswith('.json'):
+        key = member.name[:-5]
+        label = json.loads(tar.extractfile(member).read())['label']
+        folder = root / f'{label:02d}_{names[label].replace(" ", "_")}'
+        folder.mkdir(exist_ok=True)
+        (folder / f'{key}.jpg').write_bytes(tar.extractfile(f'{key}.jpg').read())
+  (root.parent / 'classnames_sorted.txt').write_text(
+      '\n'.join(names[int(p.name[:2])] for p in sorted(root.iterdir())) + '\n')
+  return root
+
+
+@pytest.fixture(scope='module')
+def templates_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp('templates') / 'templates.txt'
+  path.write_text('\n'.join(TEMPLATES) + '\n')
+  return path
+
+
+@pytest.mark.slow
+def test_folder_zero_shot_agrees_with_open_clip(trained_demo, eval_folder, templates_file,
+                                                tmp_path):
+  args = parse_args(['--workdir', str(trained_demo), '--image_folder', str(eval_folder),
+                     '--classnames', str(eval_folder.parent / 'classnames_sorted.txt'),
+                     '--templates', str(templates_file), '--batch_size', '64'])
+  ours = evaluate(args)['image_folder']
+  assert ours['num_images'] == 200 and ours['num_classes'] == 40
+  assert ours['top1'] > 3 / 40  # trained: well above chance
+
+  # OpenCLIP's own zero-shot path on the exported weights and the same image files.
+  out = export(str(trained_demo), str(tmp_path / 'open_clip'))
+  model, _, preprocess = open_clip.create_model_and_transforms(f'local-dir:{out}')
+  tokenizer = open_clip.get_tokenizer(f'local-dir:{out}')
+  classnames = (eval_folder.parent / 'classnames_sorted.txt').read_text().split('\n')[:-1]
+  with torch.no_grad():
+    classifier = open_clip.build_zero_shot_classifier(model.eval(), tokenizer, classnames,
+                                                      TEMPLATES)
+    paths = sorted(eval_folder.glob('*/*.jpg'))
+    labels = torch.tensor([sorted(eval_folder.iterdir()).index(p.parent) for p in paths])
+    images = torch.stack([preprocess(Image.open(p)) for p in paths])
+    logits = model.encode_image(images, normalize=True) @ classifier
+  top1 = float((logits.argmax(1) == labels).float().mean())
+  assert abs(top1 - ours['top1']) <= 1 / 200  # at most one borderline image may flip
+
+
+@pytest.mark.slow
+def test_shards_tfds_and_retrieval_and_summary_file(trained_demo, demo_data, tmp_path):
+  retrieval = tmp_path / 'retrieval'
+  retrieval.mkdir()
+  with tarfile.open(demo_data / 'eval' / '00000.tar') as source, \
+       tarfile.open(retrieval / '00000.tar', 'w') as target:
+    for member in source.getmembers()[:60]:
+      data = source.extractfile(member).read()
+      if member.name.endswith('.json'):
+        meta = json.loads(data)
+        meta['captions'] = [meta['caption'], meta['caption'].upper()]
+        data = json.dumps(meta).encode()
+      member.size = len(data)
+      target.addfile(member, __import__('io').BytesIO(data))
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    results = evaluate(parse_args([
+        '--workdir', str(trained_demo), '--zeroshot_shards', str(demo_data / 'eval' / '00000.tar'),
+        '--classnames', str(demo_data / 'classnames.txt'), '--templates', 'generic',
+        '--tfds', 'cifar10', '--tfds_split', 'test',
+        '--retrieval_shards', str(retrieval / '00000.tar'), '--batch_size', '32']))
+  assert results['zeroshot_shards']['num_images'] == 200
+  assert results['zeroshot_shards']['top1'] > 3 / 40
+  assert results['tfds/cifar10']['num_images'] == 12 and results['tfds/cifar10']['num_classes'] == 10
+  r = results['retrieval']
+  assert r['num_images'] == 20 and r['num_texts'] == 40
+  assert r['image_to_text_R@10'] >= r['image_to_text_R@5'] >= r['image_to_text_R@1'] > 0.1
+  summary = json.loads((trained_demo / 'checkpoints' / '120' / 'eval_results.json').read_text())
+  assert summary['retrieval'] == r
+
+
+def test_recall_at_k_counts_any_matching_caption():
+  images = np.eye(3)
+  texts = np.array([[1, 0, 0], [0, 0, 1], [0, 1, 0], [0.9, 0.1, 0]])
+  owners = np.array([0, 1, 2, 0])  # text 1 belongs to image 1 but looks like image 2
+  r = recall_at_k(images, texts / np.linalg.norm(texts, axis=1, keepdims=True), owners)
+  assert r['image_to_text_R@1'] == pytest.approx(1 / 3)  # only image 0 finds its caption first
+  assert r['text_to_image_R@1'] == pytest.approx(2 / 4)
+  assert r['text_to_image_R@5'] == 1.0
+
+
+def test_bad_evaluator_inputs_name_the_path(trained_demo, tmp_path):
+  empty = tmp_path / 'empty'
+  (empty / 'cat').mkdir(parents=True)
+  with pytest.raises(ValueError, match='holds no images'):
+    evaluate(parse_args(['--workdir', str(trained_demo), '--image_folder', str(empty)]))
+  (empty / 'cat' / 'a.jpg').write_bytes(b'')
+  names = tmp_path / 'names.txt'
+  names.write_text('cat\ndog\n')
+  with pytest.raises(ValueError, match='has 2 names but .* has 1 class folders'):
+    evaluate(parse_args(['--workdir', str(trained_demo), '--image_folder', str(empty),
+                         '--classnames', str(names)]))
+  with pytest.raises(FileNotFoundError, match='holds no clip_jax checkpoint'):
+    evaluate(parse_args(['--checkpoint', str(tmp_path), '--image_folder', str(empty)]))
+  bad_templates = tmp_path / 't.txt'
+  bad_templates.write_text('a photo of a cat\n')
+  with pytest.raises(ValueError, match='must contain {}'):
+    evaluate(parse_args(['--workdir', str(trained_demo), '--image_folder', str(empty),
+                         '--templates', str(bad_templates)]))
