@@ -29,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_bad_steps = 10               # non-finite steps in a row before stopping
   c.peak_flops_per_device = 0.0      # for MFU on devices not in metrics.PEAK_FLOPS
   c.init_from = ''                   # clip_jax checkpoint (imported or exported) to start from
+  c.profile_start_step = 0           # >0: capture a profiler trace (TensorBoard) from this step
+  c.profile_steps = 5
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'tiny'              # a preset, see clip_jax.list_models()

@@ -321,7 +321,13 @@ def run_loop(config, state, step_fn, loader, manager, evaluate, logger, start, f
              schedule, preemption) -> dict[str, float]:
   last: dict[str, float] = {}
   step, window_start, data_wait = start, time.perf_counter(), 0.0
+  profile_dir = str(epath.Path(manager.directory).parent / 'profile')
   while step < config.total_steps:
+    if config.profile_start_step and step == config.profile_start_step - 1:
+      jax.profiler.start_trace(profile_dir)
+    if config.profile_start_step and step == config.profile_start_step - 1 + config.profile_steps:
+      jax.profiler.stop_trace()
+      logging.info('Profiler trace written to %s', profile_dir)
     wait_start = time.perf_counter()
     batch = next(loader)
     data_wait += time.perf_counter() - wait_start

@@ -1,0 +1,46 @@
+"""The Colab notebooks run top to bottom (nbclient), offline, on a tiny trained model."""
+
+import os
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from safetensors.numpy import save_file
+
+from tests.reference import open_clip_model, state_dict_numpy
+
+COLABS = pathlib.Path(__file__).resolve().parents[1] / 'colabs'
+
+
+def _execute(name, monkeypatch, **env):
+  for key, value in env.items():
+    monkeypatch.setenv(key, str(value))
+  notebook = nbformat.read(COLABS / f'{name}.ipynb', as_version=4)
+  NotebookClient(notebook, timeout=600, kernel_name='python3',
+                 resources={'metadata': {'path': str(COLABS)}}).execute()
+  return '\n'.join(o.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
+                   for o in cell.get('outputs', []))
+
+
+@pytest.mark.slow
+def test_zero_shot_demo_notebook_with_a_clip_jax_checkpoint(trained_demo, monkeypatch):
+  output = _execute('zero_shot_demo', monkeypatch, CLIP_JAX_CHECKPOINT=trained_demo)
+  assert '64 px images' in output and '.jpg' in output
+
+
+@pytest.mark.slow
+def test_zero_shot_demo_notebook_imports_an_open_clip_checkpoint(tmp_path, monkeypatch):
+  weights = tmp_path / 'open_clip_tiny.safetensors'
+  save_file(state_dict_numpy(open_clip_model('tiny')), str(weights))
+  output = _execute('zero_shot_demo', monkeypatch, OPEN_CLIP_WEIGHTS=weights,
+                    OPEN_CLIP_MODEL='tiny', CLIP_JAX_CHECKPOINT=tmp_path / 'unused')
+  assert '32 px images' in output
+
+
+@pytest.mark.slow
+def test_train_demo_notebook(demo_data, tmp_path, monkeypatch):
+  output = _execute('train_demo', monkeypatch, CLIP_JAX_DEMO_STEPS=20,
+                    CLIP_JAX_WORKDIR=tmp_path / 'run', CLIP_JAX_DEMO_DIR=demo_data)
+  assert 'first loss' in output and 'zero-shot top-1' in output
+  assert (tmp_path / 'run' / 'checkpoints' / '20').is_dir()
