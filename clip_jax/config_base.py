@@ -14,7 +14,12 @@ from clip_jax.models.config import TextConfig, VisionConfig
 
 
 def _overrides(klass) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({f.name: None for f in dataclasses.fields(klass)})
+  """One typed, unset placeholder per architecture field (settable from the command line)."""
+  def field_type(f):
+    return type(f.default) if f.default is not None else (float if f.name == 'ls_init' else str)
+  return ml_collections.ConfigDict({
+      f.name: ml_collections.config_dict.placeholder(field_type(f))
+      for f in dataclasses.fields(klass)})
 
 
 def base_config() -> ml_collections.ConfigDict:

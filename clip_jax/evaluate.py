@@ -72,8 +72,9 @@ def evaluate(args) -> dict:
   if args.tfds:
     names, total, examples = zeroshot.tfds_dataset(args.tfds, args.tfds_split, args.tfds_data_dir,
                                                    size, pre)
-    results[f'tfds/{args.tfds}'] = zero_shot(encoder, tokenizer, classnames or names, templates,
-                                             examples, total)
+    names = zeroshot.imagenet_classnames() if args.imagenet_classnames else names
+    results[f'tfds/{args.tfds}'] = zero_shot(encoder, tokenizer, names, templates, examples,
+                                             total)
   if args.retrieval_shards:
     results['retrieval'] = image_text_retrieval(
         encoder, tokenizer, retrieval.retrieval_examples(args.retrieval_shards, size, pre))
@@ -96,7 +97,8 @@ def parse_args(argv=None):
   parser.add_argument('--tfds_split', default='validation')
   parser.add_argument('--tfds_data_dir', default=None)
   parser.add_argument('--retrieval_shards', help='tar shards with one or more captions each')
-  parser.add_argument('--classnames', help='file with one class name per line')
+  parser.add_argument('--classnames',
+                      help='file with one class name per line (folder and shards; TFDS uses its own)')
   parser.add_argument('--imagenet_classnames', action='store_true',
                       help='use the shipped ImageNet-1k class names')
   parser.add_argument('--templates', default='openai',

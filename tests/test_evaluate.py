@@ -48,7 +48,7 @@ def test_folder_zero_shot_agrees_with_open_clip(trained_demo, eval_folder, templ
                      '--classnames', str(eval_folder.parent / 'classnames_sorted.txt'),
                      '--templates', str(templates_file), '--batch_size', '64'])
   ours = evaluate(args)['image_folder']
-  assert ours['num_images'] == 200 and ours['num_classes'] == 40
+  assert ours['num_images'] == 300 and ours['num_classes'] == 40
   assert ours['top1'] > 3 / 40  # trained: well above chance
 
   # OpenCLIP's own zero-shot path on the exported weights and the same image files.
@@ -64,7 +64,7 @@ def test_folder_zero_shot_agrees_with_open_clip(trained_demo, eval_folder, templ
     images = torch.stack([preprocess(Image.open(p)) for p in paths])
     logits = model.encode_image(images, normalize=True) @ classifier
   top1 = float((logits.argmax(1) == labels).float().mean())
-  assert abs(top1 - ours['top1']) <= 1 / 200  # at most one borderline image may flip
+  assert abs(top1 - ours['top1']) <= 1 / 300  # at most one borderline image may flip
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def test_shards_tfds_and_retrieval_and_summary_file(trained_demo, demo_data, tmp
         '--classnames', str(demo_data / 'classnames.txt'), '--templates', 'generic',
         '--tfds', 'cifar10', '--tfds_split', 'test',
         '--retrieval_shards', str(retrieval / '00000.tar'), '--batch_size', '32']))
-  assert results['zeroshot_shards']['num_images'] == 200
+  assert results['zeroshot_shards']['num_images'] == 300
   assert results['zeroshot_shards']['top1'] > 3 / 40
   assert results['tfds/cifar10']['num_images'] == 12 and results['tfds/cifar10']['num_classes'] == 10
   r = results['retrieval']

@@ -14,6 +14,8 @@ COLABS = pathlib.Path(__file__).resolve().parents[1] / 'colabs'
 
 
 def _execute(name, monkeypatch, **env):
+  # The kernel must import this checkout's clip_jax (never the notebook's network install).
+  monkeypatch.setenv('PYTHONPATH', str(COLABS.parent))
   for key, value in env.items():
     monkeypatch.setenv(key, str(value))
   notebook = nbformat.read(COLABS / f'{name}.ipynb', as_version=4)
