@@ -99,7 +99,7 @@ def test_members_are_grouped_by_key_with_caption_from_txt_or_json(tmp_path):
                              ('b.png', image), ('b.json', json.dumps({'caption': 'dog'}).encode()),
                              ('c.webp', image), ('c.json', json.dumps({'alt': 'cow'}).encode())])
   records = list(read_shard(str(tmp_path / 's.tar'), caption_key='caption'))
-  assert records[0] == RawSample('x/a', str(tmp_path / 's.tar'), image, 'cat')
+  assert records[0] == RawSample('x/a', str(tmp_path / 's.tar'), image, 'cat', b'{}')
   assert records[1].caption == 'dog' and records[1].key == 'b'
   assert isinstance(records[2], Skip) and records[2].reason == 'missing_caption'
   assert list(read_shard(str(tmp_path / 's.tar'), caption_key='alt'))[2].caption == 'cow'
