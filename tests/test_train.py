@@ -86,7 +86,7 @@ def test_demo_config_learns(demo_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
-  common = _demo_overrides(demo_dir, 16, '--config.log_every=1', '--config.checkpoint_every=5',
+  common = _demo_overrides(demo_dir, 24, '--config.log_every=1', '--config.checkpoint_every=5',
                            '--config.eval.zeroshot_shards=', '--config.batch_size=32')
   _run(_train_cmd(tmp_path / 'straight', *common), _env())
 
@@ -97,11 +97,11 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
   process.send_signal(signal.SIGKILL)
   process.wait()
   killed_at = max(_metrics(workdir))
-  assert killed_at < 16, 'the run finished before it could be killed'
+  assert killed_at < 24, 'the run finished before it could be killed'
   _run(_train_cmd(workdir, *common), _env())
 
   straight, resumed = _metrics(tmp_path / 'straight'), _metrics(workdir)
-  assert sorted(straight) == sorted(resumed) == list(range(1, 17))
+  assert sorted(straight) == sorted(resumed) == list(range(1, 25))
   for step in straight:
     assert resumed[step]['loss'] == straight[step]['loss'], step
   _, params_a = load_params(tmp_path / 'straight')
