@@ -1,5 +1,6 @@
 """The evaluator: zero-shot (folder, shards, TFDS), retrieval, and OpenCLIP agreement."""
 
+import io
 import json
 import tarfile
 
@@ -80,7 +81,7 @@ def test_shards_tfds_and_retrieval_and_summary_file(trained_demo, demo_data, tmp
         meta['captions'] = [meta['caption'], meta['caption'].upper()]
         data = json.dumps(meta).encode()
       member.size = len(data)
-      target.addfile(member, __import__('io').BytesIO(data))
+      target.addfile(member, io.BytesIO(data))
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
     results = evaluate(parse_args([

@@ -1,6 +1,5 @@
 """The Colab notebooks run top to bottom (nbclient), offline, on a tiny trained model."""
 
-import os
 import pathlib
 
 import nbformat

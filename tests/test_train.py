@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import clip_jax
 from clip_jax import sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.config_base import base_config
@@ -163,8 +164,8 @@ def test_restore_onto_a_smaller_mesh_continues(demo_dir, tmp_path):
 def test_fsdp_shards_weights_across_devices():
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1})
   from clip_jax.train import build_model  # pylint: disable=import-outside-toplevel
-  cfg = __import__('clip_jax').get_config('ViT-B-32', **{'vision.layers': 2, 'text.layers': 2})
-  _, shardings, init = build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
+  cfg = clip_jax.get_config('ViT-B-32', **{'vision.layers': 2, 'text.layers': 2})
+  _, _, init = build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
   params = init()
   total = sum(x.size for x in jax.tree.leaves(params))
   on_device0 = sum(s.data.size for x in jax.tree.leaves(params) for s in x.addressable_shards
@@ -172,13 +173,11 @@ def test_fsdp_shards_weights_across_devices():
   assert on_device0 / total < 1 / 8 + 0.01  # only tiny vectors (logit scale) are replicated
   kernel = params['visual']['transformer']['blocks']['mlp']['fc1']['kernel']  # [L, 768, 3072]
   assert kernel.addressable_shards[0].data.shape == (2, 96, 3072)
-  del shardings
 
 
 def test_tensor_rules_shard_heads_and_mlp():
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  abstract = nnx.eval_shape(lambda: CLIP(__import__('clip_jax').get_config('tiny'),
-                                         rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: CLIP(clip_jax.get_config('tiny'), rngs=nnx.Rngs(0)))
   specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(abstract, mesh))
   blocks = specs['visual']['transformer']['blocks']
   assert tuple(blocks['attn']['qkv']['kernel']) == (None, 'fsdp', None, 'tensor', None)

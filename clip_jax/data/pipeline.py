@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from clip_jax.data.specs import Source, parse_spec
-from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, ShardDataset, Skip
+from clip_jax.data.tar_samples import SKIP_REASONS, ShardDataset, Skip
 from clip_jax.data.transforms import decode_image, random_resized_crop, resize_and_crop
 
 AUGMENTATIONS = ('random_resized_crop', 'center_crop', 'squash')
