@@ -47,11 +47,20 @@ class FunctionalModel:
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(self.graphdef, state)
 
+  def shapes(self) -> Params:
+    return jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(self.template))
+
+  def check(self, params: Params) -> None:
+    """Raises ValueError naming the first parameter missing, extra or mis-shaped."""
+    expected, got = self.shapes(), jax.tree.map(lambda x: tuple(np.shape(x)), params)
+    if expected != got:
+      raise ValueError('Params do not match the model config: '
+                       f'{_first_difference(expected, got)}')
+
 
 def param_shapes(cfg: CLIPConfig) -> Params:
   """The params tree of shapes, computed without allocating the model."""
-  abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-  return jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+  return FunctionalModel.create(cfg).shapes()
 
 
 def get_params(model: CLIP) -> Params:
@@ -60,16 +69,9 @@ def get_params(model: CLIP) -> Params:
 
 def model_from_params(cfg: CLIPConfig, params: Params) -> CLIP:
   """Builds the model without random init and fills it with `params` (shapes checked)."""
-  model = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-  state = nnx.state(model, nnx.Param)
-  expected = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
-  got = jax.tree.map(lambda x: tuple(np.shape(x)), params)
-  if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
-    raise ValueError('Params do not match the model config: '
-                     f'{_first_difference(expected, got)}')
-  nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
-  nnx.update(model, state)
-  return model
+  model = FunctionalModel.create(cfg)
+  model.check(params)
+  return model.bind(jax.tree.map(jax.numpy.asarray, params))
 
 
 def _first_difference(expected: Any, got: Any, path: str = '') -> str:

@@ -28,14 +28,6 @@ from clip_jax.eval import retrieval, zeroshot
 from clip_jax.eval.encoder import Encoder
 
 
-def zero_shot(encoder: Encoder, tokenizer, classnames, templates, examples, total=None
-              ) -> dict[str, float]:
-  classifier = zeroshot.build_classifier(encoder.texts, tokenizer, classnames, templates)
-  features, labels = encoder.image_stream(examples, total, desc='zero-shot')
-  result = zeroshot.accuracy(features @ classifier.T, np.asarray(labels))
-  return {**result, 'num_images': len(labels), 'num_classes': len(classnames)}
-
-
 def image_text_retrieval(encoder: Encoder, tokenizer, examples) -> dict[str, float]:
   image_features, captions = encoder.image_stream(examples, desc='retrieval')
   texts = [c for caps in captions for c in caps]
@@ -60,20 +52,22 @@ def evaluate(args) -> dict:
                 else None)
   results = {'checkpoint': str(checkpoint)}
   if args.image_folder:
-    names, items = zeroshot.folder_dataset(args.image_folder, args.classnames)
+    names, items = zeroshot.folder_dataset(
+        args.image_folder, classnames if args.classnames else None,
+        f'--classnames {args.classnames}')
     names = classnames if args.imagenet_classnames else names
-    results['image_folder'] = zero_shot(encoder, tokenizer, names, templates,
+    results['image_folder'] = zeroshot.run(encoder, tokenizer, names, templates,
                                         zeroshot.folder_images(items, size, pre), len(items))
   if args.zeroshot_shards:
     if not classnames:
       raise ValueError('--zeroshot_shards needs --classnames FILE (or --imagenet_classnames).')
-    results['zeroshot_shards'] = zero_shot(encoder, tokenizer, classnames, templates,
+    results['zeroshot_shards'] = zeroshot.run(encoder, tokenizer, classnames, templates,
                                            zeroshot.shard_images(args.zeroshot_shards, size, pre))
   if args.tfds:
     names, total, examples = zeroshot.tfds_dataset(args.tfds, args.tfds_split, args.tfds_data_dir,
                                                    size, pre)
-    names = zeroshot.imagenet_classnames() if args.imagenet_classnames else names
-    results[f'tfds/{args.tfds}'] = zero_shot(encoder, tokenizer, names, templates, examples,
+    names = classnames if args.imagenet_classnames else names
+    results[f'tfds/{args.tfds}'] = zeroshot.run(encoder, tokenizer, names, templates, examples,
                                              total)
   if args.retrieval_shards:
     results['retrieval'] = image_text_retrieval(

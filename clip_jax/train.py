@@ -120,7 +120,7 @@ def make_loader(config, cfg: CLIPConfig, mesh) -> Loader:
       caption_key=d.caption_key, augment=d.augment, crop_scale=tuple(d.crop_scale),
       seed=config.seed, shuffle_window=d.shuffle_window, cycle_length=d.cycle_length,
       workers=d.workers, vocab_size=cfg.text.vocab_size)
-  return Loader(pipeline, mesh, sharding.BATCH_AXES)
+  return Loader(pipeline, sharding.batch_sharding(mesh))
 
 
 # --- model and optimizer state ------------------------------------------------------------
@@ -140,13 +140,12 @@ def build_model(cfg: CLIPConfig, mesh, rules, seed: int
 def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> Params:
   if not config.init_from:
     return init_fn()
-  source_cfg, params = ckpt.load_params(config.init_from)
-  expected = jax.tree.map(lambda s: tuple(s.shape), nnx.to_pure_dict(model.template))
-  got = jax.tree.map(lambda a: tuple(np.shape(a)), params)
-  if expected != got:
-    raise ValueError(f'config.init_from={config.init_from} holds a {source_cfg.vision.width}-wide'
-                     f' model whose parameters do not match config.model '
-                     f'({config.model.name}).')
+  _, params = ckpt.load_params(config.init_from)
+  try:
+    model.check(params)
+  except ValueError as e:
+    raise ValueError(f'config.init_from={config.init_from} does not fit config.model '
+                     f'({config.model.name}): {e}') from e
   logging.info('Initialised from %s', config.init_from)
   return jax.device_put(params, shardings)
 
@@ -248,12 +247,9 @@ class ZeroShotEval:
 
   def __call__(self, params: Params) -> dict[str, float]:
     self.encoder.params = params
-    classifier = zeroshot.build_classifier(self.encoder.texts, self.tokenizer, self.classnames,
-                                           self.templates)
-    features, labels = self.encoder.image_stream(iter(self.examples), len(self.examples),
-                                                 desc='zero-shot')
-    result = zeroshot.accuracy(features @ classifier.T, np.asarray(labels))
-    return {f'zeroshot_{k}': v for k, v in result.items()}
+    result = zeroshot.run(self.encoder, self.tokenizer, self.classnames, self.templates,
+                          iter(self.examples), len(self.examples))
+    return {f'zeroshot_{k}': result[k] for k in ('top1', 'top5')}
 
 
 # --- checkpoints --------------------------------------------------------------------------
@@ -271,7 +267,7 @@ class Preemption:
     self.requested = True
 
 
-def restore_or_init(config, manager: ckpt.TrainCheckpoints, state: dict, loader: Loader
+def restore_or_init(manager: ckpt.TrainCheckpoints, state: dict, loader: Loader
                     ) -> tuple[dict, int]:
   step = manager.latest_step()
   if step is None:
@@ -296,7 +292,7 @@ def train(config, workdir: str) -> dict[str, float]:
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   loader = make_loader(config, cfg, mesh)
   manager = ckpt.TrainCheckpoints(workdir, cfg, config.checkpoint_every, config.keep_checkpoints)
-  state, start = restore_or_init(config, manager, state, loader)
+  state, start = restore_or_init(manager, state, loader)
   step_fn = make_train_step(config, model, tx, mesh, state_shardings,
                             sharding.batch_sharding(mesh))
   evaluate = ZeroShotEval(config, model, mesh, state['params'])

@@ -173,9 +173,10 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tmp_path, workers):
 def test_loader_assembles_global_arrays_on_the_mesh(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+  from clip_jax.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
   spec = _write_shards(tmp_path, 'm', 2, 8)
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'fsdp'))
-  batch = next(Loader(_config(spec, global_batch_size=8), mesh=mesh))
+  batch = next(Loader(_config(spec, global_batch_size=8), batch_sharding(mesh)))
   assert batch['image'].shape == (8, 16, 16, 3) and batch['image'].dtype == np.uint8
   assert len(batch['text'].sharding.device_set) == 8
   assert batch['text'].addressable_shards[0].data.shape == (1, 16)

@@ -22,7 +22,7 @@ import grain
 import jax
 from absl import flags
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 from PIL import Image
 
 from clip_jax.data.specs import Source, parse_spec
@@ -211,22 +211,19 @@ def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: in
 
 
 class Loader:
-  """Iterates global `jax.Array` batches sharded over the mesh's batch axes.
+  """Iterates batches: global `jax.Array`s laid out by `sharding` (the batch sharding of
+  the mesh, `clip_jax.sharding.batch_sharding`), or per-process numpy without it.
 
-  Also counts skipped samples by reason (`skipped`) and waits (`data_wait_seconds`). Its
-  state (`get_state`) is a JSON-serialisable dict: store it with the checkpoint.
+  Also counts skipped samples by reason (`skipped`). Its state (`get_state`) is a
+  JSON-serialisable dict: store it with the checkpoint.
   """
 
-  def __init__(self, cfg: PipelineConfig, mesh: Optional[Mesh] = None,
-               batch_axes: Sequence[str] = ('data', 'fsdp')):
+  def __init__(self, cfg: PipelineConfig, sharding: Optional[NamedSharding] = None):
     self.cfg = cfg
     self.dataset = build_dataset(cfg, jax.process_index(), jax.process_count())
     self._iterator = iter(self.dataset)
     self.skipped: collections.Counter = collections.Counter()
-    self._sharding = None
-    if mesh is not None:
-      axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-      self._sharding = NamedSharding(mesh, P(axes or None))
+    self._sharding = sharding
 
   def next_numpy(self) -> dict[str, np.ndarray]:
     """The next per-process batch as numpy, with skip counts folded into `skipped`."""

@@ -19,6 +19,8 @@ from typing import Iterator, Optional, Union
 import grain
 from etils import epath
 
+from clip_jax.data.specs import parse_spec
+
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 MAX_MEMBER_BYTES = 64 << 20
 SKIP_REASONS = ('unreadable_shard', 'empty_shard', 'truncated_shard', 'oversized_member',
@@ -134,6 +136,15 @@ def read_shard(path: str, caption_key: str = 'caption', skip: int = 0) -> Iterat
         yield assemble(key, path, files, caption_key)
     except (tarfile.ReadError, OSError, EOFError):
       yield Skip('truncated_shard', path)
+
+
+def read_samples(spec: str, caption_key: str = 'caption') -> Iterator[RawSample]:
+  """Every good sample of a shard spec, in spec order, once (for evaluation)."""
+  for source in parse_spec(spec):
+    for shard in source.shards:
+      for record in read_shard(shard, caption_key):
+        if isinstance(record, RawSample):
+          yield record
 
 
 class _ShardIterator(grain.DatasetIterator):

@@ -42,12 +42,16 @@ def normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
   return (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
 
 
+def eval_pixels(image: Image.Image, size: int, cfg: PreprocessConfig) -> np.ndarray:
+  """The model's eval resizing, as uint8 [size, size, 3] (normalised later, on device)."""
+  return np.asarray(resize_and_crop(image, size, cfg.resize_mode, cfg.interpolation), np.uint8)
+
+
 def make_preprocess(cfg: PreprocessConfig, size: int) -> Callable[[Image.Image], np.ndarray]:
   """A PIL image -> float32 [size, size, 3] function, as `clip_jax.load` returns it."""
 
   def preprocess(image: Image.Image) -> np.ndarray:
-    image = resize_and_crop(image, size, cfg.resize_mode, cfg.interpolation)
-    return normalize(np.asarray(image), cfg)
+    return normalize(eval_pixels(image, size, cfg), cfg)
 
   return preprocess
 

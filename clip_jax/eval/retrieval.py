@@ -12,9 +12,8 @@ from typing import Iterator
 
 import numpy as np
 
-from clip_jax.data.specs import parse_spec
-from clip_jax.data.tar_samples import RawSample, read_shard
-from clip_jax.data.transforms import decode_image, resize_and_crop
+from clip_jax.data.tar_samples import RawSample, read_samples
+from clip_jax.data.transforms import decode_image, eval_pixels
 from clip_jax.models.config import PreprocessConfig
 
 KS = (1, 5, 10)
@@ -30,13 +29,8 @@ def captions_of(record: RawSample) -> list[str]:
 
 def retrieval_examples(spec: str, size: int, preprocess: PreprocessConfig
                        ) -> Iterator[tuple[np.ndarray, list[str]]]:
-  for source in parse_spec(spec):
-    for shard in source.shards:
-      for record in read_shard(shard):
-        if isinstance(record, RawSample):
-          image = resize_and_crop(decode_image(record.image, size), size, preprocess.resize_mode,
-                                  preprocess.interpolation)
-          yield np.asarray(image, np.uint8), captions_of(record)
+  for sample in read_samples(spec):
+    yield eval_pixels(decode_image(sample.image, size), size, preprocess), captions_of(sample)
 
 
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray,

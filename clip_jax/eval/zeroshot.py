@@ -15,9 +15,8 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from clip_jax.data.specs import parse_spec
-from clip_jax.data.tar_samples import IMAGE_EXTENSIONS, RawSample, read_shard
-from clip_jax.data.transforms import decode_image, resize_and_crop
+from clip_jax.data.tar_samples import IMAGE_EXTENSIONS, read_samples
+from clip_jax.data.transforms import decode_image, eval_pixels
 from clip_jax.models.config import PreprocessConfig
 
 ASSETS = epath.resource_path('clip_jax.eval') / 'assets'
@@ -70,14 +69,22 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
           'top5': float((top5 == labels[:, None]).any(1).mean())}
 
 
-def _eval_image(image: Image.Image, size: int, preprocess: PreprocessConfig) -> np.ndarray:
-  image = resize_and_crop(image, size, preprocess.resize_mode, preprocess.interpolation)
-  return np.asarray(image, np.uint8)
+def run(encoder, tokenizer, classnames: Sequence[str], templates: Sequence[str],
+        examples: Iterator[Example], total: int | None = None) -> dict[str, float]:
+  """Top-1/top-5 of (image, label) examples, with an `eval.encoder.Encoder`."""
+  classifier = build_classifier(encoder.texts, tokenizer, classnames, templates)
+  features, labels = encoder.image_stream(examples, total, desc='zero-shot')
+  result = accuracy(features @ classifier.T, np.asarray(labels))
+  return {**result, 'num_images': len(labels), 'num_classes': len(classnames)}
 
 
-def folder_dataset(folder: str, classnames_file: str | None = None
+def folder_dataset(folder: str, classnames: Sequence[str] | None = None,
+                   classnames_source: str = '--classnames'
                    ) -> tuple[list[str], list[tuple[epath.Path, int]]]:
-  """(class names, [(image path, label)]) from one subfolder per class, sorted by name."""
+  """(class names, [(image path, label)]) from one subfolder per class, sorted by name.
+
+  Without `classnames`, folder names (with `_` as space) are the class names.
+  """
   root = epath.Path(folder)
   if not root.is_dir():
     raise FileNotFoundError(f'--image_folder {root} is not a directory.')
@@ -87,33 +94,28 @@ def folder_dataset(folder: str, classnames_file: str | None = None
   if not items:
     raise ValueError(f'--image_folder {root} holds no images in class subfolders '
                      f'({", ".join(IMAGE_EXTENSIONS)}).')
-  names = [c.name.replace('_', ' ') for c in classes]
-  if classnames_file:
-    names = read_lines(classnames_file, 'Class names')
-    if len(names) != len(classes):
-      raise ValueError(f'--classnames {classnames_file} has {len(names)} names but '
-                       f'{root} has {len(classes)} class folders.')
-  return names, items
+  if classnames is None:
+    return [c.name.replace('_', ' ') for c in classes], items
+  if len(classnames) != len(classes):
+    raise ValueError(f'{classnames_source} has {len(classnames)} names but {root} has '
+                     f'{len(classes)} class folders.')
+  return list(classnames), items
 
 
 def folder_images(items, size: int, preprocess: PreprocessConfig) -> Iterator[Example]:
   for path, label in items:
     with path.open('rb') as f:
       image = decode_image(f.read(), size)
-    yield _eval_image(image, size, preprocess), label
+    yield eval_pixels(image, size, preprocess), label
 
 
 def shard_images(spec: str, size: int, preprocess: PreprocessConfig,
                  label_key: str = 'label') -> Iterator[Example]:
   """Labelled images of tar shards (their `.json` holds `label_key`), in shard order."""
-  for source in parse_spec(spec):
-    for shard in source.shards:
-      for record in read_shard(shard):
-        if not isinstance(record, RawSample) or not record.meta:
-          continue
-        label = json.loads(record.meta).get(label_key)
-        if label is not None:
-          yield _eval_image(decode_image(record.image, size), size, preprocess), int(label)
+  for sample in read_samples(spec):
+    label = json.loads(sample.meta).get(label_key) if sample.meta else None
+    if label is not None:
+      yield eval_pixels(decode_image(sample.image, size), size, preprocess), int(label)
 
 
 def tfds_dataset(name: str, split: str, data_dir: str | None, size: int,
@@ -126,6 +128,6 @@ def tfds_dataset(name: str, split: str, data_dir: str | None, size: int,
   def examples():
     for record in source:
       image = Image.fromarray(np.asarray(record['image'])).convert('RGB')
-      yield _eval_image(image, size, preprocess), int(record['label'])
+      yield eval_pixels(image, size, preprocess), int(record['label'])
 
   return names, len(source), examples()
