@@ -216,7 +216,8 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
     metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm,
                'logit_scale': jnp.exp(params['logit_scale']),
                'logit_bias': params.get('logit_bias', jnp.zeros(())),
-               'skipped_nonfinite': 1 - ok.astype(jnp.int32)}
+               'skipped_nonfinite': 1 - ok.astype(jnp.int32),
+               'bad_steps': new_state['bad_steps']}
     return new_state, metrics
 
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
@@ -316,6 +317,7 @@ def train(config, workdir: str) -> dict[str, float]:
 def run_loop(config, state, step_fn, loader, manager, evaluate, logger, start, flops, peak,
              schedule, preemption) -> dict[str, float]:
   last: dict[str, float] = {}
+  previous = None  # (step, its consecutive non-finite count) of the step before
   step, window_start, data_wait = start, time.perf_counter(), 0.0
   profile_dir = str(epath.Path(manager.directory).parent / 'profile')
   while step < config.total_steps:
@@ -329,10 +331,10 @@ def run_loop(config, state, step_fn, loader, manager, evaluate, logger, start, f
     data_wait += time.perf_counter() - wait_start
     state, metrics = step_fn(state, batch)
     step += 1
-    if int(state['bad_steps']) >= config.max_bad_steps:
-      raise FloatingPointError(
-          f'{config.max_bad_steps} steps in a row had a non-finite loss or gradient (last: '
-          f'step {step}); stopping. The last good checkpoint is in {manager.directory}.')
+    # Read the previous step's counter: waiting on it lets this step run on the device
+    # while the host fetches the next batch (reading this step's would serialise them).
+    check_finite(previous, config.max_bad_steps, manager.directory)
+    previous = (step, metrics['bad_steps'])
     if step % config.log_every == 0 or step == config.total_steps:
       seconds = (time.perf_counter() - window_start) / config.log_every
       last = log_step(logger, step, metrics, schedule, seconds, data_wait / config.log_every,
@@ -347,7 +349,16 @@ def run_loop(config, state, step_fn, loader, manager, evaluate, logger, start, f
       manager.save(step, state, loader, force=preemption.requested or step == config.total_steps)
     if preemption.requested:
       break
+  check_finite(previous, config.max_bad_steps, manager.directory)
   return last
+
+
+def check_finite(step_and_count, limit: int, checkpoints) -> None:
+  """Stops the run after `limit` non-finite steps in a row (none of them was applied)."""
+  if step_and_count is not None and int(step_and_count[1]) >= limit:
+    raise FloatingPointError(
+        f'{limit} steps in a row had a non-finite loss or gradient (last: step '
+        f'{step_and_count[0]}); stopping. The last good checkpoint is in {checkpoints}.')
 
 
 def log_step(logger, step, metrics, schedule, seconds, data_wait, batch_size, flops, peak,
