@@ -40,6 +40,8 @@ def image_text_retrieval(encoder: Encoder, tokenizer, examples) -> dict[str, flo
 
 
 def evaluate(args) -> dict:
+  if args.zeroshot_shards and not (args.classnames or args.imagenet_classnames):
+    raise ValueError('--zeroshot_shards needs --classnames FILE (or --imagenet_classnames).')
   checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
   cfg, params = load_params(checkpoint)
   templates = zeroshot.load_templates(args.templates)
@@ -53,14 +55,11 @@ def evaluate(args) -> dict:
   results = {'checkpoint': str(checkpoint)}
   if args.image_folder:
     names, items = zeroshot.folder_dataset(
-        args.image_folder, classnames if args.classnames else None,
-        f'--classnames {args.classnames}')
-    names = classnames if args.imagenet_classnames else names
+        args.image_folder, classnames,
+        '--imagenet_classnames' if args.imagenet_classnames else f'--classnames {args.classnames}')
     results['image_folder'] = zeroshot.run(encoder, tokenizer, names, templates,
                                         zeroshot.folder_images(items, size, pre), len(items))
   if args.zeroshot_shards:
-    if not classnames:
-      raise ValueError('--zeroshot_shards needs --classnames FILE (or --imagenet_classnames).')
     results['zeroshot_shards'] = zeroshot.run(encoder, tokenizer, classnames, templates,
                                            zeroshot.shard_images(args.zeroshot_shards, size, pre))
   if args.tfds:
@@ -91,10 +90,11 @@ def parse_args(argv=None):
   parser.add_argument('--tfds_split', default='validation')
   parser.add_argument('--tfds_data_dir', default=None)
   parser.add_argument('--retrieval_shards', help='tar shards with one or more captions each')
-  parser.add_argument('--classnames',
-                      help='file with one class name per line (folder and shards; TFDS uses its own)')
-  parser.add_argument('--imagenet_classnames', action='store_true',
-                      help='use the shipped ImageNet-1k class names')
+  names = parser.add_mutually_exclusive_group()
+  names.add_argument('--classnames',
+                     help='file with one class name per line (folder and shards; TFDS uses its own)')
+  names.add_argument('--imagenet_classnames', action='store_true',
+                     help='use the shipped ImageNet-1k class names')
   parser.add_argument('--templates', default='openai',
                       help="'openai' (80), 'simple' (7), 'generic' or a file, one per line")
   parser.add_argument('--tokenizer', help="override the model's tokenizer (e.g. a .model file)")

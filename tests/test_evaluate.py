@@ -127,3 +127,22 @@ def test_bad_evaluator_inputs_name_the_path(trained_demo, tmp_path):
   with pytest.raises(ValueError, match='must contain {}'):
     evaluate(parse_args(['--workdir', str(trained_demo), '--image_folder', str(empty),
                          '--templates', str(bad_templates)]))
+
+
+def test_shards_without_class_names_fail_before_loading_anything(tmp_path):
+  with pytest.raises(ValueError, match='--zeroshot_shards needs --classnames'):
+    evaluate(parse_args(['--checkpoint', str(tmp_path / 'absent'), '--zeroshot_shards', 'x.tar']))
+
+
+def test_samples_without_captions_are_left_out_of_retrieval(tmp_path):
+  from clip_jax.data.shard_writer import ShardWriter  # pylint: disable=import-outside-toplevel
+  from clip_jax.eval.retrieval import retrieval_examples  # pylint: disable=import-outside-toplevel
+  from clip_jax.models.config import PreprocessConfig  # pylint: disable=import-outside-toplevel
+  buffer = io.BytesIO()
+  Image.new('RGB', (20, 20), 'red').save(buffer, 'JPEG')
+  writer = ShardWriter(tmp_path, 10)
+  writer.write(buffer.getvalue(), 'jpg', 'a red square')
+  writer.write(buffer.getvalue(), 'jpg', '\n')  # whitespace only: no caption
+  writer.close()
+  examples = list(retrieval_examples(str(tmp_path / '00000.tar'), 16, PreprocessConfig()))
+  assert [captions for _, captions in examples] == [['a red square']]

@@ -29,8 +29,11 @@ def captions_of(record: RawSample) -> list[str]:
 
 def retrieval_examples(spec: str, size: int, preprocess: PreprocessConfig
                        ) -> Iterator[tuple[np.ndarray, list[str]]]:
+  """(uint8 image, captions) of every sample with at least one caption."""
   for sample in read_samples(spec):
-    yield eval_pixels(decode_image(sample.image, size), size, preprocess), captions_of(sample)
+    captions = captions_of(sample)
+    if captions:  # an image without a caption has nothing to be retrieved by
+      yield eval_pixels(decode_image(sample.image, size), size, preprocess), captions
 
 
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray,
