@@ -1,11 +1,13 @@
-"""The OpenCLIP-shaped entry points: create_model, load, get_tokenizer, list_models."""
+"""The public facade, shaped like OpenCLIP: create_model, load, get_tokenizer.
+
+Internals live below it (`models/`, `data/`, `checkpoint.py`); nothing in the package
+imports this module except `clip_jax/__init__.py`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional
 
-import jax
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -15,9 +17,8 @@ from clip_jax.data.tokenizers import Tokenizer, tokenizer_from_spec
 from clip_jax.data.transforms import make_preprocess
 from clip_jax.models.clip import CLIP
 from clip_jax.models.config import CLIPConfig
+from clip_jax.models.functional import model_from_params
 from clip_jax.models.presets import PRESETS, get_config
-
-Params = dict[str, Any]
 
 
 def create_model(name_or_cfg: str | CLIPConfig, *, seed: int = 0, **overrides: Any) -> CLIP:
@@ -25,67 +26,6 @@ def create_model(name_or_cfg: str | CLIPConfig, *, seed: int = 0, **overrides: A
   cfg = (get_config(name_or_cfg, **overrides) if isinstance(name_or_cfg, str)
          else name_or_cfg.replace(**overrides).validate())
   return CLIP(cfg, rngs=nnx.Rngs(seed))
-
-
-@dataclasses.dataclass
-class FunctionalModel:
-  """A model as a pure function of its params dict, for use inside `jax.jit`."""
-  cfg: CLIPConfig
-  abstract: CLIP   # shapes and metadata only, no arrays
-  graphdef: Any
-  template: Any    # the abstract nnx.State of the params
-
-  @classmethod
-  def create(cls, cfg: CLIPConfig) -> 'FunctionalModel':
-    abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-    graphdef, template = nnx.split(abstract, nnx.Param)
-    return cls(cfg, abstract, graphdef, template)
-
-  def bind(self, params: Params) -> CLIP:
-    """The module with `params` (arrays or tracers) in place."""
-    state = jax.tree.map(lambda x: x, self.template)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
-
-  def shapes(self) -> Params:
-    return jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(self.template))
-
-  def check(self, params: Params) -> None:
-    """Raises ValueError naming the first parameter missing, extra or mis-shaped."""
-    expected, got = self.shapes(), jax.tree.map(lambda x: tuple(np.shape(x)), params)
-    if expected != got:
-      raise ValueError('Params do not match the model config: '
-                       f'{_first_difference(expected, got)}')
-
-
-def param_shapes(cfg: CLIPConfig) -> Params:
-  """The params tree of shapes, computed without allocating the model."""
-  return FunctionalModel.create(cfg).shapes()
-
-
-def get_params(model: CLIP) -> Params:
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def model_from_params(cfg: CLIPConfig, params: Params) -> CLIP:
-  """Builds the model without random init and fills it with `params` (shapes checked)."""
-  model = FunctionalModel.create(cfg)
-  model.check(params)
-  return model.bind(jax.tree.map(jax.numpy.asarray, params))
-
-
-def _first_difference(expected: Any, got: Any, path: str = '') -> str:
-  if isinstance(expected, dict) and isinstance(got, dict):
-    for key in sorted(set(expected) | set(got)):
-      if key not in got:
-        return f'missing {path}{key}'
-      if key not in expected:
-        return f'unexpected {path}{key}'
-      diff = _first_difference(expected[key], got[key], f'{path}{key}/')
-      if diff:
-        return diff
-    return ''
-  return '' if expected == got else f'{path.rstrip("/")}: model {expected}, params {got}'
 
 
 def get_tokenizer(name_or_path: str, context_length: Optional[int] = None) -> Tokenizer:

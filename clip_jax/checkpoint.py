@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -61,14 +63,7 @@ def load_params(path: str | epath.Path) -> tuple[CLIPConfig, Params]:
   cfg = load_model_config(path)
   restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
       path, ocp.args.Composite(params=ocp.args.StandardRestore()))
-  params = _to_numpy(restored['params'])
-  return cfg, params
-
-
-def _to_numpy(tree: Any) -> Any:
-  if isinstance(tree, dict):
-    return {k: _to_numpy(v) for k, v in tree.items()}
-  return np.asarray(tree)
+  return cfg, jax.tree.map(np.asarray, restored['params'])
 
 
 class _DataState:
@@ -113,7 +108,6 @@ class TrainCheckpoints:
     return self.manager.should_save(step)
 
   def save(self, step: int, state: dict, loader, force: bool = False) -> None:
-    import grain  # pylint: disable=import-outside-toplevel
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state['params']),
         opt_state=ocp.args.StandardSave(state['opt_state']),
@@ -125,10 +119,10 @@ class TrainCheckpoints:
 
   def restore(self, step: int, state: dict, loader) -> dict:
     """Restores onto the shardings of `state` (a freshly initialised state)."""
-    import grain  # pylint: disable=import-outside-toplevel
-    import jax  # pylint: disable=import-outside-toplevel
-    abstract = lambda tree: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    def abstract(tree):
+      return jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
     restored = self.manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract(state['params'])),
         opt_state=ocp.args.StandardRestore(abstract(state['opt_state'])),

@@ -10,15 +10,14 @@ import dataclasses
 import ml_collections
 
 from clip_jax import sharding
-from clip_jax.models.config import TextConfig, VisionConfig
+from clip_jax.data.pipeline import data_defaults
+from clip_jax.models.config import TextConfig, VisionConfig, field_type
 
 
 def _overrides(klass) -> ml_collections.ConfigDict:
   """One typed, unset placeholder per architecture field (settable from the command line)."""
-  def field_type(f):
-    return type(f.default) if f.default is not None else (float if f.name == 'ls_init' else str)
   return ml_collections.ConfigDict({
-      f.name: ml_collections.config_dict.placeholder(field_type(f))
+      f.name: ml_collections.config_dict.placeholder(field_type(klass, f.name))
       for f in dataclasses.fields(klass)})
 
 
@@ -46,17 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.remat = 'none'
 
-  c.data = ml_collections.ConfigDict()
-  c.data.kind = 'tar'                # 'tar' | 'synthetic'
-  c.data.train = ''                  # shard spec, '::' between mixture sources
-  c.data.weights = ''                # mixture weights, e.g. '1::2'
-  c.data.caption_key = 'caption'
-  c.data.augment = 'random_resized_crop'
-  c.data.crop_scale = (0.9, 1.0)
-  c.data.shuffle_window = 2048
-  c.data.cycle_length = 4
-  c.data.workers = 2
-  c.data.demo_dir = ''               # generate the demo dataset here when it is missing
+  # The input pipeline's keys and defaults come from `PipelineConfig` (data/pipeline.py).
+  c.data = ml_collections.ConfigDict(data_defaults())
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'softmax'            # 'softmax' | 'sigmoid' | 'sigmoid_chunked'

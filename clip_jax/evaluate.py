@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from clip_jax import sharding
-from clip_jax.api import FunctionalModel
+from clip_jax.models.functional import FunctionalModel
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.eval import retrieval, zeroshot

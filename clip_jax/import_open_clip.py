@@ -10,11 +10,10 @@ with or without DDP's `module.` prefix). `--override vision.layers=2` adjusts th
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 from typing import Any, Mapping
 
-from clip_jax.api import param_shapes
+from clip_jax.models.functional import param_shapes
 from clip_jax.checkpoint import save_model
 from clip_jax.convert.files import read_state_dict
 from clip_jax.convert.open_clip import Params, params_from_open_clip
@@ -26,18 +25,13 @@ def import_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any]) -> Params:
   return params_from_open_clip(cfg, state_dict, param_shapes(cfg))
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-  """['vision.layers=2', 'text.causal=False'] -> {'vision.layers': 2, 'text.causal': False}."""
-  out = {}
-  for item in items:
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise ValueError(f'--override expects KEY=VALUE, got {item!r}')
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
+def split_overrides(items: list[str]) -> dict[str, str]:
+  """['vision.layers=2'] -> {'vision.layers': '2'}; `CLIPConfig.replace` types the values."""
+  pairs = [item.partition('=') for item in items]
+  bad = [item for item, (_, sep, _) in zip(items, pairs) if not sep]
+  if bad:
+    raise ValueError(f'--override expects KEY=VALUE, got {bad[0]!r}')
+  return {key: value for key, _, value in pairs}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--override', action='append', default=[], help='KEY=VALUE model override')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(message)s')
-  cfg = get_config(args.model, **parse_overrides(args.override))
+  cfg = get_config(args.model, **split_overrides(args.override))
   params = import_state_dict(cfg, read_state_dict(args.checkpoint))
   out = save_model(args.out, cfg, params)
   logging.info('Imported %s (%s) into %s', args.checkpoint, args.model, out)

@@ -3,62 +3,61 @@ r"""Trains a CLIP or SigLIP model from a config.
   python -m clip_jax.train --config configs/demo.py --workdir /tmp/demo_run \
       [--config.total_steps=2000] [--config.batch_size=256]
 
-Flow (one function per phase): validate config -> distributed init -> mesh -> data ->
-model + optimizer state created already sharded -> restore the latest checkpoint of the
-workdir (or `init_from`) -> loop (step, log, evaluate, checkpoint). Preemption (SIGTERM)
-saves a checkpoint at the next step and exits cleanly; restarting the same command
-resumes exactly where the run stopped.
+Read top to bottom: config checks -> model, optimizer and data (`setup`, which returns
+the `Run` the loop needs) -> the jitted step -> the loop (`train_loop`: step, then the
+named periodic parts: profile, log, evaluate, checkpoint). Preemption (SIGTERM) saves a
+checkpoint at the next step and exits cleanly; restarting the same command resumes
+exactly where the run stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import signal
+import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
 from absl import app, flags
+from clu import parameter_overview
+from etils import epath
+from flax import nnx
 from ml_collections import config_flags
+from tqdm import tqdm
 
-from clip_jax import distributed
-
-distributed.configure_from_env()  # before JAX initialises its backends
-
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-import optax  # pylint: disable=wrong-import-position
-from etils import epath  # pylint: disable=wrong-import-position
-from flax import nnx  # pylint: disable=wrong-import-position
-from jax.experimental import multihost_utils  # pylint: disable=wrong-import-position
-
-from clip_jax import checkpoint as ckpt  # pylint: disable=wrong-import-position
-from clip_jax.api import FunctionalModel  # pylint: disable=wrong-import-position
-from clip_jax import optim, sharding  # pylint: disable=wrong-import-position
-from clip_jax.data.make_demo import make_demo  # pylint: disable=wrong-import-position
-from clip_jax.data.pipeline import Loader, PipelineConfig  # pylint: disable=wrong-import-position
-from clip_jax.data.specs import parse_spec  # pylint: disable=wrong-import-position
-from clip_jax.data.tokenizers import tokenizer_from_spec  # pylint: disable=wrong-import-position
-from clip_jax.data.transforms import normalize_on_device  # pylint: disable=wrong-import-position
-from clip_jax.eval import zeroshot  # pylint: disable=wrong-import-position
-from clip_jax.eval.encoder import Encoder  # pylint: disable=wrong-import-position
-from clip_jax.losses import KINDS, contrastive_loss  # pylint: disable=wrong-import-position
-from clip_jax.metrics import (MetricLogger, peak_flops_per_device,  # pylint: disable=wrong-import-position
-                              train_flops_per_sample)
-from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE  # pylint: disable=wrong-import-position
-from clip_jax.models.config import CLIPConfig  # pylint: disable=wrong-import-position
-from clip_jax.models.presets import get_config  # pylint: disable=wrong-import-position
+from clip_jax import checkpoint as ckpt
+from clip_jax import distributed, optim, sharding
+from clip_jax.data.pipeline import Loader, PipelineConfig
+from clip_jax.data.specs import parse_spec
+from clip_jax.data.tokenizers import tokenizer_from_spec
+from clip_jax.data.transforms import normalize_on_device
+from clip_jax.eval import zeroshot
+from clip_jax.eval.encoder import Encoder
+from clip_jax.losses import KINDS, contrastive_loss
+from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_per_sample
+from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
+from clip_jax.models.config import CLIPConfig
+from clip_jax.models.functional import FunctionalModel
+from clip_jax.models.presets import get_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 
 Params = dict[str, Any]
+State = dict[str, Any]
 
 
 # --- config -------------------------------------------------------------------------------
 
-def model_config(config) -> CLIPConfig:
+def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
   """The preset with `config.model.{vision,text}` overrides and execution options."""
   overrides = {f'{tower}.{k}': v for tower in ('vision', 'text')
                for k, v in config.model[tower].items() if v is not None}
@@ -67,7 +66,15 @@ def model_config(config) -> CLIPConfig:
   return get_config(config.model.name, **overrides)
 
 
-def validate(config, workdir: str, mesh_devices: int) -> None:
+def pipeline_config(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> PipelineConfig:
+  """`config.data` plus what the pipeline derives from the model and the run."""
+  return PipelineConfig(
+      **config.data, global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
+      tokenizer=tokenizer_from_spec(cfg.text.tokenizer, cfg.text.context_length),
+      seed=config.seed, vocab_size=cfg.text.vocab_size)
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int) -> None:
   """Every check that can fail before any compile, each naming the key or flag."""
   if config.loss.kind not in KINDS:
     raise ValueError(f'config.loss.kind must be one of {KINDS}, got {config.loss.kind!r}')
@@ -81,21 +88,10 @@ def validate(config, workdir: str, mesh_devices: int) -> None:
                      f'{config.optim.grad_accum}.')
   if config.total_steps <= 0:
     raise ValueError('config.total_steps must be positive.')
-  model_config(config)  # unknown preset / impossible architecture
-  if config.data.kind == 'tar':
-    parse_spec(config.data.train, config.data.weights or None)  # names a spec with no file
+  pipeline = pipeline_config(config, model_config(config))  # unknown preset, bad data keys
+  if pipeline.kind == 'tar':
+    parse_spec(pipeline.train, pipeline.weights or None)  # names a spec with no file
   _check_workdir(workdir)
-
-
-def ensure_demo_data(config) -> None:
-  """Generates the demo dataset on first use (process 0; the others wait for it)."""
-  demo = config.data.demo_dir
-  if demo and not (epath.Path(demo) / 'classnames.txt').exists():
-    if jax.process_index() == 0:
-      logging.info('Generating the demo dataset in %s', demo)
-      make_demo(demo)
-  if demo and jax.process_count() > 1:
-    multihost_utils.sync_global_devices('demo_data')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -109,24 +105,10 @@ def _check_workdir(workdir: str) -> None:
     raise ValueError(f'--workdir {workdir} is not writable: {e}') from e
 
 
-# --- data ---------------------------------------------------------------------------------
-
-def make_loader(config, cfg: CLIPConfig, mesh) -> Loader:
-  tokenizer = tokenizer_from_spec(cfg.text.tokenizer, cfg.text.context_length)
-  d = config.data
-  pipeline = PipelineConfig(
-      global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
-      tokenizer=tokenizer, kind=d.kind, train=d.train, weights=d.weights or None,
-      caption_key=d.caption_key, augment=d.augment, crop_scale=tuple(d.crop_scale),
-      seed=config.seed, shuffle_window=d.shuffle_window, cycle_length=d.cycle_length,
-      workers=d.workers, vocab_size=cfg.text.vocab_size)
-  return Loader(pipeline, sharding.batch_sharding(mesh))
-
-
 # --- model and optimizer state ------------------------------------------------------------
 
 def build_model(cfg: CLIPConfig, mesh, rules, seed: int
-                ) -> tuple[FunctionalModel, Params, Callable]:
+                ) -> tuple[FunctionalModel, Params, Callable[[], Params]]:
   """Functional model, param shardings and a jitted init that creates params sharded."""
   model = FunctionalModel.create(cfg)
   shardings = sharding.param_shardings(model.abstract, mesh, rules)
@@ -150,17 +132,17 @@ def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> P
   return jax.device_put(params, shardings)
 
 
-def create_state(params: Params, tx, mesh) -> dict[str, Any]:
+def create_state(params: Params, tx, mesh) -> State:
   """Params, optimizer state (sharded like the params) and replicated step counters."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_state = jax.tree.map(  # moments follow the params; scalars (counts) are replicated
       lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated),
       jax.jit(tx.init)(params))
-  counter = lambda: jax.device_put(np.zeros((), np.int32), replicated)  # pylint: disable=unnecessary-lambda-assignment
-  # Separate buffers: the step donates its state, and a buffer cannot be donated twice.
+
+  def counter():  # separate buffers: the step donates its state, a buffer only once
+    return jax.device_put(np.zeros((), np.int32), replicated)
+
   return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter()}
-
-
 # --- the step -----------------------------------------------------------------------------
 
 def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding):
@@ -208,7 +190,10 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
     new_params = optax.apply_updates(params, updates)
     new_params['logit_scale'] = jnp.minimum(new_params['logit_scale'], MAX_LOGIT_SCALE)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # pylint: disable=unnecessary-lambda-assignment
+
+    def keep(new, old):  # a non-finite step changes nothing
+      return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
     new_state = {'params': keep(new_params, params),
                  'opt_state': keep(opt_state, state['opt_state']),
                  'step': state['step'] + 1,
@@ -229,10 +214,7 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
 class ZeroShotEval:
   """Periodic zero-shot accuracy on labelled tar shards (the evaluator CLI's code)."""
 
-  def __init__(self, config, model: FunctionalModel, mesh, params: Params):
-    self.enabled = bool(config.eval.zeroshot_shards)
-    if not self.enabled:
-      return
+  def __init__(self, config, model: FunctionalModel, mesh):
     cfg = model.cfg
     self.classnames = zeroshot.read_lines(config.eval.classnames, 'config.eval.classnames')
     self.templates = list(config.eval.templates)
@@ -244,7 +226,7 @@ class ZeroShotEval:
       raise ValueError(f'config.eval.zeroshot_shards={config.eval.zeroshot_shards!r} holds no '
                        'labelled sample.')
     self.examples = examples
-    self.encoder = Encoder(model, params, mesh)
+    self.encoder = Encoder(model, None, mesh)  # params are set at each evaluation
 
   def __call__(self, params: Params) -> dict[str, float]:
     self.encoder.params = params
@@ -253,7 +235,7 @@ class ZeroShotEval:
     return {f'zeroshot_{k}': result[k] for k in ('top1', 'top5')}
 
 
-# --- checkpoints --------------------------------------------------------------------------
+# --- preemption ---------------------------------------------------------------------------
 
 class Preemption:
   """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits."""
@@ -268,20 +250,33 @@ class Preemption:
     self.requested = True
 
 
-def restore_or_init(manager: ckpt.TrainCheckpoints, state: dict, loader: Loader
-                    ) -> tuple[dict, int]:
-  step = manager.latest_step()
-  if step is None:
-    return state, 0
-  logging.info('Resuming from %s step %d', manager.directory, step)
-  return manager.restore(step, state, loader), step
+# --- setup: everything the loop needs -----------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+  """What the training loop works with; `setup` builds it, `train_loop` advances it."""
+  config: ml_collections.ConfigDict
+  state: State
+  step_fn: Callable[[State, dict], tuple[State, dict]]
+  loader: Loader
+  checkpoints: ckpt.TrainCheckpoints
+  logger: MetricLogger
+  evaluate: Optional[ZeroShotEval]
+  schedule: optax.Schedule
+  flops_per_step: float           # analytic training FLOPs of one global batch
+  peak_flops: Optional[float]     # per device, for MFU; None when unknown
+  preemption: Preemption
+  start_step: int
+
+  def close(self) -> None:
+    """Ends worker processes and waits for async saves, also when the loop raised."""
+    self.checkpoints.close()
+    self.logger.close()
+    self.loader.close()
 
 
-# --- the loop -----------------------------------------------------------------------------
-
-def train(config, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) training; returns the last logged metrics."""
-  ensure_demo_data(config)
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Config -> mesh -> model and optimizer state (sharded) -> data -> restore -> step."""
   validate(config, workdir, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   cfg = model_config(config)
@@ -291,66 +286,135 @@ def train(config, workdir: str) -> dict[str, float]:
   tx = optim.make_optimizer(config.optim, config.total_steps, params)
   state = create_state(params, tx, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  loader = make_loader(config, cfg, mesh)
-  manager = ckpt.TrainCheckpoints(workdir, cfg, config.checkpoint_every, config.keep_checkpoints)
-  state, start = restore_or_init(manager, state, loader)
-  step_fn = make_train_step(config, model, tx, mesh, state_shardings,
-                            sharding.batch_sharding(mesh))
-  evaluate = ZeroShotEval(config, model, mesh, state['params'])
+  loader = Loader(pipeline_config(config, cfg), sharding.batch_sharding(mesh))
+  checkpoints = ckpt.TrainCheckpoints(workdir, cfg, config.checkpoint_every,
+                                      config.keep_checkpoints)
+  start = checkpoints.latest_step() or 0
+  if start:
+    logging.info('Resuming from %s step %d', checkpoints.directory, start)
+    state = checkpoints.restore(start, state, loader)
   logger = MetricLogger(workdir)
-  if start == 0:
-    from clu import parameter_overview  # pylint: disable=import-outside-toplevel
+  if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
-  flops = train_flops_per_sample(cfg, cfg.text.context_length) * config.batch_size
-  peak = peak_flops_per_device(config.peak_flops_per_device)
-  schedule = optim.schedule(config.optim, config.total_steps)
-  preemption = Preemption()
+  return Run(
+      config=config, state=state,
+      step_fn=make_train_step(config, model, tx, mesh, state_shardings,
+                              sharding.batch_sharding(mesh)),
+      loader=loader, checkpoints=checkpoints, logger=logger,
+      evaluate=ZeroShotEval(config, model, mesh) if config.eval.zeroshot_shards else None,
+      schedule=optim.schedule(config.optim, config.total_steps),
+      flops_per_step=train_flops_per_sample(cfg, cfg.text.context_length) * config.batch_size,
+      peak_flops=peak_flops_per_device(config.peak_flops_per_device),
+      preemption=Preemption(), start_step=start)
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) training; returns the last logged metrics."""
+  run = setup(config, workdir)
   try:
-    return run_loop(config, state, step_fn, loader, manager, evaluate, logger, start,
-                    flops, peak, schedule, preemption)
-  finally:  # worker processes and async saves must end even when the loop raises
-    manager.close()
-    logger.close()
-    loader.close()
+    return train_loop(run)
+  finally:
+    run.close()
 
 
-def run_loop(config, state, step_fn, loader, manager, evaluate, logger, start, flops, peak,
-             schedule, preemption) -> dict[str, float]:
-  last: dict[str, float] = {}
+def train_loop(run: Run) -> dict[str, float]:
+  """Steps until `total_steps` or preemption; returns the last logged metrics."""
+  config = run.config
+  step, last = run.start_step, {}
   previous = None  # (step, its consecutive non-finite count) of the step before
-  step, window_start, data_wait = start, time.perf_counter(), 0.0
-  profile_dir = str(epath.Path(manager.directory).parent / 'profile')
-  while step < config.total_steps:
-    if config.profile_start_step and step == config.profile_start_step - 1:
-      jax.profiler.start_trace(profile_dir)
-    if config.profile_start_step and step == config.profile_start_step - 1 + config.profile_steps:
-      jax.profiler.stop_trace()
-      logging.info('Profiler trace written to %s', profile_dir)
-    wait_start = time.perf_counter()
-    batch = next(loader)
-    data_wait += time.perf_counter() - wait_start
-    state, metrics = step_fn(state, batch)
-    step += 1
-    # Read the previous step's counter: waiting on it lets this step run on the device
-    # while the host fetches the next batch (reading this step's would serialise them).
-    check_finite(previous, config.max_bad_steps, manager.directory)
-    previous = (step, metrics['bad_steps'])
-    if step % config.log_every == 0 or step == config.total_steps:
-      seconds = (time.perf_counter() - window_start) / config.log_every
-      last = log_step(logger, step, metrics, schedule, seconds, data_wait / config.log_every,
-                      config.batch_size, flops, peak, loader)
-      window_start, data_wait = time.perf_counter(), 0.0
-    if evaluate.enabled and (step % config.eval_every == 0 or step == config.total_steps):
-      results = evaluate(state['params'])
-      logger.write(step, results)
-      last.update(results)
-      logging.info('step %d: %s', step, results)
-    if manager.should_save(step) or step == config.total_steps or preemption.requested:
-      manager.save(step, state, loader, force=preemption.requested or step == config.total_steps)
-    if preemption.requested:
-      break
-  check_finite(previous, config.max_bad_steps, manager.directory)
+  window = Window(step)
+  profile = _profiler(config, run.checkpoints.directory.parent / 'profile')
+  with _progress_bar(config.total_steps, step) as bar:
+    while step < config.total_steps:
+      batch = window.next_batch(run.loader)
+      run.state, metrics = run.step_fn(run.state, batch)
+      step += 1
+      # Read the previous step's counter: waiting on it lets this step run on the device
+      # while the host fetches the next batch (reading this step's would serialise them).
+      check_finite(previous, config.max_bad_steps, run.checkpoints.directory)
+      previous = (step, metrics['bad_steps'])
+      final = step == config.total_steps
+      if profile:
+        profile(step)
+      if step % config.log_every == 0 or final:
+        last = log_metrics(run, step, metrics, window, bar)
+      with window.paused():  # evaluation and saving are not training throughput
+        if run.evaluate and (step % config.eval_every == 0 or final):
+          last.update(evaluate(run, step))
+        save_checkpoint(run, step, force=final or run.preemption.requested)
+      bar.update(1)
+      if run.preemption.requested:
+        break
+  check_finite(previous, config.max_bad_steps, run.checkpoints.directory)
   return last
+
+
+class Window:
+  """Wall time, data wait and step count since the last log line.
+
+  Read only after the device finished the window's last step (dispatch is async, so the
+  clock alone would count steps still queued), and divided by the steps it really holds.
+  """
+
+  def __init__(self, step: int):
+    self.reset(step)
+
+  def reset(self, step: int) -> None:
+    self.first_step, self.start, self.data_wait, self.excluded = step, time.perf_counter(), 0., 0.
+
+  def next_batch(self, loader: Loader) -> dict:
+    start = time.perf_counter()
+    batch = next(loader)
+    self.data_wait += time.perf_counter() - start
+    return batch
+
+  @contextlib.contextmanager
+  def paused(self):
+    start = time.perf_counter()
+    yield
+    self.excluded += time.perf_counter() - start
+
+  def close(self, step: int, device_values: Any) -> tuple[float, float, Any]:
+    """(seconds per step, data wait per step, host values) for the window ending now."""
+    host_values = jax.device_get(device_values)  # waits for the window's last step
+    steps = max(step - self.first_step, 1)
+    seconds = (time.perf_counter() - self.start - self.excluded) / steps
+    data_wait = self.data_wait / steps
+    self.reset(step)
+    return seconds, data_wait, host_values
+
+
+def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict[str, float]:
+  seconds, data_wait, metrics = window.close(step, metrics)
+  metrics = {k: float(v) for k, v in metrics.items()}
+  achieved = run.flops_per_step / seconds / jax.device_count()
+  scalars = {**metrics, 'lr': float(run.schedule(step - 1)), 'step_time': seconds,
+             'data_wait': data_wait, 'samples_per_second': run.config.batch_size / seconds,
+             'mfu': achieved / run.peak_flops if run.peak_flops else None,
+             **{f'skipped/{k}': v for k, v in run.loader.skipped.items()}}
+  run.logger.write(step, scalars)
+  line = (f'step {step} | loss {metrics["loss"]:.4f} | lr {scalars["lr"]:.2e} | '
+          f'scale {metrics["logit_scale"]:.1f} | {scalars["samples_per_second"]:.0f} samples/s '
+          f'| data wait {100 * data_wait / max(seconds, 1e-9):.0f}%')
+  if bar.disable:
+    logging.info(line)
+  else:
+    bar.set_postfix_str(f'loss {metrics["loss"]:.3f}, {scalars["samples_per_second"]:.0f}/s')
+  return {k: v for k, v in scalars.items() if v is not None}
+
+
+def evaluate(run: Run, step: int) -> dict[str, float]:
+  results = run.evaluate(run.state['params'])
+  run.logger.write(step, results)
+  logging.info('step %d: %s', step, results)
+  return results
+
+
+def save_checkpoint(run: Run, step: int, force: bool) -> None:
+  if force or run.checkpoints.should_save(step):
+    run.checkpoints.save(step, run.state, run.loader, force=force)
 
 
 def check_finite(step_and_count, limit: int, checkpoints) -> None:
@@ -361,20 +425,24 @@ def check_finite(step_and_count, limit: int, checkpoints) -> None:
         f'{step_and_count[0]}); stopping. The last good checkpoint is in {checkpoints}.')
 
 
-def log_step(logger, step, metrics, schedule, seconds, data_wait, batch_size, flops, peak,
-             loader) -> dict[str, float]:
-  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  achieved = flops / seconds / jax.device_count()
-  scalars = {**metrics, 'lr': float(schedule(step - 1)), 'step_time': seconds,
-             'data_wait': data_wait, 'samples_per_second': batch_size / seconds,
-             'mfu': achieved / peak if peak else None,
-             **{f'skipped/{k}': v for k, v in loader.skipped.items()}}
-  logger.write(step, scalars)
-  logging.info('step %d | loss %.4f | lr %.2e | scale %.1f | %.0f samples/s | data wait %.0f%%',
-               step, metrics['loss'], scalars['lr'], metrics['logit_scale'],
-               scalars['samples_per_second'], 100 * data_wait / max(seconds, 1e-9))
-  return {k: v for k, v in scalars.items() if v is not None}
+def _profiler(config, logdir: epath.Path) -> Optional[Callable[[int], bool]]:
+  """clu's profiler window: `profile_steps` steps from `profile_start_step` (TensorBoard)."""
+  if not config.profile_start_step:
+    return None
+  from clu import periodic_actions  # imports TensorFlow (~3 s): only when profiling
+  return periodic_actions.Profile(logdir=logdir, num_profile_steps=config.profile_steps,
+                                  profile_duration_ms=None,
+                                  first_profile=config.profile_start_step,
+                                  every_steps=None, every_secs=None)
 
+
+def _progress_bar(total: int, initial: int) -> tqdm:
+  """A step bar on process 0 in a terminal; log lines replace it everywhere else."""
+  return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+              disable=jax.process_index() != 0 or not sys.stderr.isatty())
+
+
+# --- the binary ---------------------------------------------------------------------------
 
 class _QuietLibraries(logging.Filter):
   """Keeps orbax's and grain's per-operation INFO lines out of the training log."""
@@ -382,6 +450,22 @@ class _QuietLibraries(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     noisy = ('orbax' in record.pathname or 'grain' in record.pathname)
     return record.levelno >= logging.WARNING or not noisy
+
+
+def next_steps(config: ml_collections.ConfigDict, workdir: str, last: dict[str, float]) -> str:
+  """What the run reached and the commands that use its checkpoint."""
+  lines = []
+  if 'zeroshot_top1' in last:
+    lines.append(f'Zero-shot on {config.eval.zeroshot_shards}: top-1 '
+                 f'{last["zeroshot_top1"]:.1%}, top-5 {last["zeroshot_top5"]:.1%}')
+  lines.append(f'Checkpoints and logs: {workdir} (tensorboard --logdir {workdir})')
+  lines.append('Next:')
+  if config.eval.zeroshot_shards:
+    lines.append(f'  python -m clip_jax.evaluate --workdir {workdir} --zeroshot_shards '
+                 f"'{config.eval.zeroshot_shards}' --classnames {config.eval.classnames}")
+  lines.append(f'  python -m clip_jax.export --checkpoint {workdir} --out {workdir}/open_clip')
+  lines.append(f'  python -m clip_jax.demo --checkpoint {workdir}')
+  return '\n'.join(lines)
 
 
 def main(argv):
@@ -393,9 +477,8 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError('--workdir is required.')
   last = train(_CONFIG.value, _WORKDIR.value)
-  if jax.process_index() == 0 and 'zeroshot_top1' in last:
-    print(f'Zero-shot on {_CONFIG.value.eval.zeroshot_shards}: top-1 {last["zeroshot_top1"]:.1%}, '
-          f'top-5 {last["zeroshot_top5"]:.1%}; checkpoints and logs in {_WORKDIR.value}')
+  if jax.process_index() == 0:
+    print(next_steps(_CONFIG.value, _WORKDIR.value, last))
 
 
 if __name__ == '__main__':

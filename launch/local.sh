@@ -29,7 +29,7 @@ for ((i = 0; i < nproc; i++)); do
   env_vars=(CLIP_JAX_COORDINATOR="127.0.0.1:${port}" CLIP_JAX_NUM_PROCESSES="$nproc"
             CLIP_JAX_PROCESS_ID="$i" JAX_PLATFORMS="$platform")
   if [[ "$platform" == "cpu" ]]; then
-    env_vars+=(CLIP_JAX_LOCAL_DEVICES="$devices")
+    env_vars+=(JAX_NUM_CPU_DEVICES="$devices" JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo)
   else
     first=$((i * devices))
     env_vars+=(CUDA_VISIBLE_DEVICES="$(seq -s, "$first" $((first + devices - 1)))")

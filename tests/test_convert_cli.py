@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import clip_jax
-from clip_jax.api import get_params
+from clip_jax.models.functional import get_params
 from clip_jax.checkpoint import load_params, resolve_checkpoint, save_model
 from clip_jax.convert.files import read_state_dict
 from clip_jax.convert.open_clip import CheckpointMismatchError

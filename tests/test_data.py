@@ -46,7 +46,7 @@ def _write_shards(root, name, n_shards, per_shard, caption=_name):
 
 def _config(spec, **kw):
   defaults = dict(global_batch_size=4, image_size=16, tokenizer=TOKENIZER, train=spec,
-                  shuffle_window=8, cycle_length=2)
+                  shuffle_window=8, cycle_length=2, workers=0)
   return PipelineConfig(**{**defaults, **kw})
 
 

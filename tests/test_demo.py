@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import clip_jax
-from clip_jax.api import get_params
+from clip_jax.models.functional import get_params
 from clip_jax.checkpoint import save_model
 
 

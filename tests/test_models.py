@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import clip_jax
-from clip_jax.api import get_params, model_from_params
+from clip_jax.models.functional import get_params, model_from_params
 from tests.reference import jax_features, random_inputs
 
 # A SigLIP-style tiny model: MAP head, no class token, bidirectional text, logit bias.

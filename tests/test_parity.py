@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import clip_jax
-from clip_jax.api import get_params, model_from_params
+from clip_jax.models.functional import get_params, model_from_params
 from clip_jax.checkpoint import save_model
 from clip_jax.convert.open_clip import params_to_open_clip
 from clip_jax.export import BIN_NAME, SAFETENSORS_NAME, export

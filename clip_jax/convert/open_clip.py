@@ -13,6 +13,7 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from clip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
 
@@ -161,17 +162,9 @@ def _torch_keys(cfg: CLIPConfig, rule: Rule) -> list[str]:
   return [rule.torch_key.format(i=i) for i in range(_layers(cfg, rule))]
 
 
-def _get(tree: Params, path: str) -> Any:
-  for part in path.split('/'):
-    tree = tree[part]
-  return tree
-
-
-def _set(tree: Params, path: str, value: Any) -> None:
-  *parents, leaf = path.split('/')
-  for part in parents:
-    tree = tree.setdefault(part, {})
-  tree[leaf] = value
+def _flat(tree: Params) -> dict[str, Any]:
+  """{'visual/proj': leaf, ...}: the rule table names our parameters by '/'-joined paths."""
+  return traverse_util.flatten_dict(tree, sep='/')
 
 
 def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,12 +186,13 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
   expected = {k for r in rules for k in _torch_keys(cfg, r)}
   problems = [f'missing key {k!r}' for k in sorted(expected - set(state_dict))]
   problems += [f'unexpected key {k!r}' for k in sorted(set(state_dict) - expected)]
-  params: Params = {}
+  params: dict[str, np.ndarray] = {}
+  flat_shapes = _flat(shapes)
   for rule in rules:
     keys = _torch_keys(cfg, rule)
     if any(k not in state_dict for k in keys):
       continue
-    shape = tuple(_get(shapes, rule.ours))
+    shape = tuple(flat_shapes[rule.ours])
     per_layer = shape[1:] if '{i}' in rule.torch_key else shape
     arrays = []
     for key in keys:
@@ -209,19 +203,19 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
         problems.append(f'key {key!r} has shape {tuple(w.shape)}, model expects '
                         f'{torch_shape(rule.layout, per_layer)} (clip_jax {rule.ours} {per_layer})')
     if len(arrays) == len(keys):
-      _set(params, rule.ours, np.stack(arrays) if '{i}' in rule.torch_key else arrays[0])
+      params[rule.ours] = np.stack(arrays) if '{i}' in rule.torch_key else arrays[0]
   if problems:
     raise CheckpointMismatchError(
         f'OpenCLIP checkpoint does not fit the model ({len(problems)} problems):\n  '
         + '\n  '.join(problems))
-  return params
+  return traverse_util.unflatten_dict(params, sep='/')
 
 
 def open_clip_shapes(cfg: CLIPConfig, shapes: Params) -> dict[str, tuple[int, ...]]:
   """OpenCLIP state_dict key -> shape for our model, from our params tree of shapes."""
-  out = {}
+  out, flat_shapes = {}, _flat(shapes)
   for rule in rules_for(cfg):
-    shape = tuple(_get(shapes, rule.ours))
+    shape = tuple(flat_shapes[rule.ours])
     per_layer = shape[1:] if '{i}' in rule.torch_key else shape
     for key in _torch_keys(cfg, rule):
       out[key] = torch_shape(rule.layout, per_layer)
@@ -230,9 +224,9 @@ def open_clip_shapes(cfg: CLIPConfig, shapes: Params) -> dict[str, tuple[int, ..
 
 def params_to_open_clip(cfg: CLIPConfig, params: Params) -> dict[str, np.ndarray]:
   """Our params tree -> an OpenCLIP state_dict of float32 numpy arrays."""
-  state_dict = {}
+  state_dict, flat_params = {}, _flat(params)
   for rule in rules_for(cfg):
-    a = np.asarray(_get(params, rule.ours), dtype=np.float32)
+    a = np.asarray(flat_params[rule.ours], dtype=np.float32)
     for i, key in enumerate(_torch_keys(cfg, rule)):
       layer = a[i] if '{i}' in rule.torch_key else a
       state_dict[key] = to_torch(rule.layout, layer)

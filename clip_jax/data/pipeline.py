@@ -30,28 +30,51 @@ from clip_jax.data.tar_samples import SKIP_REASONS, ShardDataset, Skip
 from clip_jax.data.transforms import decode_image, random_resized_crop, resize_and_crop
 
 AUGMENTATIONS = ('random_resized_crop', 'center_crop', 'squash')
+KINDS = ('tar', 'synthetic')
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  """Everything the pipeline needs; the trainer fills it from `config.data`."""
+  """Everything the pipeline needs, and the one place its defaults are declared.
+
+  The trainer sets `TRAINER_FIELDS` from the model and the run (training streams
+  endlessly, so `num_epochs` stays 0); every other field is a `config.data` key, which
+  `clip_jax.config_base` builds from `data_defaults()`.
+  """
   global_batch_size: int
   image_size: int
   tokenizer: Callable[[Sequence[str]], np.ndarray]
+  seed: int = 0
+  vocab_size: int = 49408                 # synthetic only
   kind: str = 'tar'                       # 'tar' | 'synthetic'
-  train: Any = ''                         # shard spec (str or list), see specs.py
-  weights: Any = None                     # mixture weights, '1::2'
+  train: str = ''                         # shard spec, '::' between mixture sources
+  weights: str = ''                       # mixture weights, e.g. '1::2'
   caption_key: str = 'caption'            # json field when a sample has no .txt
   augment: str = 'random_resized_crop'    # or 'center_crop' / 'squash' (eval-style)
   crop_scale: tuple[float, float] = (0.9, 1.0)
-  seed: int = 0
-  num_epochs: Optional[int] = None        # passes over the shards; None: endless (training)
-  shuffle_window: int = 1024
+  shuffle_window: int = 2048              # samples; <= 1 turns shuffling off
   cycle_length: int = 4                   # shards open at once per worker
-  workers: int = 0                        # mp_prefetch processes (0: in-process)
+  workers: int = 2                        # mp_prefetch processes (0: in-process)
   worker_buffer: int = 2                  # batches buffered per worker
   max_bad_before_first_good: int = 1000
-  vocab_size: int = 49408                 # synthetic only
+  num_epochs: int = 0                     # passes over the shards; 0: endless (training)
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f'config.data.kind must be one of {KINDS}, got {self.kind!r}')
+    if self.augment not in AUGMENTATIONS:
+      raise ValueError(f'config.data.augment must be one of {AUGMENTATIONS}, '
+                       f'got {self.augment!r}')
+
+
+TRAINER_FIELDS = ('global_batch_size', 'image_size', 'tokenizer', 'seed', 'vocab_size',
+                  'num_epochs')
+
+
+def data_defaults() -> dict[str, Any]:
+  """The `config.data` section: every field a user sets, with its default."""
+  return {f.name: f.default for f in dataclasses.fields(PipelineConfig)
+          if f.name not in TRAINER_FIELDS}
 
 
 class ImageTextMapper:
@@ -139,13 +162,13 @@ def source_records(source: Source, cfg: PipelineConfig, process_index: int,
   """
   shards = process_shards(source, process_index, process_count)
   paths = grain.MapDataset.source(shards).shuffle(seed=cfg.seed + 7919 * index)
-  paths = paths.repeat(cfg.num_epochs)
+  paths = paths.repeat(cfg.num_epochs or None)
   datasets = paths.map(lambda path: ShardDataset(path, cfg.caption_key))
   return grain.experimental.InterleaveIterDataset(datasets, cycle_length=cfg.cycle_length)
 
 
 def tar_dataset(cfg: PipelineConfig, process_index: int, process_count: int) -> grain.IterDataset:
-  sources = parse_spec(cfg.train, cfg.weights)
+  sources = parse_spec(cfg.train, cfg.weights or None)
   streams = [source_records(s, cfg, process_index, process_count, i)
              for i, s in enumerate(sources)]
   ds = (streams[0] if len(streams) == 1
@@ -192,10 +215,6 @@ def synthetic_dataset(cfg: PipelineConfig, process_index: int, process_count: in
 def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1
                   ) -> grain.IterDataset:
   """The per-process dataset of numpy batches (before device transfer)."""
-  if cfg.kind not in ('tar', 'synthetic'):
-    raise ValueError(f"data.kind must be 'tar' or 'synthetic', got {cfg.kind!r}")
-  if cfg.augment not in AUGMENTATIONS:
-    raise ValueError(f'data.augment must be one of {AUGMENTATIONS}, got {cfg.augment!r}')
   if cfg.global_batch_size % process_count:
     raise ValueError(f'Global batch {cfg.global_batch_size} is not divisible by the '
                      f'{process_count} processes.')

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from clip_jax import sharding
-from clip_jax.api import FunctionalModel
+from clip_jax.models.functional import FunctionalModel
 from clip_jax.data.transforms import normalize_on_device
 
 

@@ -8,7 +8,10 @@ remat) that change how, not what, the model computes.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import types
+import typing
 from typing import Any, Optional
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -104,8 +107,13 @@ class CLIPConfig:
   scan_layers: bool = True
   remat: str = 'none'
 
-  def replace(self, **overrides: Any) -> 'CLIPConfig':
-    """Returns a copy with top-level or nested (`vision.layers=2`) fields replaced."""
+  def replace(self, **overrides: Any) -> CLIPConfig:
+    """Returns a copy with top-level or nested (`vision.layers=2`) fields replaced.
+
+    The one parser of architecture overrides: the trainer's `config.model.{vision,text}`
+    keys and `import_open_clip --override KEY=VALUE` both end here. String values of
+    non-string fields are parsed as Python literals (`'2'`, `'False'`, `'None'`).
+    """
     top, nested = {}, {'vision': {}, 'text': {}, 'preprocess': {}}
     for key, value in overrides.items():
       head, _, tail = key.partition('.')
@@ -166,4 +174,25 @@ def _replace_checked(obj, fields: dict[str, Any]):
   unknown = set(fields) - {f.name for f in dataclasses.fields(obj)}
   if unknown:
     raise KeyError(f'Unknown {type(obj).__name__} keys: {sorted(unknown)}')
-  return dataclasses.replace(obj, **fields)
+  return dataclasses.replace(obj, **{k: _parse_value(type(obj), k, v) for k, v in fields.items()})
+
+
+def field_type(klass: type, name: str) -> type:
+  """The declared type of a config field, `Optional` unwrapped (`ls_init` -> float)."""
+  hint = typing.get_type_hints(klass)[name]
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    hint = next(a for a in typing.get_args(hint) if a is not type(None))
+  return typing.get_origin(hint) or hint
+
+
+def _parse_value(klass: type, name: str, value: Any) -> Any:
+  kind = field_type(klass, name)
+  if not isinstance(value, str) or kind is str:
+    return value
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  if parsed is None or isinstance(parsed, kind) or (kind is float and type(parsed) is int):
+    return parsed
+  raise ValueError(f'{klass.__name__}.{name} expects {kind.__name__}, got {value!r}')
