@@ -295,3 +295,28 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
   applied['logit_scale'] = expected['logit_scale']  # clamped separately; checked elsewhere
   for a, e in zip(jax.tree.leaves(applied), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, np.asarray(e), rtol=1e-4, atol=1e-6)
+
+
+def test_the_step_clamps_the_logit_scale_at_log_100():
+  """However far an update pushes it, the logit scale never exceeds log(100)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from clip_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+  from clip_jax.models.clip import MAX_LOGIT_SCALE  # pylint: disable=import-outside-toplevel
+  config = _config(batch_size=8)
+  mesh = sharding.make_mesh({'data': -1})
+  model, _, init = train_lib.build_model(train_lib.model_config(config), mesh,
+                                         sharding.DEFAULT_RULES, 0)
+  params = init()
+  params['logit_scale'] = jax.device_put(np.float32(MAX_LOGIT_SCALE - 0.01),
+                                         params['logit_scale'].sharding)
+  tx = optax.sgd(-1e4)  # a huge step up the gradient: the loss wants a larger scale
+  state = train_lib.create_state(params, tx, mesh)
+  step = train_lib.make_train_step(config, model, tx, mesh,
+                                   jax.tree.map(lambda x: x.sharding, state),
+                                   sharding.batch_sharding(mesh))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8),
+           'text': rng.integers(1, 49407, (8, 32)).astype(np.int32)}
+  new_state, metrics = step(state, batch)
+  assert float(new_state['params']['logit_scale']) == np.float32(MAX_LOGIT_SCALE)
+  assert int(metrics['skipped_nonfinite']) == 0
