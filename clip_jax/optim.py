@@ -36,17 +36,17 @@ def schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def _paths(params: dict) -> dict:
-  """Same tree with each leaf replaced by its '/'-joined path."""
+def _paths(params: Any) -> Any:
+  """Same tree with each leaf replaced by its '/'-joined path, e.g. 'text/ln_final/scale'."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: '/'.join(str(getattr(k, 'key', k)) for k in path), params)
+      lambda path, _: jax.tree_util.keystr(path, simple=True, separator='/'), params)
 
 
-def decay_mask(params: dict) -> dict:
+def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.endswith('/kernel') or p == 'visual/proj', _paths(params))
 
 
-def freeze_labels(params: dict, freeze: str) -> dict:
+def freeze_labels(params: Any, freeze: str) -> Any:
   pattern = re.compile(freeze) if freeze else None
   return jax.tree.map(lambda p: 'frozen' if pattern and pattern.search(p) else 'trained',
                       _paths(params))
