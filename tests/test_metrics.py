@@ -29,8 +29,8 @@ def test_v5p_and_v5e_are_told_apart():
 
 @pytest.mark.parametrize('kind', [
     'cpu', 'TPU v4 lite', 'TPU v5p', 'TPU v5e', 'TPU v7', 'TPU v5 lite pod', 'tpu v5',
-    'NVIDIA GH200 480GB', 'NVIDIA H1000', 'NVIDIA A1000', 'NVIDIA RTX A6000', 'Tesla V100-SXM2-16GB',
-    'AMD Instinct MI300X', 'H100', '',
+    'NVIDIA GH200 480GB', 'NVIDIA H1000', 'NVIDIA A1000', 'NVIDIA RTX A6000',
+    'Tesla V100-SXM2-16GB', 'AMD Instinct MI300X', 'H100', '',
 ])
 def test_unknown_device_kinds_have_no_peak(kind):
   assert peak_flops_per_device(device_kind=kind) is None
