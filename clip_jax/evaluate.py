@@ -42,6 +42,15 @@ def image_text_retrieval(encoder: Encoder, tokenizer, examples) -> dict[str, flo
 def evaluate(args) -> dict:
   if args.zeroshot_shards and not (args.classnames or args.imagenet_classnames):
     raise ValueError('--zeroshot_shards needs --classnames FILE (or --imagenet_classnames).')
+  class_lines = (list(enumerate(zeroshot.imagenet_classnames(), 1)) if args.imagenet_classnames
+                 else zeroshot.read_numbered_lines(args.classnames, 'Class names')
+                 if args.classnames else None)
+  source = ('--imagenet_classnames' if args.imagenet_classnames
+            else f'--classnames {args.classnames}')
+  classnames = zeroshot.label_classnames(class_lines, source) if args.zeroshot_shards else None
+  if args.image_folder:  # class folders and their names are checked before any work
+    folders, items = zeroshot.folder_dataset(args.image_folder)
+    folder_names = zeroshot.folder_classnames(folders, class_lines, source, args.image_folder)
   checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
   cfg, params = load_params(checkpoint)
   templates = zeroshot.load_templates(args.templates)
@@ -49,15 +58,9 @@ def evaluate(args) -> dict:
   encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params), mesh, args.batch_size)
   tokenizer = tokenizer_from_spec(args.tokenizer or cfg.text.tokenizer, cfg.text.context_length)
   size, pre = cfg.vision.image_size, cfg.preprocess
-  classnames = (zeroshot.imagenet_classnames() if args.imagenet_classnames
-                else zeroshot.read_lines(args.classnames, 'Class names') if args.classnames
-                else None)
   results = {'checkpoint': str(checkpoint)}
   if args.image_folder:
-    names, items = zeroshot.folder_dataset(
-        args.image_folder, classnames,
-        '--imagenet_classnames' if args.imagenet_classnames else f'--classnames {args.classnames}')
-    results['image_folder'] = zeroshot.run(encoder, tokenizer, names, templates,
+    results['image_folder'] = zeroshot.run(encoder, tokenizer, folder_names, templates,
                                         zeroshot.folder_images(items, size, pre), len(items))
   if args.zeroshot_shards:
     results['zeroshot_shards'] = zeroshot.run(encoder, tokenizer, classnames, templates,
@@ -65,7 +68,7 @@ def evaluate(args) -> dict:
   if args.tfds:
     names, total, examples = zeroshot.tfds_dataset(args.tfds, args.tfds_split, args.tfds_data_dir,
                                                    size, pre)
-    names = classnames if args.imagenet_classnames else names
+    names = [text for _, text in class_lines] if args.imagenet_classnames else names
     results[f'tfds/{args.tfds}'] = zeroshot.run(encoder, tokenizer, names, templates, examples,
                                              total)
   if args.retrieval_shards:
@@ -92,7 +95,9 @@ def parse_args(argv=None):
   parser.add_argument('--retrieval_shards', help='tar shards with one or more captions each')
   names = parser.add_mutually_exclusive_group()
   names.add_argument('--classnames',
-                     help='file with one class name per line (folder and shards; TFDS uses its own)')
+                     help='file with one class name per line (folder and shards; TFDS uses its '
+                     'own). For --image_folder: the folder names in any order, FOLDER<TAB>NAME '
+                     'lines, or names in sorted-folder order')
   names.add_argument('--imagenet_classnames', action='store_true',
                      help='use the shipped ImageNet-1k class names')
   parser.add_argument('--templates', default='openai',

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -16,9 +17,16 @@ from etils import epath
 
 from clip_jax.models.config import CLIPConfig
 
-# Dense bf16 peak FLOP/s per device, for the MFU estimate.
-PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v4': 275e12,
-              'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12}
+# Dense bf16 peak FLOP/s per device, for the MFU estimate. TPUs by their exact
+# `device_kind` ('TPU v5' is v5p, 'TPU v5 lite' is v5e: a substring rule would mix them up).
+TPU_PEAK_FLOPS = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5': 459e12,
+                  'TPU v6 lite': 918e12}
+# NVIDIA GPUs report 'NVIDIA <model>[ -]<variant>' ('NVIDIA H100 80GB HBM3',
+# 'NVIDIA A100-SXM4-80GB', 'NVIDIA H200'): the whole <model> token is looked up, so 'H100'
+# never matches 'GH100' or 'H1000'. Exact kinds whose peak differs from their model's come first.
+GPU_KIND_PEAK_FLOPS = {'NVIDIA H100 PCIe': 756e12}
+GPU_MODEL_PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
+_NVIDIA_KIND = re.compile(r'NVIDIA ([A-Za-z0-9]+)(?:[ -].*)?')
 
 
 def tower_flops(layers: int, tokens: int, width: int, mlp: int) -> float:
@@ -36,11 +44,22 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
   return 3 * (image + text)
 
 
-def peak_flops_per_device(override: float = 0.0) -> Optional[float]:
+def peak_flops_per_device(override: float = 0.0,
+                          device_kind: Optional[str] = None) -> Optional[float]:
+  """`override` if set, else the peak of `device_kind` (default: the first device's), or None.
+
+  TPU kinds must match a `TPU_PEAK_FLOPS` key exactly; an NVIDIA kind is looked up by its
+  model token (the word after 'NVIDIA', up to a space or '-') after exact GPU kinds.
+  """
   if override:
     return override
-  kind = jax.devices()[0].device_kind
-  return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+  kind = jax.devices()[0].device_kind if device_kind is None else device_kind
+  if kind in TPU_PEAK_FLOPS:
+    return TPU_PEAK_FLOPS[kind]
+  if kind in GPU_KIND_PEAK_FLOPS:
+    return GPU_KIND_PEAK_FLOPS[kind]
+  match = _NVIDIA_KIND.fullmatch(kind)
+  return GPU_MODEL_PEAK_FLOPS.get(match.group(1)) if match else None
 
 
 class MetricLogger:

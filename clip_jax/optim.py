@@ -1,7 +1,9 @@
 """Optimizer: AdamW with a weight-decay mask, LR schedules, clipping and frozen towers.
 
 Weight decay applies to matrices only (`kernel`s and the image projection), never to
-biases, norms, embeddings or the logit scale/bias, as in OpenCLIP. Parameters whose
+biases, norms, embeddings (positional, token, class token, MAP probe) or the logit scale/bias.
+(OpenCLIP is close but not equal: it exempts only <2-D tensors, norms, biases and the logit
+scale, so it does decay its positional and token embeddings.) Parameters whose
 '/'-joined path matches `freeze` (a regex, e.g. '^visual/' for LiT) get no update.
 """
 
@@ -34,17 +36,17 @@ def schedule(cfg: Any, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([warmup, main], [cfg.warmup_steps])
 
 
-def _paths(params: dict) -> dict:
-  """Same tree with each leaf replaced by its '/'-joined path."""
+def _paths(params: Any) -> Any:
+  """Same tree with each leaf replaced by its '/'-joined path, e.g. 'text/ln_final/scale'."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: '/'.join(str(getattr(k, 'key', k)) for k in path), params)
+      lambda path, _: jax.tree_util.keystr(path, simple=True, separator='/'), params)
 
 
-def decay_mask(params: dict) -> dict:
+def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.endswith('/kernel') or p == 'visual/proj', _paths(params))
 
 
-def freeze_labels(params: dict, freeze: str) -> dict:
+def freeze_labels(params: Any, freeze: str) -> Any:
   pattern = re.compile(freeze) if freeze else None
   return jax.tree.map(lambda p: 'frozen' if pattern and pattern.search(p) else 'trained',
                       _paths(params))
@@ -58,5 +60,9 @@ def make_optimizer(cfg: Any, total_steps: int, params: dict) -> optax.GradientTr
     return tx
   labels = freeze_labels(params, cfg.freeze)
   if 'frozen' not in jax.tree.leaves(labels):
-    raise ValueError(f'config.optim.freeze={cfg.freeze!r} matches no parameter path.')
+    paths = jax.tree.leaves(_paths(params))
+    examples = ', '.join(repr(p) for p in paths[:2] + paths[-2:])
+    raise ValueError(f'config.optim.freeze={cfg.freeze!r} matches no parameter path; '
+                     f'{len(paths)} paths such as {examples} (use e.g. \'^visual/\' to freeze '
+                     'the image tower).')
   return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)

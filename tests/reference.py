@@ -1,18 +1,19 @@
-"""OpenCLIP (PyTorch) reference models and feature helpers shared by the parity tests."""
+"""OpenCLIP (PyTorch) reference models and feature helpers shared by the parity tests.
+
+Imports torch: pure-JAX tests use `tests.jax_reference` (re-exported here) instead.
+"""
 
 from __future__ import annotations
 
 import copy
 
-import jax
 import numpy as np
 import open_clip
 import torch
-from flax import nnx
 
 from clip_jax.convert.open_clip_config import model_cfg
-from clip_jax.models.clip import CLIP
 from clip_jax.models.presets import get_config
+from tests.jax_reference import jax_features, random_inputs  # pylint: disable=unused-import
 
 
 def open_clip_model(name: str, vision_layers: int | None = None, text_layers: int | None = None,
@@ -59,29 +60,3 @@ def torch_features(model: torch.nn.Module, images: np.ndarray, tokens: np.ndarra
     img = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True)
     txt = model.encode_text(torch.from_numpy(tokens).long(), normalize=True)
   return img.numpy(), txt.numpy()
-
-
-def jax_features(model: CLIP, images: np.ndarray, tokens: np.ndarray):
-  """Normalised clip_jax features, computed under jit like the trainer does."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def features(state, images, tokens):
-    m = nnx.merge(graphdef, state)
-    return m.encode_image(images, normalize=True), m.encode_text(tokens, normalize=True)
-
-  img, txt = features(state, images, tokens)
-  return np.asarray(img), np.asarray(txt)
-
-
-def random_inputs(image_size: int, context_length: int, vocab_size: int, batch: int = 2,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Images ~ N(0, 1) (normalised pixels) and token rows that each end in a unique max id."""
-  rng = np.random.default_rng(seed)
-  images = rng.normal(size=(batch, image_size, image_size, 3)).astype(np.float32)
-  tokens = rng.integers(1, vocab_size - 1, size=(batch, context_length)).astype(np.int32)
-  lengths = rng.integers(2, context_length + 1, size=batch)
-  for row, n in enumerate(lengths):
-    tokens[row, n - 1] = vocab_size - 1  # EOT-like: the argmax position varies per row
-    tokens[row, n:] = 0
-  return images, tokens

@@ -2,6 +2,8 @@
 
 import io
 import json
+import logging
+import random
 import tarfile
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clip_jax.eval import zeroshot
 from clip_jax.eval.retrieval import recall_at_k
 from clip_jax.evaluate import evaluate, parse_args
 from clip_jax.export import export
@@ -32,6 +35,28 @@ def eval_folder(demo_data, tmp_path_factory):
         (folder / f'{key}.jpg').write_bytes(tar.extractfile(f'{key}.jpg').read())
   (root.parent / 'classnames_sorted.txt').write_text(
       '\n'.join(names[int(p.name[:2])] for p in sorted(root.iterdir())) + '\n')
+  return root
+
+
+@pytest.fixture(scope='module')
+def named_folder(demo_data, tmp_path_factory):
+  """The demo eval split with one folder per class named by its class ('red_circle').
+
+  Sorted folder order is not label order, so demo_data/classnames.txt (label order) lists
+  the folder names (`_` as space) in another order.
+  """
+  root = tmp_path_factory.mktemp('named') / 'images'
+  names = (demo_data / 'classnames.txt').read_text().split('\n')[:-1]
+  with tarfile.open(demo_data / 'eval' / '00000.tar') as tar:
+    for member in tar.getmembers():
+      if member.name.endswith('.json'):
+        key = member.name[:-5]
+        label = json.loads(tar.extractfile(member).read())['label']
+        folder = root / names[label].replace(' ', '_')
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f'{key}.jpg').write_bytes(tar.extractfile(f'{key}.jpg').read())
+  folders = sorted(p.name for p in root.iterdir())
+  assert [f.replace('_', ' ') for f in folders] != names  # really another order
   return root
 
 
@@ -146,3 +171,105 @@ def test_samples_without_captions_are_left_out_of_retrieval(tmp_path):
   writer.close()
   examples = list(retrieval_examples(str(tmp_path / '00000.tar'), 16, PreprocessConfig()))
   assert [captions for _, captions in examples] == [['a red square']]
+
+
+# --- class names for an image folder ------------------------------------------------------
+
+def _write(path, lines):
+  path.write_text(''.join(f'{line}\n' for line in lines))
+  return str(path)
+
+
+def test_permuted_or_tab_separated_class_names_score_like_the_sorted_ones(
+    trained_demo, demo_data, named_folder, templates_file, tmp_path):
+  folders = sorted(p.name for p in named_folder.iterdir())
+  shuffled = random.Random(0).sample(folders, len(folders))
+  files = {
+      'sorted': _write(tmp_path / 'sorted.txt', [f.replace('_', ' ') for f in folders]),
+      'label_order': str(demo_data / 'classnames.txt'),  # the folder names, another order
+      'tab': _write(tmp_path / 'tab.tsv', [f'{f}\t{f.replace("_", " ")}' for f in shuffled]),
+  }
+  results = {what: evaluate(parse_args([
+      '--workdir', str(trained_demo), '--image_folder', str(named_folder), '--classnames', path,
+      '--templates', str(templates_file), '--batch_size', '64']))['image_folder']
+             for what, path in files.items()}
+  assert results['sorted']['top1'] > 3 / 40  # trained: well above chance
+  assert results['label_order'] == results['sorted']
+  assert results['tab'] == results['sorted']
+
+
+FOLDERS = ['eight', 'five', 'four', 'nine', 'one', 'seven', 'six', 'three', 'two', 'zero']
+DIGITS = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+
+
+def _names(lines, path='names.txt'):
+  return zeroshot.folder_classnames(FOLDERS, list(enumerate(lines, 1)), f'--classnames {path}',
+                                    'digits/')
+
+
+def test_class_names_in_another_order_are_matched_by_name(caplog):
+  with caplog.at_level(logging.INFO):
+    assert _names(DIGITS) == FOLDERS
+  assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+  # '_' in a folder name matches a space in the file; the file's spelling is the prompt name.
+  assert zeroshot.folder_classnames(['golden_retriever', 'tabby_cat'],
+                                    [(1, 'tabby cat'), (2, 'golden retriever')], 'f', 'd') == [
+                                        'golden retriever', 'tabby cat']
+
+
+def test_tab_separated_lines_map_folders_to_prompt_names():
+  lines = [f'{d}\tthe digit {d}' for d in DIGITS]
+  assert _names(lines) == [f'the digit {f}' for f in FOLDERS]
+  # Any order, blank lines skipped, whitespace around the fields ignored.
+  numbered = [(n, f' {f} \t {f.upper()} ') for n, f in zip(range(3, 30, 2), reversed(FOLDERS))]
+  assert zeroshot.folder_classnames(FOLDERS, numbered, 'f', 'd') == [f.upper() for f in FOLDERS]
+
+
+@pytest.mark.parametrize('lines, message', [
+    (['zero\tnought', 'one'] + [f'{d}\t{d}' for d in DIGITS[2:]],
+     r"--classnames names.txt line 2: expected FOLDER<TAB>NAME .*'one'"),
+    (['zero\t'] + [f'{d}\t{d}' for d in DIGITS[1:]],
+     r"--classnames names.txt line 1: expected FOLDER<TAB>NAME .*'zero\\t'"),
+    ([f'{d}\t{d}' for d in DIGITS] + ['ten\tten'],
+     r"--classnames names.txt line 11: 'ten' is not a class folder of digits/"),
+    ([f'{d}\t{d}' for d in DIGITS] + ['three\tdrei'],
+     r"--classnames names.txt line 11: folder 'three' is already named on line 4"),
+    ([f'{d}\t{d}' for d in DIGITS if d != 'six'],
+     r"--classnames names.txt names no class for folder\(s\) 'six' of digits/"),
+])
+def test_bad_tab_separated_files_name_the_file_and_line(lines, message):
+  with pytest.raises(ValueError, match=message):
+    _names(lines)
+
+
+def test_other_names_map_by_sorted_position_and_the_mapping_is_logged(caplog):
+  names = [f'class {i}' for i in range(10)]
+  with caplog.at_level(logging.WARNING):
+    assert _names(names) == names
+  text = caplog.text
+  assert '--classnames names.txt' in text and 'sorted' in text
+  assert "eight -> 'class 0', five -> 'class 1', four -> 'class 2'" in text
+  assert 'two' not in text  # only the first classes are listed
+
+
+def test_positional_names_that_are_also_folder_names_are_flagged(caplog):
+  names = ['zero', 'one'] + [f'class {i}' for i in range(8)]  # 'zero', 'one' are folders too
+  with caplog.at_level(logging.WARNING):
+    assert _names(names) == names
+  assert "line 1 'zero' is the name of folder 'zero' but names folder 'eight'" in caplog.text
+
+
+def test_wrong_number_of_positional_names_is_an_error():
+  with pytest.raises(ValueError, match=r'--classnames names.txt has 9 names but digits/ has 10 '
+                                       r'class folders'):
+    _names(DIGITS[:9])
+  with pytest.raises(ValueError, match="names no class for folder"):
+    _names([f'{d}\t{d}' for d in DIGITS[:9]])
+
+
+def test_tab_separated_names_are_refused_for_shards(tmp_path):
+  names = _write(tmp_path / 'n.tsv', ['cat\tcat', 'dog\tdog'])
+  with pytest.raises(ValueError, match=r'--classnames .*n.tsv line 1: FOLDER<TAB>NAME lines are '
+                                       r'for --image_folder'):
+    evaluate(parse_args(['--checkpoint', str(tmp_path / 'absent'), '--zeroshot_shards', 'x.tar',
+                         '--classnames', names]))

@@ -1,5 +1,9 @@
 """Model options (scan, loop, remat, bf16), logical axes, presets and config errors."""
 
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +12,7 @@ from flax import nnx
 
 import clip_jax
 from clip_jax.models.functional import get_params, model_from_params
-from tests.reference import jax_features, random_inputs
+from tests.jax_reference import jax_features, random_inputs
 
 # A SigLIP-style tiny model: MAP head, no class token, bidirectional text, logit bias.
 SIGLIP_STYLE = {'vision.class_token': False, 'vision.pool': 'map', 'vision.ln_pre': False,
@@ -143,3 +147,18 @@ def test_unknown_override_key_is_an_error():
     clip_jax.get_config('tiny', **{'vision.depth': 3})
   with pytest.raises(KeyError, match='tower'):
     clip_jax.get_config('tiny', **{'tower.layers': 3})
+
+
+PURE_JAX_TEST_MODULES = ('tests.jax_reference', 'tests.test_models', 'tests.test_losses',
+                         'tests.test_optim', 'tests.test_metrics', 'tests.test_data')
+
+
+def test_pure_jax_test_modules_do_not_import_torch():
+  """The OpenCLIP side (tests/reference.py) is for parity tests only: no torch elsewhere."""
+  code = ('import sys\n'
+          + ''.join(f'import {m}\n' for m in PURE_JAX_TEST_MODULES)
+          + "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True,
+                          check=True, timeout=300)
+  assert result.stdout.strip().splitlines()[-1] == '[]', result.stdout

@@ -4,11 +4,17 @@ Each class's prompts are encoded, L2-normalised, averaged and re-normalised (Ope
 recipe); images are classified by cosine similarity, top-1 and top-5. Datasets: an image
 folder (one subfolder per class), tar shards whose `.json` carries the class index, or a
 TFDS dataset through `tfds.data_source` (array_record, prepared locally).
+
+An image folder's class i is its i-th subfolder in sorted order. A class-names file for it
+may list the folder names in any order (matched by name, `_` matching a space), give
+`FOLDER<TAB>NAME` lines (the prompt name of each folder), or list other names, which are
+then taken by sorted position (and the first pairs are logged so a mismatch shows).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,11 +30,17 @@ TEMPLATE_SETS = ('openai', 'simple', 'generic')
 Example = tuple[np.ndarray, int]
 
 
-def read_lines(path: str | epath.Path, what: str) -> list[str]:
+def read_numbered_lines(path: str | epath.Path, what: str) -> list[tuple[int, str]]:
+  """(1-based line number, stripped text) of the file's non-blank lines."""
   path = epath.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'{what} file {path} does not exist.')
-  return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  return [(number, line.strip()) for number, line in enumerate(path.read_text().splitlines(), 1)
+          if line.strip()]
+
+
+def read_lines(path: str | epath.Path, what: str) -> list[str]:
+  return [text for _, text in read_numbered_lines(path, what)]
 
 
 def load_templates(name_or_path: str) -> list[str]:
@@ -78,13 +90,8 @@ def run(encoder, tokenizer, classnames: Sequence[str], templates: Sequence[str],
   return {**result, 'num_images': len(labels), 'num_classes': len(classnames)}
 
 
-def folder_dataset(folder: str, classnames: Sequence[str] | None = None,
-                   classnames_source: str = '--classnames'
-                   ) -> tuple[list[str], list[tuple[epath.Path, int]]]:
-  """(class names, [(image path, label)]) from one subfolder per class, sorted by name.
-
-  Without `classnames`, folder names (with `_` as space) are the class names.
-  """
+def folder_dataset(folder: str) -> tuple[list[str], list[tuple[epath.Path, int]]]:
+  """(class folder names, [(image path, label)]): label i is the i-th folder in sorted order."""
   root = epath.Path(folder)
   if not root.is_dir():
     raise FileNotFoundError(f'--image_folder {root} is not a directory.')
@@ -94,12 +101,77 @@ def folder_dataset(folder: str, classnames: Sequence[str] | None = None,
   if not items:
     raise ValueError(f'--image_folder {root} holds no images in class subfolders '
                      f'({", ".join(IMAGE_EXTENSIONS)}).')
-  if classnames is None:
-    return [c.name.replace('_', ' ') for c in classes], items
-  if len(classnames) != len(classes):
-    raise ValueError(f'{classnames_source} has {len(classnames)} names but {root} has '
-                     f'{len(classes)} class folders.')
-  return list(classnames), items
+  return [c.name for c in classes], items
+
+
+def _same_name(text: str) -> str:
+  return text.replace('_', ' ')
+
+
+def folder_classnames(folders: Sequence[str], lines: Sequence[tuple[int, str]] | None,
+                      source: str, root: str, show: int = 5) -> list[str]:
+  """The prompt name of each class folder (sorted `folders`) from a class-names file.
+
+  `lines` are (line number, text) of the file named by `source` (e.g. '--classnames
+  names.txt'), or None: then the folder names, `_` as space. `FOLDER<TAB>NAME` lines map
+  folders to names in any order; names that are the folder names in another order are
+  matched by name; any other list is taken by sorted position and its first `show` pairs
+  are logged.
+  """
+  if lines is None:
+    return [_same_name(f) for f in folders]
+  if any('\t' in text for _, text in lines):
+    return _tab_classnames(folders, lines, source, root)
+  by_name = {_same_name(text): text for _, text in lines}
+  if len(by_name) == len(lines) and set(by_name) == {_same_name(f) for f in folders}:
+    return [by_name[_same_name(f)] for f in folders]
+  if len(lines) != len(folders):
+    raise ValueError(f'{source} has {len(lines)} names but {root} has {len(folders)} class '
+                     'folders.')
+  pairs = ', '.join(f'{f} -> {text!r}' for f, (_, text) in zip(folders[:show], lines))
+  logging.warning('%s does not list the folder names of %s, so the i-th name is taken for the '
+                  'i-th folder in sorted order: %s%s', source, root, pairs,
+                  ', ...' if len(folders) > show else '')
+  folder_of = {_same_name(f): f for f in folders}
+  crossed = [f'line {number} {text!r} is the name of folder {folder_of[_same_name(text)]!r} '
+             f'but names folder {folder!r}' for folder, (number, text) in zip(folders, lines)
+             if _same_name(text) in folder_of and _same_name(text) != _same_name(folder)]
+  if crossed:
+    logging.warning('%s: %s. List every folder name once (any order) to match by name, or '
+                    'write FOLDER<TAB>NAME lines.', source, '; '.join(crossed[:show]))
+  return [text for _, text in lines]
+
+
+def _tab_classnames(folders: Sequence[str], lines: Sequence[tuple[int, str]], source: str,
+                    root: str) -> list[str]:
+  names, named_on = {}, {}
+  for number, text in lines:
+    folder, _, name = text.partition('\t')
+    folder, name = folder.strip(), name.strip()
+    if not folder or not name:
+      raise ValueError(f'{source} line {number}: expected FOLDER<TAB>NAME (the file has TAB '
+                       f'lines), got {text!r}.')
+    if folder not in folders:
+      raise ValueError(f'{source} line {number}: {folder!r} is not a class folder of {root}.')
+    if folder in names:
+      raise ValueError(f'{source} line {number}: folder {folder!r} is already named on line '
+                       f'{named_on[folder]}.')
+    names[folder], named_on[folder] = name, number
+  missing = [f for f in folders if f not in names]
+  if missing:
+    raise ValueError(f'{source} names no class for folder(s) '
+                     f'{", ".join(map(repr, missing[:10]))} of {root}'
+                     f'{f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""}.')
+  return [names[f] for f in folders]
+
+
+def label_classnames(lines: Sequence[tuple[int, str]], source: str) -> list[str]:
+  """Class names in label order (tar shards): one plain name per line, no TAB form."""
+  for number, text in lines:
+    if '\t' in text:
+      raise ValueError(f'{source} line {number}: FOLDER<TAB>NAME lines are for --image_folder; '
+                       'labelled shards need one class name per line, in label order.')
+  return [text for _, text in lines]
 
 
 def folder_images(items, size: int, preprocess: PreprocessConfig) -> Iterator[Example]:
