@@ -34,7 +34,8 @@ def write_shards(root: str, samples: int, per_shard: int = 512) -> str:
     draw = ImageDraw.Draw(image)
     for _ in range(4):
       x, y, r = rng.integers(0, w), rng.integers(0, h), rng.integers(20, 120)
-      draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+      colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+      draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
     buffer = io.BytesIO()
     image.save(buffer, 'JPEG', quality=90)
     writer.write(buffer.getvalue(), 'jpg', f'a photo of {i % 97} shapes on a noisy background')
@@ -43,10 +44,10 @@ def write_shards(root: str, samples: int, per_shard: int = 512) -> str:
 
 
 def torch_loader_speed(spec: str, workers: int, batch_size: int, batches: int) -> float:
-  import open_clip  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  import webdataset as wds  # pylint: disable=import-outside-toplevel
-  from torchvision import transforms as T  # pylint: disable=import-outside-toplevel
+  import open_clip
+  import torch
+  import webdataset as wds
+  from torchvision import transforms as T
 
   tokenizer = open_clip.get_tokenizer('ViT-B-32')
   transform = T.Compose([

@@ -17,13 +17,13 @@ import time
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-from jax.sharding import Mesh, NamedSharding  # pylint: disable=wrong-import-position
-from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from clip_jax.losses import contrastive_loss  # pylint: disable=wrong-import-position
+from clip_jax.losses import contrastive_loss
 
 AXES = ('data',)
 

@@ -6,7 +6,8 @@ imports this module except `clip_jax/__init__.py`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -28,7 +29,7 @@ def create_model(name_or_cfg: str | CLIPConfig, *, seed: int = 0, **overrides: A
   return CLIP(cfg, rngs=nnx.Rngs(seed))
 
 
-def get_tokenizer(name_or_path: str, context_length: Optional[int] = None) -> Tokenizer:
+def get_tokenizer(name_or_path: str, context_length: int | None = None) -> Tokenizer:
   """A preset name, 'clip', a sentencepiece `.model` path or a clip_jax checkpoint dir."""
   if name_or_path in PRESETS:
     text = PRESETS[name_or_path].text
@@ -44,7 +45,7 @@ def get_tokenizer(name_or_path: str, context_length: Optional[int] = None) -> To
   return tokenizer_from_spec(text.tokenizer, context_length or text.context_length)
 
 
-def load(path: str) -> tuple[CLIP, Callable[[Any], np.ndarray], Optional[Tokenizer]]:
+def load(path: str) -> tuple[CLIP, Callable[[Any], np.ndarray], Tokenizer | None]:
   """(model, preprocess, tokenizer) from a clip_jax checkpoint or a training workdir.
 
   `preprocess` maps a PIL image to a float32 HWC array; stack them into the NHWC batch

@@ -10,7 +10,7 @@ checkpoint also takes a workdir (meaning its latest step).
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import grain
 import jax
@@ -73,7 +73,7 @@ class _DataState:
   never records batches the loop consumed afterwards.
   """
 
-  def __init__(self, loader, snapshot: Optional[dict] = None):
+  def __init__(self, loader, snapshot: dict | None = None):
     self.loader, self.snapshot = loader, snapshot
 
   def get_state(self) -> bytes:
@@ -101,7 +101,7 @@ class TrainCheckpoints:
                                            enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def should_save(self, step: int) -> bool:

@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.max_bad_steps = 10               # non-finite steps in a row before stopping
-  c.peak_flops_per_device = 0.0      # for MFU on devices not in metrics.PEAK_FLOPS
+  c.peak_flops_per_device = 0.0      # for MFU on devices metrics.py does not know
   c.init_from = ''                   # clip_jax checkpoint (imported or exported) to start from
   c.profile_start_step = 0           # >0: capture a profiler trace (TensorBoard) from this step
   c.profile_steps = 5

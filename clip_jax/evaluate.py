@@ -21,11 +21,11 @@ import jax
 import numpy as np
 
 from clip_jax import sharding
-from clip_jax.models.functional import FunctionalModel
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.eval import retrieval, zeroshot
 from clip_jax.eval.encoder import Encoder
+from clip_jax.models.functional import FunctionalModel
 
 
 def image_text_retrieval(encoder: Encoder, tokenizer, examples) -> dict[str, float]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from clip_jax.models.functional import param_shapes
 from clip_jax.checkpoint import save_model
 from clip_jax.convert.files import read_state_dict
 from clip_jax.convert.open_clip import Params, params_from_open_clip
 from clip_jax.models.config import CLIPConfig
+from clip_jax.models.functional import param_shapes
 from clip_jax.models.presets import get_config
 
 

@@ -19,20 +19,21 @@ math on the whole batch (tests/test_losses.py compares them with a float64 refer
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 KINDS = ('softmax', 'sigmoid', 'sigmoid_chunked')
 Metrics = dict[str, jax.Array]
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
-                     logit_bias: Optional[jax.Array] = None, *, kind: str, mesh: Mesh,
+                     logit_bias: jax.Array | None = None, *, kind: str, mesh: Mesh,
                      batch_axes: Sequence[str] = ('data', 'fsdp'),
-                     chunk_size: Optional[int] = None) -> tuple[jax.Array, Metrics]:
+                     chunk_size: int | None = None) -> tuple[jax.Array, Metrics]:
   """Mean contrastive loss over the global batch, and in-batch metrics.
 
   Args:

@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 from etils import epath
@@ -45,7 +46,7 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
 
 
 def peak_flops_per_device(override: float = 0.0,
-                          device_kind: Optional[str] = None) -> Optional[float]:
+                          device_kind: str | None = None) -> float | None:
   """`override` if set, else the peak of `device_kind` (default: the first device's), or None.
 
   TPU kinds must match a `TPU_PEAK_FLOPS` key exactly; an NVIDIA kind is looked up by its
@@ -71,7 +72,7 @@ class MetricLogger:
     self.writer = None
     if self.enabled:
       _hide_gpus_from_tensorflow()
-      from clu import metric_writers  # pylint: disable=import-outside-toplevel
+      from clu import metric_writers
       self.writer = metric_writers.create_default_writer(str(self.workdir / 'tensorboard'),
                                                          asynchronous=False)
       self.jsonl = (self.workdir / 'metrics.jsonl').open('a')
@@ -100,5 +101,5 @@ class MetricLogger:
 def _hide_gpus_from_tensorflow() -> None:
   """clu imports TensorFlow for its writers; keep it off the accelerators JAX uses."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')

@@ -11,12 +11,14 @@ on any mesh.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -44,7 +46,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def make_mesh(sizes: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh with GSPMD ('auto') axes; device order follows the topology."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(sizes, len(devices))
@@ -58,8 +60,8 @@ def data_parallel_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
 
 
-def partition_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
-                   rules: Sequence[tuple[str, Optional[str]]]) -> P:
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                   rules: Sequence[tuple[str, str | None]]) -> P:
   """PartitionSpec for one array; leading dims beyond `axes` (stacked layers) stay whole."""
   axes = (None,) * (len(shape) - len(axes)) + tuple(axes)
   used, spec = set(), []
@@ -83,10 +85,10 @@ def logical_axes(abstract_model: nnx.Module) -> dict[str, Any]:
 
 
 def param_shardings(abstract_model: nnx.Module, mesh: Mesh,
-                    rules: Sequence[tuple[str, Optional[str]]] = DEFAULT_RULES) -> dict[str, Any]:
+                    rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> dict[str, Any]:
   """Pure-dict tree of NamedShardings matching `nnx.to_pure_dict` of the params."""
   shapes = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
-  is_axes = lambda x: isinstance(x, tuple)  # pylint: disable=unnecessary-lambda-assignment
+  is_axes = lambda x: isinstance(x, tuple)
   return jax.tree.map(
       lambda axes, s: NamedSharding(mesh, partition_spec(axes, s.shape, mesh, rules)),
       logical_axes(abstract_model), shapes, is_leaf=is_axes)

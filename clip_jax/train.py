@@ -18,7 +18,8 @@ import logging
 import signal
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -261,10 +262,10 @@ class Run:
   loader: Loader
   checkpoints: ckpt.TrainCheckpoints
   logger: MetricLogger
-  evaluate: Optional[ZeroShotEval]
+  evaluate: ZeroShotEval | None
   schedule: optax.Schedule
   flops_per_step: float           # analytic training FLOPs of one global batch
-  peak_flops: Optional[float]     # per device, for MFU; None when unknown
+  peak_flops: float | None     # per device, for MFU; None when unknown
   preemption: Preemption
   start_step: int
 
@@ -425,7 +426,7 @@ def check_finite(step_and_count, limit: int, checkpoints) -> None:
         f'{step_and_count[0]}); stopping. The last good checkpoint is in {checkpoints}.')
 
 
-def _profiler(config, logdir: epath.Path) -> Optional[Callable[[int], bool]]:
+def _profiler(config, logdir: epath.Path) -> Callable[[int], bool] | None:
   """clu's profiler window: `profile_steps` steps from `profile_start_step` (TensorBoard)."""
   if not config.profile_start_step:
     return None

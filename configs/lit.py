@@ -1,7 +1,8 @@
 r"""LiT: locked-image tuning. The image tower comes from a checkpoint and stays frozen;
 the text tower learns to match it.
 
-  python -m clip_jax.import_open_clip --model ViT-B-32 --checkpoint open_clip_model.safetensors --out /ckpt/b32
+  python -m clip_jax.import_open_clip --model ViT-B-32 \
+      --checkpoint open_clip_model.safetensors --out /ckpt/b32
   python -m clip_jax.train --config configs/lit.py:model=ViT-B-32 --workdir /runs/lit_b32 \
       --config.init_from=/ckpt/b32 --config.data.train='/data/cc12m/{00000..01242}.tar'
 

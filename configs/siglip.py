@@ -1,7 +1,8 @@
 r"""SigLIP: sigmoid loss with the SigLIP presets, memory-lean ring loss at large batch.
 
   python -m clip_jax.train --config configs/siglip.py:model=ViT-B-16-SigLIP \
-      --workdir gs://BUCKET/runs/siglip_b16 --config.data.train='gs://BUCKET/webli/{00000..09999}.tar' \
+      --workdir gs://BUCKET/runs/siglip_b16 \
+      --config.data.train='gs://BUCKET/webli/{00000..09999}.tar' \
       --config.model.text.tokenizer=gs://BUCKET/spiece.model
 
 Variants: `model=` any SigLIP preset (ViT-B-16-SigLIP, ViT-L-16-SigLIP-256,

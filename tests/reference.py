@@ -13,7 +13,6 @@ import torch
 
 from clip_jax.convert.open_clip_config import model_cfg
 from clip_jax.models.presets import get_config
-from tests.jax_reference import jax_features, random_inputs  # pylint: disable=unused-import
 
 
 def open_clip_model(name: str, vision_layers: int | None = None, text_layers: int | None = None,

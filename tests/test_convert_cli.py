@@ -12,13 +12,13 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import clip_jax
-from clip_jax.models.functional import get_params
 from clip_jax.checkpoint import load_params, resolve_checkpoint, save_model
 from clip_jax.convert.files import read_state_dict
 from clip_jax.convert.open_clip import CheckpointMismatchError
 from clip_jax.convert.open_clip_config import UnsupportedForOpenCLIP
 from clip_jax.export import CONFIG_NAME, export
 from clip_jax.import_open_clip import import_state_dict
+from clip_jax.models.functional import get_params
 from tests.reference import jax_features, open_clip_model, random_inputs, state_dict_numpy
 
 TINY_CFG = clip_jax.get_config('tiny')
@@ -144,7 +144,7 @@ def test_export_refuses_what_open_clip_cannot_build(overrides, message, tmp_path
 
 def test_reduced_depth_siglip_cannot_pretend_to_be_the_timm_model(tmp_path):
   cfg = clip_jax.get_config('ViT-B-16-SigLIP', **{'vision.layers': 2})
-  from clip_jax.convert.open_clip_config import model_cfg  # pylint: disable=import-outside-toplevel
+  from clip_jax.convert.open_clip_config import model_cfg
   with pytest.raises(UnsupportedForOpenCLIP, match=r'layers=2 \(timm: 12\)'):
     model_cfg(cfg)
 

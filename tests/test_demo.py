@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import clip_jax
-from clip_jax.models.functional import get_params
 from clip_jax.checkpoint import save_model
+from clip_jax.models.functional import get_params
 
 
 def test_demo_runs_from_random_init():

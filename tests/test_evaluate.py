@@ -107,7 +107,7 @@ def test_shards_tfds_and_retrieval_and_summary_file(trained_demo, demo_data, tmp
         data = json.dumps(meta).encode()
       member.size = len(data)
       target.addfile(member, io.BytesIO(data))
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
     results = evaluate(parse_args([
         '--workdir', str(trained_demo), '--zeroshot_shards', str(demo_data / 'eval' / '00000.tar'),
@@ -116,7 +116,8 @@ def test_shards_tfds_and_retrieval_and_summary_file(trained_demo, demo_data, tmp
         '--retrieval_shards', str(retrieval / '00000.tar'), '--batch_size', '32']))
   assert results['zeroshot_shards']['num_images'] == 300
   assert results['zeroshot_shards']['top1'] > 3 / 40
-  assert results['tfds/cifar10']['num_images'] == 12 and results['tfds/cifar10']['num_classes'] == 10
+  cifar = results['tfds/cifar10']
+  assert cifar['num_images'] == 12 and cifar['num_classes'] == 10
   r = results['retrieval']
   assert r['num_images'] == 20 and r['num_texts'] == 40
   assert r['image_to_text_R@10'] >= r['image_to_text_R@5'] >= r['image_to_text_R@1'] > 0.1
@@ -160,9 +161,9 @@ def test_shards_without_class_names_fail_before_loading_anything(tmp_path):
 
 
 def test_samples_without_captions_are_left_out_of_retrieval(tmp_path):
-  from clip_jax.data.shard_writer import ShardWriter  # pylint: disable=import-outside-toplevel
-  from clip_jax.eval.retrieval import retrieval_examples  # pylint: disable=import-outside-toplevel
-  from clip_jax.models.config import PreprocessConfig  # pylint: disable=import-outside-toplevel
+  from clip_jax.data.shard_writer import ShardWriter
+  from clip_jax.eval.retrieval import retrieval_examples
+  from clip_jax.models.config import PreprocessConfig
   buffer = io.BytesIO()
   Image.new('RGB', (20, 20), 'red').save(buffer, 'JPEG')
   writer = ShardWriter(tmp_path, 10)

@@ -60,7 +60,8 @@ def test_tpu_setup_train_logs_delete(fake_bin):
   setup, train, logs, delete = _calls(fake_bin)
   assert '--worker=all' in setup and 'git checkout -q abc123' in setup
   assert "'jax[tpu]'" in setup and 'pip install' in setup
-  assert '--worker=all' in train and 'python -m clip_jax.train --workdir gs://bucket/runs/clip' in train
+  assert '--worker=all' in train
+  assert 'python -m clip_jax.train --workdir gs://bucket/runs/clip' in train
   assert 'configs/clip.py:model=ViT-B-16' in train
   assert '--worker=0' in logs and 'tail' in logs
   assert delete.startswith('gcloud compute tpus tpu-vm delete clip')
@@ -68,7 +69,8 @@ def test_tpu_setup_train_logs_delete(fake_bin):
 
 def test_tpu_dry_run_prints_without_running(fake_bin):
   result = _tpu(fake_bin, '--dry_run', 'create', TPU_MODE='spot')
-  assert result.stdout.startswith('gcloud compute tpus tpu-vm create clip') and '--spot' in result.stdout
+  assert result.stdout.startswith('gcloud compute tpus tpu-vm create clip')
+  assert '--spot' in result.stdout
   assert not _calls(fake_bin)
 
 
@@ -101,7 +103,8 @@ def test_local_launcher_rejects_bad_usage():
 
 
 def test_shellcheck_passes_on_every_script():
-  shellcheck = shutil.which('shellcheck') or str(pathlib.Path(os.sys.executable).parent / 'shellcheck')
+  shellcheck = (shutil.which('shellcheck')
+                or str(pathlib.Path(os.sys.executable).parent / 'shellcheck'))
   result = subprocess.run([shellcheck, *map(str, SCRIPTS)], capture_output=True, text=True,
                           check=False)
   assert result.returncode == 0, result.stdout

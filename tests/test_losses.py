@@ -57,7 +57,8 @@ def _rel_err(a, b):
 
 
 @pytest.mark.parametrize('kind,chunk_size', CASES, ids=[f'{k}-{c}' for k, c in CASES])
-@pytest.mark.parametrize('n,shape,names,batch_axes', MESHES, ids=[f'{m[0]}dev-{m[1]}' for m in MESHES])
+@pytest.mark.parametrize('n,shape,names,batch_axes', MESHES,
+                         ids=[f'{m[0]}dev-{m[1]}' for m in MESHES])
 def test_loss_and_gradients_match_float64_reference(kind, chunk_size, n, shape, names, batch_axes):
   mesh = _mesh(n, shape, names)
   sharding = NamedSharding(mesh, P(tuple(a for a in batch_axes if a in names)))

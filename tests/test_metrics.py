@@ -37,7 +37,7 @@ def test_unknown_device_kinds_have_no_peak(kind):
 
 
 def test_default_kind_is_the_first_devices(monkeypatch):
-  class FakeDevice:  # pylint: disable=too-few-public-methods
+  class FakeDevice:
     device_kind = 'TPU v5'
 
   monkeypatch.setattr(jax, 'devices', lambda: [FakeDevice()])

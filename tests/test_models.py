@@ -96,7 +96,7 @@ def test_call_returns_normalised_features_and_logit_params():
 
 
 def test_text_pooling_modes_pick_the_documented_token():
-  images, tokens = random_inputs(32, 32, 49408, batch=2)
+  _images, tokens = random_inputs(32, 32, 49408, batch=2)
   base = clip_jax.create_model('tiny', **{'text.proj': False})  # pooled hidden state out
   params = get_params(base)
   pooled = {pool: np.asarray(model_from_params(base.cfg.replace(**{'text.pool': pool}), params)
@@ -162,3 +162,17 @@ def test_pure_jax_test_modules_do_not_import_torch():
   result = subprocess.run([sys.executable, '-c', code], cwd=root, capture_output=True, text=True,
                           check=True, timeout=300)
   assert result.stdout.strip().splitlines()[-1] == '[]', result.stdout
+
+
+def test_overrides_are_typed_by_the_config_fields():
+  """`CLIPConfig.replace` is the one override parser (trainer keys and --override strings)."""
+  cfg = clip_jax.get_config('tiny', **{'vision.layers': '3', 'text.causal': 'False',
+                                       'vision.ls_init': '0.1', 'embed_dim': 32,
+                                       'vision.timm_model_name': 'None'})
+  assert (cfg.vision.layers, cfg.text.causal, cfg.vision.ls_init, cfg.embed_dim) == (3, False,
+                                                                                     0.1, 32)
+  assert cfg.vision.timm_model_name is None
+  with pytest.raises(ValueError, match=r"VisionConfig.layers expects int, got 'three'"):
+    clip_jax.get_config('tiny', **{'vision.layers': 'three'})
+  with pytest.raises(KeyError, match='Unknown TextConfig keys'):
+    clip_jax.get_config('tiny', **{'text.depth': 2})

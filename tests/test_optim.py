@@ -11,7 +11,7 @@ from flax import traverse_util
 
 import clip_jax
 from clip_jax import optim
-from clip_jax.api import get_params
+from clip_jax.models.functional import get_params
 
 LR, WARMUP, TOTAL, COOLDOWN, END_RATIO = 1e-3, 100, 1000, 200, 0.1
 # A SigLIP-style tiny model: MAP head (its probe is an embedding), no image projection, a bias.
@@ -121,12 +121,13 @@ def test_adamw_decays_exactly_the_masked_parameters():
 def test_freeze_labels_follow_the_regex():
   params = get_params(clip_jax.create_model('tiny'))
   labels = _paths(optim.freeze_labels(params, '^visual/'))
-  assert {p for p, l in labels.items() if l == 'frozen'} == {p for p in labels
+  assert {p for p, label in labels.items() if label == 'frozen'} == {p for p in labels
                                                                if p.startswith('visual/')}
   assert labels['visual/proj'] == 'frozen' and labels['logit_scale'] == 'trained'
   assert set(_paths(optim.freeze_labels(params, '')).values()) == {'trained'}
   ln_only = _paths(optim.freeze_labels(params, r'/ln_\w+/'))
-  assert {p for p, l in ln_only.items() if l == 'frozen'} == {p for p in ln_only if '/ln_' in p}
+  frozen = {p for p, label in ln_only.items() if label == 'frozen'}
+  assert frozen == {p for p in ln_only if '/ln_' in p}
 
 
 def test_frozen_parameters_get_no_update():

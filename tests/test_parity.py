@@ -12,13 +12,18 @@ import pytest
 from safetensors.numpy import load_file
 
 import clip_jax
-from clip_jax.models.functional import get_params, model_from_params
 from clip_jax.checkpoint import save_model
 from clip_jax.convert.open_clip import params_to_open_clip
 from clip_jax.export import BIN_NAME, SAFETENSORS_NAME, export
 from clip_jax.import_open_clip import import_state_dict
-from tests.reference import (jax_features, open_clip_model, random_inputs, state_dict_numpy,
-                             torch_features)
+from clip_jax.models.functional import get_params, model_from_params
+from tests.reference import (
+  jax_features,
+  open_clip_model,
+  random_inputs,
+  state_dict_numpy,
+  torch_features,
+)
 
 # Max abs difference on L2-normalised fp32 features. The issue asks for 1e-4; correct
 # mappings land near 2e-7, and 1e-5 still catches an approximate-vs-exact GELU mix-up
@@ -71,9 +76,11 @@ def test_import_matches_open_clip(name, vision_layers, text_layers, text_overrid
   img, txt = jax_features(model, images, tokens)
   _assert_close(ref_img, img, f'{name} image features')
   _assert_close(ref_txt, txt, f'{name} text features')
-  assert float(model.logit_scale[...]) == pytest.approx(float(torch_model.logit_scale.detach()), abs=1e-7)
+  assert float(model.logit_scale[...]) == pytest.approx(
+      float(torch_model.logit_scale.detach()), abs=1e-7)
   if torch_model.logit_bias is not None:
-    assert float(model.logit_bias[...]) == pytest.approx(float(torch_model.logit_bias.detach()), abs=1e-7)
+    assert float(model.logit_bias[...]) == pytest.approx(
+        float(torch_model.logit_bias.detach()), abs=1e-7)
   else:
     assert model.logit_bias is None
 
@@ -129,9 +136,11 @@ def test_export_loads_strictly_in_open_clip(name, overrides, tmp_path):
   img, txt = jax_features(model, images, tokens)
   _assert_close(ref_img, img, f'{name} image features')
   _assert_close(ref_txt, txt, f'{name} text features')
-  assert float(torch_model.logit_scale.detach()) == pytest.approx(float(model.logit_scale[...]), abs=1e-7)
+  assert float(torch_model.logit_scale.detach()) == pytest.approx(
+      float(model.logit_scale[...]), abs=1e-7)
   if model.logit_bias is not None:
-    assert float(torch_model.logit_bias.detach()) == pytest.approx(float(model.logit_bias[...]), abs=1e-7)
+    assert float(torch_model.logit_bias.detach()) == pytest.approx(
+        float(model.logit_bias[...]), abs=1e-7)
 
 
 def test_export_bin_loads_as_pretrained_for_the_named_preset(tmp_path):

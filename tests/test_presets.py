@@ -13,8 +13,8 @@ from open_clip.model import CustomTextCLIP
 from open_clip.transformer import QuickGELU
 
 import clip_jax
-from clip_jax.models.functional import param_shapes
 from clip_jax.convert.open_clip import open_clip_shapes
+from clip_jax.models.functional import param_shapes
 
 OPEN_CLIP_PRESETS = [n for n in clip_jax.list_models() if not n.startswith('tiny')]
 

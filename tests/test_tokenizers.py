@@ -8,8 +8,12 @@ import pytest
 from open_clip import tokenizer as oc_tokenizer
 
 import clip_jax
-from clip_jax.data.tokenizers import (CLIPTokenizer, SentencePieceTokenizer, clean_canonicalize,
-                                      clean_lower)
+from clip_jax.data.tokenizers import (
+  CLIPTokenizer,
+  SentencePieceTokenizer,
+  clean_canonicalize,
+  clean_lower,
+)
 from tests.text_corpus import corpus
 
 CORPUS = corpus()
@@ -37,8 +41,8 @@ def test_overlong_text_ends_with_eot():
 
 def test_cleaning_matches_open_clip():
   for text in CORPUS:
-    assert clean_lower(text) == oc_tokenizer._clean_lower(text)  # pylint: disable=protected-access
-    assert clean_canonicalize(text) == oc_tokenizer._clean_canonicalize(text)  # pylint: disable=protected-access
+    assert clean_lower(text) == oc_tokenizer._clean_lower(text)
+    assert clean_canonicalize(text) == oc_tokenizer._clean_canonicalize(text)
 
 
 def test_decode_inverts_encode():
@@ -70,12 +74,13 @@ def spm_model(tmp_path_factory):
   captions.write_text('\n'.join(CORPUS[:1500]))
   out = root / 'tok.model'
   subprocess.run([sys.executable, '-m', 'clip_jax.data.train_tokenizer', '--captions',
-                  str(captions), '--vocab_size', '2000', '--character_coverage', '0.98', '--out', str(out)], check=True)
+                  str(captions), '--vocab_size', '2000', '--character_coverage', '0.98',
+                  '--out', str(out)], check=True)
   return out
 
 
 def test_sentencepiece_tokenizer_appends_eos_and_pads(spm_model):
-  import sentencepiece  # pylint: disable=import-outside-toplevel
+  import sentencepiece
   sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
   tok = clip_jax.get_tokenizer(str(spm_model), context_length=16)
   assert (tok.pad_id, tok.eos_id) == (0, 1)  # SigLIP's T5 layout, set by train_tokenizer
@@ -89,7 +94,7 @@ def test_sentencepiece_tokenizer_appends_eos_and_pads(spm_model):
 
 
 def test_train_tokenizer_reports_bad_input(tmp_path):
-  from clip_jax.data.train_tokenizer import train_tokenizer  # pylint: disable=import-outside-toplevel
+  from clip_jax.data.train_tokenizer import train_tokenizer
   with pytest.raises(FileNotFoundError, match='missing.txt'):
     train_tokenizer(str(tmp_path / 'missing.txt'), 100, str(tmp_path / 'x.model'))
   captions = tmp_path / 'c.txt'

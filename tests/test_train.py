@@ -10,14 +10,16 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import clip_jax
 from clip_jax import sharding
+from clip_jax import train as train_lib
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.config_base import base_config
-from clip_jax.models.clip import CLIP
+from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
@@ -35,13 +37,18 @@ def _env(devices=8, **extra):
   return env
 
 
-def _train_cmd(workdir, *overrides, config=DEMO_CONFIG):
+def _demo_config(demo_dir):
+  """The demo config on the test's small demo dataset (it generates none when it exists)."""
+  return f'{DEMO_CONFIG}:data_dir={demo_dir}'
+
+
+def _train_cmd(workdir, *overrides, config):
   return [sys.executable, '-m', 'clip_jax.train', '--config', config, '--workdir', str(workdir),
           *overrides]
 
 
 def _demo_overrides(demo_dir, steps, *extra):
-  return [f'--config.total_steps={steps}', f'--config.data.demo_dir={demo_dir}',
+  return [f'--config.total_steps={steps}',
           f'--config.data.train={demo_dir}/train/{{00000..00009}}.tar',
           f'--config.eval.zeroshot_shards={demo_dir}/eval/{{00000..00001}}.tar',
           f'--config.eval.classnames={demo_dir}/classnames.txt', *extra]
@@ -77,7 +84,8 @@ def _run(cmd, env, timeout=600):
 def test_demo_config_learns(demo_dir, tmp_path):
   workdir = tmp_path / 'run'
   _run(_train_cmd(workdir, *_demo_overrides(demo_dir, 150, '--config.eval_every=150',
-                                            '--config.log_every=10')), _env())
+                                            '--config.log_every=10'),
+                  config=_demo_config(demo_dir)), _env())
   metrics = _metrics(workdir)
   assert metrics[150]['loss'] < 0.6 * metrics[10]['loss']
   assert metrics[150]['zeroshot_top1'] > 4 * (1 / 40)  # chance is 2.5%
@@ -89,17 +97,18 @@ def test_demo_config_learns(demo_dir, tmp_path):
 def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
   common = _demo_overrides(demo_dir, 24, '--config.log_every=1', '--config.checkpoint_every=5',
                            '--config.eval.zeroshot_shards=', '--config.batch_size=32')
-  _run(_train_cmd(tmp_path / 'straight', *common), _env())
+  _run(_train_cmd(tmp_path / 'straight', *common, config=_demo_config(demo_dir)), _env())
 
   workdir = tmp_path / 'killed'
-  process = subprocess.Popen(_train_cmd(workdir, *common), env=_env(),
+  process = subprocess.Popen(_train_cmd(workdir, *common, config=_demo_config(demo_dir)),
+                             env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   _wait_for_step(workdir, 8)
   process.send_signal(signal.SIGKILL)
   process.wait()
   killed_at = max(_metrics(workdir))
   assert killed_at < 24, 'the run finished before it could be killed'
-  _run(_train_cmd(workdir, *common), _env())
+  _run(_train_cmd(workdir, *common, config=_demo_config(demo_dir)), _env())
 
   straight, resumed = _metrics(tmp_path / 'straight'), _metrics(workdir)
   assert sorted(straight) == sorted(resumed) == list(range(1, 25))
@@ -117,7 +126,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(demo_dir, tmp_path):
   cmd = _train_cmd(workdir, *_demo_overrides(demo_dir, 10_000, '--config.log_every=1',
                                              '--config.checkpoint_every=1000',
                                              '--config.eval.zeroshot_shards=',
-                                             '--config.batch_size=32'))
+                                             '--config.batch_size=32'),
+                   config=_demo_config(demo_dir))
   process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
   _wait_for_step(workdir, 3)
@@ -130,17 +140,19 @@ def test_sigterm_checkpoints_and_exits_cleanly(demo_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  synthetic = ['--config.data.kind=synthetic', '--config.data.demo_dir=', '--config.total_steps=4',
+def test_two_processes_match_one_process(demo_data, tmp_path):
+  synthetic = ['--config.data.kind=synthetic', '--config.total_steps=4',
                '--config.log_every=1', '--config.eval.zeroshot_shards=', '--config.batch_size=32',
                '--config.mesh.data=4', '--config.mesh.fsdp=2']
-  _run(_train_cmd(tmp_path / 'one', *synthetic), _env())
+  _run(_train_cmd(tmp_path / 'one', *synthetic, config=_demo_config(demo_data)), _env())
   env = _env(PYTHON=sys.executable, CLIP_JAX_LOG_DIR=str(tmp_path))
   env.pop('XLA_FLAGS')
   result = subprocess.run([str(ROOT / 'launch' / 'local.sh'), '2', '4', '--',
-                           *_train_cmd(tmp_path / 'two', *synthetic)[3:]],
+                           *_train_cmd(tmp_path / 'two', *synthetic,
+                                       config=_demo_config(demo_data))[3:]],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
-  logs = (tmp_path / 'clip_jax_proc_1.log').read_text() if (tmp_path / 'clip_jax_proc_1.log').exists() else ''
+  log_1 = tmp_path / 'clip_jax_proc_1.log'
+  logs = log_1.read_text() if log_1.exists() else ''
   assert result.returncode == 0, result.stderr[-2000:] + logs[-2000:]
   one, two = _metrics(tmp_path / 'one'), _metrics(tmp_path / 'two')
   assert 'Process 0 of 2' in result.stderr
@@ -150,22 +162,30 @@ def test_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_restore_onto_a_smaller_mesh_continues(demo_dir, tmp_path):
-  workdir = tmp_path / 'run'
+  """8 devices for 3 steps, then 4 devices: the losses of an uninterrupted 8-device run.
+
+  A constant schedule after warmup makes the first leg's learning rates independent of its
+  shorter `total_steps`.
+  """
   common = ['--config.log_every=1', '--config.checkpoint_every=3', '--config.eval.zeroshot_shards=',
-            '--config.batch_size=32', '--config.mesh.fsdp=2']
-  _run(_train_cmd(workdir, *_demo_overrides(demo_dir, 3, *common)), _env(devices=8))
-  _run(_train_cmd(workdir, *_demo_overrides(demo_dir, 6, *common)), _env(devices=4))
-  metrics = _metrics(workdir)
-  assert sorted(metrics) == [1, 2, 3, 4, 5, 6]
-  assert all(np.isfinite(metrics[s]['loss']) for s in metrics)
+            '--config.batch_size=32', '--config.mesh.fsdp=2', '--config.optim.schedule=constant']
+  _run(_train_cmd(tmp_path / 'straight', *_demo_overrides(demo_dir, 6, *common),
+                  config=_demo_config(demo_dir)), _env(devices=8))
+  workdir = tmp_path / 'run'
+  for steps, devices in ((3, 8), (6, 4)):
+    _run(_train_cmd(workdir, *_demo_overrides(demo_dir, steps, *common),
+                    config=_demo_config(demo_dir)), _env(devices=devices))
+  straight, resumed = _metrics(tmp_path / 'straight'), _metrics(workdir)
+  assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+  for step in straight:  # same batches and state; only the reduction order differs
+    np.testing.assert_allclose(resumed[step]['loss'], straight[step]['loss'], rtol=1e-4)
   assert resolve_checkpoint(workdir).name == '6'
 
 
 def test_fsdp_shards_weights_across_devices():
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1})
-  from clip_jax.train import build_model  # pylint: disable=import-outside-toplevel
   cfg = clip_jax.get_config('ViT-B-32', **{'vision.layers': 2, 'text.layers': 2})
-  _, _, init = build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
+  _, _, init = train_lib.build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
   params = init()
   total = sum(x.size for x in jax.tree.leaves(params))
   on_device0 = sum(s.data.size for x in jax.tree.leaves(params) for s in x.addressable_shards
@@ -199,36 +219,38 @@ def _config(**kw):
 
 @pytest.mark.parametrize('overrides,error,message', [
     ({'mesh.data': 3}, ValueError, r'config.mesh .* needs 3 devices'),
-    ({'batch_size': 12}, ValueError, r'config.batch_size=12 must be divisible by the data-parallel size 8'),
-    ({'data.kind': 'tar', 'data.train': '/nonexistent/{0..3}.tar'}, FileNotFoundError, 'matches no file'),
+    ({'batch_size': 12}, ValueError,
+     r'config.batch_size=12 must be divisible by the data-parallel size 8'),
+    ({'data.kind': 'tar', 'data.train': '/nonexistent/{0..3}.tar'}, FileNotFoundError,
+     'matches no file'),
     ({'model.name': 'ViT-B32'}, ValueError, 'Did you mean'),
     ({'loss.kind': 'hinge'}, ValueError, 'config.loss.kind'),
 ])
 def test_bad_configs_fail_before_compiling(overrides, error, message, tmp_path):
-  from clip_jax.train import validate  # pylint: disable=import-outside-toplevel
   with pytest.raises(error, match=message):
-    validate(_config(**overrides), str(tmp_path), 8)
+    train_lib.validate(_config(**overrides), str(tmp_path), 8)
 
 
-def test_unwritable_workdir_and_unknown_key(tmp_path):
-  from clip_jax.train import validate  # pylint: disable=import-outside-toplevel
+def test_unwritable_workdir_and_unknown_key(demo_data, tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('x')
   with pytest.raises(ValueError, match='--workdir .* is not writable'):
-    validate(_config(), str(blocker / 'sub'), 8)
-  result = subprocess.run(_train_cmd(tmp_path / 'w', '--config.optim.learning_rate=1'),
+    train_lib.validate(_config(), str(blocker / 'sub'), 8)
+  result = subprocess.run(_train_cmd(tmp_path / 'w', '--config.optim.learning_rate=1',
+                                     config=_demo_config(demo_data)),
                           env=_env(), capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode != 0 and 'learning_rate' in result.stderr
 
 
 @pytest.mark.slow
-def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+def test_non_finite_steps_are_skipped_then_the_run_stops(demo_data, tmp_path):
   workdir = tmp_path / 'run'
   result = subprocess.run(_train_cmd(
       workdir, '--config.data.kind=synthetic', '--config.data.demo_dir=',
       '--config.eval.zeroshot_shards=', '--config.batch_size=16', '--config.total_steps=50',
       '--config.optim.lr=1e30', '--config.optim.clip_norm=0', '--config.optim.warmup_steps=0',
-      '--config.max_bad_steps=3', '--config.log_every=1', '--config.checkpoint_every=1'),
+      '--config.max_bad_steps=3', '--config.log_every=1', '--config.checkpoint_every=1',
+      config=_demo_config(demo_data)),
       env=_env(), capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode != 0
   assert '3 steps in a row had a non-finite loss or gradient' in result.stderr
@@ -259,8 +281,7 @@ def test_lit_init_from_a_checkpoint_keeps_the_image_tower_frozen(trained_demo, d
 
 def test_gradient_accumulation_averages_micro_batch_gradients():
   """grad_accum=2 applies the mean of the gradients of its two strided micro-batches."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from clip_jax import train as train_lib  # pylint: disable=import-outside-toplevel
+
   config = _config(**{'optim.grad_accum': 2, 'optim.clip_norm': 0.0, 'optim.lr': 1.0,
                       'optim.warmup_steps': 0, 'optim.weight_decay': 0.0,
                       'optim.schedule': 'constant', 'batch_size': 16})
@@ -299,9 +320,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients():
 
 def test_the_step_clamps_the_logit_scale_at_log_100():
   """However far an update pushes it, the logit scale never exceeds log(100)."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from clip_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-  from clip_jax.models.clip import MAX_LOGIT_SCALE  # pylint: disable=import-outside-toplevel
+
   config = _config(batch_size=8)
   mesh = sharding.make_mesh({'data': -1})
   model, _, init = train_lib.build_model(train_lib.model_config(config), mesh,

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import random
 
-_WORDS = ('a photo of the cat dog car tree person bird plane boat red green blue small big '
-          'two three many old new bright dark sunny rainy city street beach mountain river '
-          'playing running sitting standing with on in under over near café naïve résumé '
-          'jalapeño Zürich São Paulo').split()
+_WORDS = ['a', 'photo', 'of', 'the', 'cat', 'dog', 'car', 'tree', 'person', 'bird', 'plane', 'boat', 'red', 'green', 'blue', 'small', 'big', 'two', 'three', 'many', 'old', 'new', 'bright', 'dark', 'sunny', 'rainy', 'city', 'street', 'beach', 'mountain', 'river', 'playing', 'running', 'sitting', 'standing', 'with', 'on', 'in', 'under', 'over', 'near', 'café', 'naïve', 'résumé', 'jalapeño', 'Zürich', 'São', 'Paulo']
 _TEMPLATES = ('a photo of a {}.', 'a bad photo of the {}.', 'itap of my {}.', 'a {} in a video game.',
               'art of the {}.', 'a close-up photo of a {}.', 'a black and white photo of the {}.',
               'a toy {}.', 'a rendition of the {}.', "it's a {}!", "I'm looking at the {}, aren't you?",

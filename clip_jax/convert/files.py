@@ -19,7 +19,7 @@ def read_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise FileNotFoundError(f'Checkpoint file {path} does not exist.')
   if path.suffix == '.safetensors':
-    from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+    from safetensors.numpy import load
     return dict(load(path.read_bytes()))
   if path.suffix not in TORCH_SUFFIXES:
     raise ValueError(f'{path}: expected .safetensors or one of {TORCH_SUFFIXES}.')
@@ -39,7 +39,7 @@ def _tensor_to_numpy(t: Any) -> np.ndarray:
 
 def _import_torch(path: epath.Path):
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError as e:
     raise ImportError(f'Reading {path} needs PyTorch; convert it to .safetensors or '
                       "`pip install 'clip_jax[test]'`.") from e
@@ -47,14 +47,14 @@ def _import_torch(path: epath.Path):
 
 
 def write_safetensors(state_dict: dict[str, np.ndarray], path: str | epath.Path) -> None:
-  from safetensors.numpy import save  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save
   epath.Path(path).write_bytes(save({k: np.array(v, order="C") for k, v in state_dict.items()}))
 
 
 def write_torch_bin(state_dict: dict[str, np.ndarray], path: str | epath.Path) -> bool:
   """Writes a torch `.bin` if PyTorch is installed; returns whether it did."""
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError:
     return False
   tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict.items()}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax import traverse_util
@@ -76,7 +77,8 @@ def torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _ln(torch_prefix: str, ours: str) -> list[Rule]:
-  return [Rule(f'{torch_prefix}.weight', f'{ours}/scale'), Rule(f'{torch_prefix}.bias', f'{ours}/bias')]
+  return [Rule(f'{torch_prefix}.weight', f'{ours}/scale'),
+          Rule(f'{torch_prefix}.bias', f'{ours}/bias')]
 
 
 def _linear(torch_prefix: str, ours: str, layout: str = 'linear', bias: bool = True) -> list[Rule]:
@@ -92,7 +94,8 @@ def _openclip_block(t: str, o: str, ls: bool) -> list[Rule]:
            + _ln(f'{t}.ln_2', f'{o}/ln_2') + _linear(f'{t}.mlp.c_fc', f'{o}/mlp/fc1')
            + _linear(f'{t}.mlp.c_proj', f'{o}/mlp/fc2'))
   if ls:
-    rules += [Rule(f'{t}.ls_1.gamma', f'{o}/ls_1/gamma'), Rule(f'{t}.ls_2.gamma', f'{o}/ls_2/gamma')]
+    rules += [Rule(f'{t}.ls_1.gamma', f'{o}/ls_1/gamma'),
+              Rule(f'{t}.ls_2.gamma', f'{o}/ls_2/gamma')]
   return rules
 
 

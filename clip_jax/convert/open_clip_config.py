@@ -57,7 +57,7 @@ def _native_vision(v: VisionConfig) -> dict[str, Any]:
 
 
 def _timm_vision(cfg: CLIPConfig) -> dict[str, Any]:
-  from clip_jax.models.presets import PRESETS  # pylint: disable=import-outside-toplevel
+  from clip_jax.models.presets import PRESETS
   v = cfg.vision
   reference = next((p.vision for p in PRESETS.values() if p.vision == v), None)
   if reference is None:

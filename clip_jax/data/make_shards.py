@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
-from typing import Iterator
+from collections.abc import Iterator
 
 from etils import epath
 from tqdm import tqdm
@@ -38,7 +38,7 @@ def folder_pairs(folder: epath.Path) -> Iterator[Pair]:
 
 def table_pairs(table: epath.Path, path_column: str, caption_column: str) -> Iterator[Pair]:
   if table.suffix == '.parquet':
-    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq
     data = pq.read_table(str(table))
     columns, rows = data.column_names, data.to_pylist()
   else:

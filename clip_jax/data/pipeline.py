@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import jax
-from absl import flags
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding
 from PIL import Image
 
@@ -88,7 +89,7 @@ class ImageTextMapper:
       return record
     try:
       image = decode_image(record.image, self.cfg.image_size)
-    except Exception:  # PIL raises many types for corrupt data pylint: disable=broad-except
+    except Exception:  # PIL raises many types for corrupt data
       return Skip('bad_image', f'{record.shard}:{record.key}')
     image = augment(image, self.cfg, rng)
     return {'image': np.asarray(image, np.uint8), 'text': self.cfg.tokenizer([record.caption])[0]}
@@ -237,7 +238,7 @@ class Loader:
   JSON-serialisable dict: store it with the checkpoint.
   """
 
-  def __init__(self, cfg: PipelineConfig, sharding: Optional[NamedSharding] = None):
+  def __init__(self, cfg: PipelineConfig, sharding: NamedSharding | None = None):
     self.cfg = cfg
     self.dataset = build_dataset(cfg, jax.process_index(), jax.process_count())
     self._iterator = iter(self.dataset)

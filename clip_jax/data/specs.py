@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 from etils import epath
 
-Spec = Union[str, Sequence[str]]
+Spec = str | Sequence[str]
 _BRACE = re.compile(r'\{([^{}]*)\}')
 _RANGE = re.compile(r'^(-?\d+)\.\.(-?\d+)$')
 
@@ -69,7 +69,7 @@ def expand_component(spec: Spec) -> list[str]:
   return list(dict.fromkeys(paths))
 
 
-def parse_weights(weights: Union[None, str, Sequence[float]], n: int) -> list[float]:
+def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
   if weights is None or weights == '':
     return [1.0] * n
   values = [float(w) for w in (weights.split('::') if isinstance(weights, str) else weights)]
@@ -79,7 +79,7 @@ def parse_weights(weights: Union[None, str, Sequence[float]], n: int) -> list[fl
   return values
 
 
-def parse_spec(spec: Spec, weights: Union[None, str, Sequence[float]] = None) -> list[Source]:
+def parse_spec(spec: Spec, weights: str | Sequence[float] | None = None) -> list[Source]:
   """Spec -> sources; a component that matches no existing file is an error naming it.
 
   Individually missing shards stay in the list: the reader counts them as

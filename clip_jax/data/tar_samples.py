@@ -14,7 +14,7 @@ import dataclasses
 import json
 import posixpath
 import tarfile
-from typing import Iterator, Optional, Union
+from collections.abc import Iterator
 
 import grain
 from etils import epath
@@ -43,7 +43,7 @@ class RawSample:
   meta: bytes = b''  # the sample's raw `.json` (labels for evaluation), if any
 
 
-Record = Union[RawSample, Skip]
+Record = RawSample | Skip
 
 
 def split_key(member_name: str) -> tuple[str, str]:
@@ -53,7 +53,7 @@ def split_key(member_name: str) -> tuple[str, str]:
   return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ''
 
 
-def _caption(files: dict[str, bytes], caption_key: str) -> Optional[str]:
+def _caption(files: dict[str, bytes], caption_key: str) -> str | None:
   """The caption from `txt`, or from field `caption_key` of `json` when no txt exists."""
   if 'txt' in files:
     return files['txt'].decode('utf-8').strip()
@@ -119,7 +119,7 @@ def read_shard(path: str, caption_key: str = 'caption', skip: int = 0) -> Iterat
     return
   with fileobj:
     try:
-      tar = tarfile.open(fileobj=fileobj, mode='r:')
+      tar = tarfile.open(fileobj=fileobj, mode='r:')  # noqa: SIM115 (closed with fileobj)
     except tarfile.ReadError:
       if not skip:
         yield Skip('empty_shard', path)

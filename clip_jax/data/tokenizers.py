@@ -8,15 +8,16 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import itertools
 import string
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import ftfy
 import numpy as np
 import regex
 from etils import epath
 
-Texts = Union[str, Sequence[str]]
+Texts = str | Sequence[str]
 DEFAULT_BPE = epath.resource_path('clip_jax.data') / 'assets' / 'bpe_simple_vocab_16e6.txt.gz'
 SOT, EOT = '<start_of_text>', '<end_of_text>'
 _NUM_MERGES = 49152 - 256 - 2
@@ -41,7 +42,7 @@ def clean_canonicalize(text: str) -> str:
   return ' '.join(text.split())
 
 
-@functools.lru_cache()
+@functools.lru_cache
 def byte_alphabet() -> dict[int, str]:
   """Maps each byte to a printable unicode character, so BPE never sees whitespace/control."""
   printable = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1),
@@ -108,7 +109,7 @@ class CLIPTokenizer:
       return (token,)
     word = [*token[:-1], token[-1] + '</w>']
     while len(word) > 1:
-      best = min(zip(word, word[1:]), key=lambda pair: self.ranks.get(pair, float('inf')))
+      best = min(itertools.pairwise(word), key=lambda pair: self.ranks.get(pair, float('inf')))
       if best not in self.ranks:
         break
       merged, i = [], 0
@@ -159,7 +160,7 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_path: str | epath.Path, context_length: int = 64,
                clean: Callable[[str], str] = clean_canonicalize):
-    import sentencepiece  # pylint: disable=import-outside-toplevel
+    import sentencepiece
     model_path = epath.Path(model_path)
     self._proto = _read_text(model_path, 'sentencepiece model')
     self.sp = sentencepiece.SentencePieceProcessor()
@@ -179,7 +180,7 @@ class SentencePieceTokenizer:
     return {k: v for k, v in self.__dict__.items() if k != 'sp'}
 
   def __setstate__(self, state):
-    import sentencepiece  # pylint: disable=import-outside-toplevel
+    import sentencepiece
     self.__dict__.update(state)
     self.sp = sentencepiece.SentencePieceProcessor()
     self.sp.LoadFromSerializedProto(self._proto)
@@ -197,7 +198,7 @@ class SentencePieceTokenizer:
     return _to_array(sequences, n, self.pad_id)
 
 
-Tokenizer = Union[CLIPTokenizer, SentencePieceTokenizer]
+Tokenizer = CLIPTokenizer | SentencePieceTokenizer
 
 
 def tokenizer_from_spec(spec: str, context_length: int) -> Tokenizer:

@@ -21,7 +21,7 @@ from clip_jax.data.tokenizers import clean_canonicalize
 
 def train_tokenizer(captions: str, vocab_size: int, out: str, model_type: str = 'unigram',
                     character_coverage: float = 0.9995) -> epath.Path:
-  import sentencepiece  # pylint: disable=import-outside-toplevel
+  import sentencepiece
   captions_path, out_path = epath.Path(captions), epath.Path(out)
   if not captions_path.is_file():
     raise FileNotFoundError(f'Captions file {captions_path} does not exist.')

@@ -7,7 +7,7 @@ sides to the target (SigLIP). Output: float32 HWC, normalised with the model's m
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -32,7 +32,7 @@ def resize_and_crop(image: Image.Image, size: int, resize_mode: str, interpolati
   else:
     new_w, new_h = int(size * w / h), size
   image = image.resize((new_w, new_h), resample)
-  left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+  left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
   return image.crop((left, top, left + size, top + size))
 
 
@@ -78,7 +78,7 @@ def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
   for _ in range(10):
     target = area * rng.uniform(*scale)
     aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-    cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+    cw, ch = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
     if 0 < cw <= w and 0 < ch <= h:
       left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
       return image.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
@@ -89,6 +89,6 @@ def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
 
 def normalize_on_device(images, cfg: PreprocessConfig):
   """uint8 NHWC batch (as the pipeline ships it) -> normalised float32, inside jit."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp
   x = images.astype(jnp.float32) / 255.0
   return (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)

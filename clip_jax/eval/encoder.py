@@ -6,16 +6,18 @@ the padding rows are dropped from the outputs, so every example counts exactly o
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from clip_jax import sharding
-from clip_jax.models.functional import FunctionalModel
 from clip_jax.data.transforms import normalize_on_device
+from clip_jax.models.functional import FunctionalModel
 
 
 class Encoder:
@@ -54,8 +56,9 @@ class Encoder:
                    desc: str = 'images') -> tuple[np.ndarray, list]:
     """Features of (image, target) pairs from an iterator, batch by batch, with progress."""
     features, targets = [], []
+    batches = None if total is None else -(-total // self.batch_size)
     for images, batch_targets in tqdm(_chunks(examples, self.batch_size), desc=desc, unit='batch',
-                                      total=None if total is None else -(-total // self.batch_size)):
+                                      total=batches):
       features.append(self._run(self._image, np.stack(images)))
       targets.extend(batch_targets)
     if not features:

@@ -8,7 +8,7 @@ text->image when the caption's image does.
 from __future__ import annotations
 
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

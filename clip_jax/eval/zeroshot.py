@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from etils import epath
@@ -193,7 +193,7 @@ def shard_images(spec: str, size: int, preprocess: PreprocessConfig,
 def tfds_dataset(name: str, split: str, data_dir: str | None, size: int,
                  preprocess: PreprocessConfig) -> tuple[list[str], int, Iterator[Example]]:
   """(class names, length, examples) of a locally prepared TFDS dataset (array_record)."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds
   source = tfds.data_source(name, split=split, data_dir=data_dir)
   names = [n.replace('_', ' ') for n in source.dataset_info.features['label'].names]
 

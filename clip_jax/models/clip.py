@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,7 +42,7 @@ class CLIP(nnx.Module):
     return l2_normalize(x) if normalize else x
 
   def __call__(self, images: jax.Array, tokens: jax.Array
-               ) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Normalised image and text features, the log logit scale and the bias (or None)."""
     bias = self.logit_bias[...] if self.logit_bias is not None else None
     return (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),

@@ -12,7 +12,7 @@ import ast
 import dataclasses
 import types
 import typing
-from typing import Any, Optional
+from typing import Any
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -41,9 +41,9 @@ class VisionConfig:
   proj: bool = True
   act: str = 'gelu'
   norm_eps: float = 1e-5
-  ls_init: Optional[float] = None
+  ls_init: float | None = None
   # Set for towers that OpenCLIP builds from a timm trunk (the SigLIP family).
-  timm_model_name: Optional[str] = None
+  timm_model_name: str | None = None
 
   @property
   def grid(self) -> int:
@@ -69,12 +69,12 @@ class TextConfig:
   proj_bias: bool = False
   act: str = 'gelu'
   norm_eps: float = 1e-5
-  ls_init: Optional[float] = None
+  ls_init: float | None = None
   pad_id: int = 0
   # Tokenizer: 'clip' (the shipped BPE) or a sentencepiece `.model` path.
   tokenizer: str = 'clip'
   # OpenCLIP's hub tokenizer name, written to the exported config only.
-  hf_tokenizer_name: Optional[str] = None
+  hf_tokenizer_name: str | None = None
 
   @property
   def head_dim(self) -> int:
@@ -97,7 +97,7 @@ class CLIPConfig:
   vision: VisionConfig = VisionConfig()
   text: TextConfig = TextConfig()
   init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
-  init_logit_bias: Optional[float] = None
+  init_logit_bias: float | None = None
   # OpenCLIP stores the text tower under `text.` (CustomTextCLIP) instead of at the root.
   custom_text: bool = False
   preprocess: PreprocessConfig = PreprocessConfig()
@@ -128,7 +128,7 @@ class CLIPConfig:
         top[section] = _replace_checked(getattr(self, section), fields)
     return _replace_checked(self, top)
 
-  def validate(self) -> 'CLIPConfig':
+  def validate(self) -> CLIPConfig:
     """Raises ValueError naming the field for impossible architectures."""
     v, t = self.vision, self.text
     checks = [
@@ -152,7 +152,7 @@ class CLIPConfig:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> 'CLIPConfig':
+  def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
     d = dict(d)
     pre = dict(d.pop('preprocess', {}))
     for key in ('mean', 'std'):

@@ -9,7 +9,7 @@ Matmuls run in the compute dtype; LayerNorm statistics and attention softmax in 
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ from flax import nnx
 Initializer = Callable[..., jax.Array]
 
 
-def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[Optional[str]],
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Sequence[str | None],
           dtype) -> nnx.Param:
   """Creates a parameter tagged with its logical axis names."""
   assert len(shape) == len(axes), (shape, axes)
@@ -43,9 +43,9 @@ class Dense(nnx.Module):
   visible to the sharding rules instead of hiding it in a packed matrix.
   """
 
-  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[Optional[str]],
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Sequence[str | None],
                *, use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs, kernel_init: Optional[Initializer] = None):
+               rngs: nnx.Rngs, kernel_init: Initializer | None = None):
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
     n_in = len(in_shape)
     if kernel_init is None:
@@ -133,7 +133,7 @@ class Block(nnx.Module):
   """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x)) (optional LayerScale)."""
 
   def __init__(self, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
-               ls_init: Optional[float], dtype, param_dtype, rngs: nnx.Rngs):
+               ls_init: float | None, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln_1 = LayerNorm(dim, eps=eps, **kw)
     self.attn = Attention(dim, heads, **kw)
@@ -169,7 +169,7 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, layers: int, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
-               ls_init: Optional[float], scan: bool, remat: str, dtype, param_dtype,
+               ls_init: float | None, scan: bool, remat: str, dtype, param_dtype,
                rngs: nnx.Rngs):
 
     @nnx.split_rngs(splits=layers)

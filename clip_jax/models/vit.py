@@ -68,7 +68,8 @@ class VisionTransformer(nnx.Module):
     """[B, H, W, 3] -> [B, N(+1), width] tokens with position embedding."""
     p, n = self.cfg.patch_size, self.cfg.grid * self.cfg.patch_size
     # Like a strided conv, pixels past the last whole patch are ignored (e.g. 384px at /14).
-    patches = einops.rearrange(images[:, :n, :n], 'b (h p1) (w p2) c -> b (h w) p1 p2 c', p1=p, p2=p)
+    patches = einops.rearrange(images[:, :n, :n], 'b (h p1) (w p2) c -> b (h w) p1 p2 c',
+                               p1=p, p2=p)
     x = self.patch_embed(patches)
     if self.cls_token is not None:
       cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
