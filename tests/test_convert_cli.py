@@ -19,7 +19,8 @@ from clip_jax.convert.open_clip_config import UnsupportedForOpenCLIP
 from clip_jax.export import CONFIG_NAME, export
 from clip_jax.import_open_clip import import_state_dict
 from clip_jax.models.functional import get_params
-from tests.reference import jax_features, open_clip_model, random_inputs, state_dict_numpy
+from tests.jax_reference import jax_features, random_inputs
+from tests.reference import open_clip_model, state_dict_numpy
 
 TINY_CFG = clip_jax.get_config('tiny')
 

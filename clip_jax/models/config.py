@@ -180,13 +180,20 @@ def _replace_checked(obj, fields: dict[str, Any]):
 def field_type(klass: type, name: str) -> type:
   """The declared type of a config field, `Optional` unwrapped (`ls_init` -> float)."""
   hint = typing.get_type_hints(klass)[name]
-  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+  if _is_optional(hint):
     hint = next(a for a in typing.get_args(hint) if a is not type(None))
   return typing.get_origin(hint) or hint
 
 
+def _is_optional(hint: Any) -> bool:
+  return (typing.get_origin(hint) in (typing.Union, types.UnionType)
+          and type(None) in typing.get_args(hint))
+
+
 def _parse_value(klass: type, name: str, value: Any) -> Any:
   kind = field_type(klass, name)
+  if value == 'None' and _is_optional(typing.get_type_hints(klass)[name]):
+    return None
   if not isinstance(value, str) or kind is str:
     return value
   try:
