@@ -20,19 +20,26 @@ from clip_jax.export import export
 TEMPLATES = ('a photo of a {}.', 'a {}.')
 
 
-@pytest.fixture(scope='module')
-def eval_folder(demo_data, tmp_path_factory):
-  """The demo eval split as an image folder: one subfolder per class, named by class."""
-  root = tmp_path_factory.mktemp('folder')
+def _write_class_folders(demo_data, root, folder_name):
+  """The demo eval split's images in one folder per class; returns the label-order names."""
   names = (demo_data / 'classnames.txt').read_text().split('\n')[:-1]
   with tarfile.open(demo_data / 'eval' / '00000.tar') as tar:
     for member in tar.getmembers():
       if member.name.endswith('.json'):
         key = member.name[:-5]
         label = json.loads(tar.extractfile(member).read())['label']
-        folder = root / f'{label:02d}_{names[label].replace(" ", "_")}'
-        folder.mkdir(exist_ok=True)
+        folder = root / folder_name(label, names[label])
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / f'{key}.jpg').write_bytes(tar.extractfile(f'{key}.jpg').read())
+  return names
+
+
+@pytest.fixture(scope='module')
+def eval_folder(demo_data, tmp_path_factory):
+  """The demo eval split as an image folder: one subfolder per class, named by class."""
+  root = tmp_path_factory.mktemp('folder')
+  names = _write_class_folders(demo_data, root,
+                               lambda label, name: f'{label:02d}_{name.replace(" ", "_")}')
   (root.parent / 'classnames_sorted.txt').write_text(
       '\n'.join(names[int(p.name[:2])] for p in sorted(root.iterdir())) + '\n')
   return root
@@ -46,15 +53,7 @@ def named_folder(demo_data, tmp_path_factory):
   the folder names (`_` as space) in another order.
   """
   root = tmp_path_factory.mktemp('named') / 'images'
-  names = (demo_data / 'classnames.txt').read_text().split('\n')[:-1]
-  with tarfile.open(demo_data / 'eval' / '00000.tar') as tar:
-    for member in tar.getmembers():
-      if member.name.endswith('.json'):
-        key = member.name[:-5]
-        label = json.loads(tar.extractfile(member).read())['label']
-        folder = root / names[label].replace(' ', '_')
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f'{key}.jpg').write_bytes(tar.extractfile(f'{key}.jpg').read())
+  names = _write_class_folders(demo_data, root, lambda label, name: name.replace(' ', '_'))
   folders = sorted(p.name for p in root.iterdir())
   assert [f.replace('_', ' ') for f in folders] != names  # really another order
   return root
