@@ -21,6 +21,7 @@ DEMO_DIR = os.environ.get('CLIP_JAX_DEMO_DIR', os.path.expanduser('~/.cache/clip
 
 def get_config(arg=None):
   args = dict(kv.split('=') for kv in arg.split(',')) if arg else {}
+  data_dir = args.get('data_dir', DEMO_DIR)
   c = base_config()
   c.total_steps = int(args.get('steps', 1500))
   c.batch_size = 128
@@ -29,14 +30,13 @@ def get_config(arg=None):
   c.checkpoint_every = 500
   c.model.name = 'tiny'
   c.model.vision.image_size = 64
-  c.data.demo_dir = DEMO_DIR
-  c.data.train = f'{DEMO_DIR}/train/{{00000..00009}}.tar'
+  c.data.train = f'{data_dir}/train/*.tar'
   c.data.shuffle_window = 1024
   c.data.workers = 1
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
   c.optim.weight_decay = 0.1
-  c.eval.zeroshot_shards = f'{DEMO_DIR}/eval/00000.tar'
-  c.eval.classnames = f'{DEMO_DIR}/classnames.txt'
+  c.eval.zeroshot_shards = f'{data_dir}/eval/*.tar'
+  c.eval.classnames = f'{data_dir}/classnames.txt'
   c.eval.templates = ['a photo of a {}.', 'a {}.', 'one {}.']
   return c

@@ -47,11 +47,8 @@ def _train_cmd(workdir, *overrides, config):
           *overrides]
 
 
-def _demo_overrides(demo_dir, steps, *extra):
-  return [f'--config.total_steps={steps}',
-          f'--config.data.train={demo_dir}/train/{{00000..00009}}.tar',
-          f'--config.eval.zeroshot_shards={demo_dir}/eval/{{00000..00001}}.tar',
-          f'--config.eval.classnames={demo_dir}/classnames.txt', *extra]
+def _overrides(steps, *extra):
+  return [f'--config.total_steps={steps}', *extra]
 
 
 def _metrics(workdir):
@@ -83,7 +80,7 @@ def _run(cmd, env, timeout=600):
 @pytest.mark.slow
 def test_demo_config_learns(demo_dir, tmp_path):
   workdir = tmp_path / 'run'
-  _run(_train_cmd(workdir, *_demo_overrides(demo_dir, 150, '--config.eval_every=150',
+  _run(_train_cmd(workdir, *_overrides(150, '--config.eval_every=150',
                                             '--config.log_every=10'),
                   config=_demo_config(demo_dir)), _env())
   metrics = _metrics(workdir)
@@ -95,7 +92,7 @@ def test_demo_config_learns(demo_dir, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
-  common = _demo_overrides(demo_dir, 24, '--config.log_every=1', '--config.checkpoint_every=5',
+  common = _overrides(24, '--config.log_every=1', '--config.checkpoint_every=5',
                            '--config.eval.zeroshot_shards=', '--config.batch_size=32')
   _run(_train_cmd(tmp_path / 'straight', *common, config=_demo_config(demo_dir)), _env())
 
@@ -123,7 +120,7 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(demo_dir, tmp_path):
   workdir = tmp_path / 'run'
-  cmd = _train_cmd(workdir, *_demo_overrides(demo_dir, 10_000, '--config.log_every=1',
+  cmd = _train_cmd(workdir, *_overrides(10_000, '--config.log_every=1',
                                              '--config.checkpoint_every=1000',
                                              '--config.eval.zeroshot_shards=',
                                              '--config.batch_size=32'),
@@ -169,11 +166,11 @@ def test_restore_onto_a_smaller_mesh_continues(demo_dir, tmp_path):
   """
   common = ['--config.log_every=1', '--config.checkpoint_every=3', '--config.eval.zeroshot_shards=',
             '--config.batch_size=32', '--config.mesh.fsdp=2', '--config.optim.schedule=constant']
-  _run(_train_cmd(tmp_path / 'straight', *_demo_overrides(demo_dir, 6, *common),
+  _run(_train_cmd(tmp_path / 'straight', *_overrides(6, *common),
                   config=_demo_config(demo_dir)), _env(devices=8))
   workdir = tmp_path / 'run'
   for steps, devices in ((3, 8), (6, 4)):
-    _run(_train_cmd(workdir, *_demo_overrides(demo_dir, steps, *common),
+    _run(_train_cmd(workdir, *_overrides(steps, *common),
                     config=_demo_config(demo_dir)), _env(devices=devices))
   straight, resumed = _metrics(tmp_path / 'straight'), _metrics(workdir)
   assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
@@ -246,7 +243,7 @@ def test_unwritable_workdir_and_unknown_key(demo_data, tmp_path):
 def test_non_finite_steps_are_skipped_then_the_run_stops(demo_data, tmp_path):
   workdir = tmp_path / 'run'
   result = subprocess.run(_train_cmd(
-      workdir, '--config.data.kind=synthetic', '--config.data.demo_dir=',
+      workdir, '--config.data.kind=synthetic',
       '--config.eval.zeroshot_shards=', '--config.batch_size=16', '--config.total_steps=50',
       '--config.optim.lr=1e30', '--config.optim.clip_norm=0', '--config.optim.warmup_steps=0',
       '--config.max_bad_steps=3', '--config.log_every=1', '--config.checkpoint_every=1',
