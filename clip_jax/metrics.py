@@ -73,8 +73,9 @@ class MetricLogger:
     if self.enabled:
       _hide_gpus_from_tensorflow()
       from clu import metric_writers
-      self.writer = metric_writers.create_default_writer(str(self.workdir / 'tensorboard'),
-                                                         asynchronous=False)
+      # TensorBoard only: the trainer writes its own console line (or progress bar), so
+      # clu's LoggingWriter would print every scalar a second time.
+      self.writer = metric_writers.SummaryWriter(str(self.workdir / 'tensorboard'))
       self.jsonl = (self.workdir / 'metrics.jsonl').open('a')
 
   def write_config(self, config: Any, param_overview: str) -> None:
