@@ -144,6 +144,8 @@ def create_state(params: Params, tx, mesh) -> State:
     return jax.device_put(np.zeros((), np.int32), replicated)
 
   return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter()}
+
+
 # --- the step -----------------------------------------------------------------------------
 
 def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding):
