@@ -77,6 +77,15 @@ def pipeline_config(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> Pipel
 
 def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int) -> None:
   """Every check that can fail before any compile, each naming the key or flag."""
+  check_config(config, mesh_devices)
+  pipeline = pipeline_config(config, model_config(config))  # unknown preset, bad data keys
+  if pipeline.kind == 'tar':
+    parse_spec(pipeline.train, pipeline.weights or None)  # names a spec with no file
+  _check_workdir(workdir)
+
+
+def check_config(config: ml_collections.ConfigDict, mesh_devices: int) -> None:
+  """The checks that need no file: loss, schedule, mesh, batch divisibility, steps."""
   if config.loss.kind not in KINDS:
     raise ValueError(f'config.loss.kind must be one of {KINDS}, got {config.loss.kind!r}')
   if config.optim.schedule not in optim.SCHEDULES:
@@ -89,10 +98,6 @@ def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int)
                      f'{config.optim.grad_accum}.')
   if config.total_steps <= 0:
     raise ValueError('config.total_steps must be positive.')
-  pipeline = pipeline_config(config, model_config(config))  # unknown preset, bad data keys
-  if pipeline.kind == 'tar':
-    parse_spec(pipeline.train, pipeline.weights or None)  # names a spec with no file
-  _check_workdir(workdir)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -133,15 +138,30 @@ def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> P
   return jax.device_put(params, shardings)
 
 
-def create_state(params: Params, tx, mesh) -> State:
-  """Params, optimizer state (sharded like the params) and replicated step counters."""
+def state_shardings(params: Params, param_shardings: Params, tx, mesh) -> State:
+  """Where the state lives: optimizer moments sharded like their params, the rest (counts,
+  step counters) replicated. `params` may be arrays or shapes (`jax.ShapeDtypeStruct`)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_state = jax.tree.map(  # moments follow the params; scalars (counts) are replicated
-      lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated),
-      jax.jit(tx.init)(params))
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # a frozen parameter has no moments
+  opt_state = optax.tree_map_params(
+      tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=masked)
+  return {'params': param_shardings, 'opt_state': opt_state, 'step': replicated,
+          'bad_steps': replicated}
+
+
+def create_state(params: Params, tx, mesh, param_shardings: Params | None = None) -> State:
+  """Params, optimizer state and step counters, placed by `state_shardings`.
+
+  Under `jax.eval_shape` (abstract params, as `clip_jax.aot` does) pass `param_shardings`.
+  """
+  if param_shardings is None:
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  shardings = state_shardings(params, param_shardings, tx, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
 
   def counter():  # separate buffers: the step donates its state, a buffer only once
-    return jax.device_put(np.zeros((), np.int32), replicated)
+    return jax.device_put(np.zeros((), np.int32), shardings['step'])
 
   return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter()}
 
@@ -288,7 +308,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   params = init_params(config, model, param_shardings, init_fn)
   tx = optim.make_optimizer(config.optim, config.total_steps, params)
   state = create_state(params, tx, mesh)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
   loader = Loader(pipeline_config(config, cfg), sharding.batch_sharding(mesh))
   checkpoints = ckpt.TrainCheckpoints(workdir, cfg, config.checkpoint_every,
                                       config.keep_checkpoints)
@@ -301,7 +321,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
   return Run(
       config=config, state=state,
-      step_fn=make_train_step(config, model, tx, mesh, state_shardings,
+      step_fn=make_train_step(config, model, tx, mesh, shardings,
                               sharding.batch_sharding(mesh)),
       loader=loader, checkpoints=checkpoints, logger=logger,
       evaluate=ZeroShotEval(config, model, mesh) if config.eval.zeroshot_shards else None,

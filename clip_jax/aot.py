@@ -1,0 +1,326 @@
+r"""Compiles the real train step for a TPU pod on this machine: does the config fit?
+
+  python -m clip_jax.aot --config configs/clip.py:model=ViT-B-16,batch_size=512 \
+      --topology v5p:2x2x1 [--config.KEY=VALUE ...] [--json]
+
+No accelerator and no data are needed: with `libtpu` installed (`pip install "jax[tpu]"`)
+XLA compiles for any TPU topology from a CPU host. The step is the trainer's own
+(`clip_jax.train`: config checks, model, optimizer, shardings, `make_train_step`), built
+from shapes only (`jax.eval_shape`) and compiled ahead of time for the topology's chips.
+Printed per chip: HBM (arguments, outputs, temporaries, total vs capacity), compiled vs
+analytic FLOPs, and the TPU compiler's step-time estimate with the pairs/s and MFU it
+implies. Exits 1 when the step does not fit, naming the knobs to turn.
+
+Caveats, also printed when they apply: the step time is the compiler's estimate, not a
+measurement; `cost_analysis()` counts the body of a `while` loop (`lax.scan`:
+`model.scan_layers=True`, `optim.grad_accum>1`) once, so its FLOPs and time are then a
+fraction of the truth (compile with `--config.model.scan_layers=False` for estimates; the
+HBM figures are right either way); custom calls (Pallas kernels, ...) are not costed.
+`--topology local` compiles for this machine's own devices instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+
+from clip_jax import optim, sharding, train
+from clip_jax.metrics import peak_flops_per_device, train_flops_per_sample
+
+_CONFIG = train._CONFIG  # the trainer's own --config flag (same file, ARGS and overrides)
+_TOPOLOGY = flags.DEFINE_string(
+    'topology', None, "TPU topology to compile for, e.g. 'v5p:4x4x4', 'v5e:2x2', or 'local' "
+    "(this machine's devices).")
+_JSON = flags.DEFINE_bool('json', False, 'Print the report as JSON.')
+
+GIB = 2**30
+# HBM per chip by `device_kind` (Cloud TPU documentation); the topology's devices do not
+# report memory stats (they are not addressable from this host).
+HBM_BYTES = {'TPU v4': 32 * GIB, 'TPU v5 lite': 16 * GIB, 'TPU v5': 95 * GIB,
+             'TPU v6 lite': 32 * GIB}
+TOPOLOGY_FORMS = ("'GEN:AxB' or 'GEN:AxBxC' with GEN one of v4, v5e, v5p, v6e and the chip "
+                  "grid as the TPU type names it: v4:2x2x1, v4:4x4x4, v5e:2x2, v5e:4x4, "
+                  "v5e:16x16, v5p:2x2x1, v5p:4x4x4, v6e:2x2, v6e:16x16; or 'local' for "
+                  "this machine's devices")
+KNOBS = ('--config.batch_size (fewer pairs per chip), --config.model.remat (full: keep no '
+         'activations), --config.mesh.fsdp (shard params and optimizer state over more '
+         'chips, e.g. -1 for all)')
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+  """The devices of a TPU topology (compile-only), or this machine's for 'local'."""
+  if topology == 'local':
+    with _quiet_stderr():  # an installed libtpu logs its init errors on a host without TPU
+      return jax.devices()
+  from jax.experimental import topologies
+  try:
+    with _quiet_stderr():
+      desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+  except Exception as e:  # libtpu's error names the first thing it did not like
+    raise ValueError(f'--topology {topology!r} is not a TPU topology ({str(e).strip()}). '
+                     f'Valid forms: {TOPOLOGY_FORMS}.') from e
+  return list(desc.devices)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  """Sends what C++ libraries write to stderr (fd 2) to the debug log instead."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+b') as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      sink.seek(0)
+      text = sink.read().decode(errors='replace').strip()
+      if text:
+        logging.debug('libtpu/XLA stderr:\n%s', text)
+
+
+# --- the step, from shapes ----------------------------------------------------------------
+
+def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device]):
+  """The trainer's jitted step for `devices`, lowered on abstract state and batch."""
+  train.check_config(config, len(devices))
+  cfg = train.model_config(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  model, param_shardings, init_fn = train.build_model(cfg, mesh, rules, config.seed)
+  params = with_shardings(jax.eval_shape(init_fn), param_shardings)
+  tx = optim.make_optimizer(config.optim, config.total_steps, params)
+  shardings = train.state_shardings(params, param_shardings, tx, mesh)
+  state = with_shardings(jax.eval_shape(functools.partial(
+      train.create_state, tx=tx, mesh=mesh, param_shardings=param_shardings), params),
+      shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+  b, size, context = config.batch_size, cfg.vision.image_size, cfg.text.context_length
+  batch = {'image': jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=batch_sharding),
+           'text': jax.ShapeDtypeStruct((b, context), jnp.int32, sharding=batch_sharding)}
+  step = train.make_train_step(config, model, tx, mesh, shardings, batch_sharding)
+  return step.lower(state, batch), cfg
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, shardings)
+
+
+# --- the report ---------------------------------------------------------------------------
+
+def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
+  """Compiles the step for `topology`; returns the report (a JSON-serialisable dict)."""
+  devices = topology_devices(topology)
+  kind = devices[0].device_kind
+  chips = len(devices)
+  lowered, cfg = lower_train_step(config, devices)
+  report: dict[str, Any] = {
+      'topology': topology, 'device_kind': kind, 'chips': chips,
+      'mesh': dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, chips))),
+      'model': config.model.name, 'dtype': config.model.dtype, 'remat': config.model.remat,
+      'scan_layers': config.model.scan_layers, 'loss': config.loss.kind,
+      'batch_size': config.batch_size, 'batch_per_chip': config.batch_size / chips,
+      'grad_accum': config.optim.grad_accum}
+  capacity = hbm_capacity(devices[0])
+  try:
+    with _quiet_stderr():
+      compiled = lowered.compile()
+  except Exception as e:  # XLA refuses a program that cannot fit in HBM
+    used = _out_of_memory(str(e))
+    if used is None:
+      raise
+    report.update(fits=False, hbm={'total_bytes': used[0], 'capacity_bytes': used[1] or capacity},
+                  compile_error=str(e).strip().splitlines()[0][:500])
+    return report
+
+  mem = compiled.memory_analysis()
+  hbm = {'argument_bytes': mem.argument_size_in_bytes, 'output_bytes': mem.output_size_in_bytes,
+         'alias_bytes': mem.alias_size_in_bytes, 'temp_bytes': mem.temp_size_in_bytes,
+         'code_bytes': mem.generated_code_size_in_bytes}
+  hbm['total_bytes'] = (hbm['argument_bytes'] + hbm['output_bytes'] - hbm['alias_bytes']
+                        + hbm['temp_bytes'] + hbm['code_bytes'])
+  hbm['capacity_bytes'] = capacity
+  report['hbm'] = hbm
+  report['fits'] = capacity is None or hbm['total_bytes'] <= capacity
+
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+  hlo = compiled.as_text() or ''
+  analytic = train_flops_per_sample(cfg, cfg.text.context_length) * config.batch_size / chips
+  compiled_flops = float(cost.get('flops', 0.0))
+  seconds = cost.get('optimal_seconds')
+  loops = len(re.findall(r'\bwhile\(', hlo))
+  custom_calls = kernel_calls(lowered.as_text())
+  compiler_calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)) - set(custom_calls))
+  scatters = len(re.findall(r'\bscatter\(', hlo))
+  peak = peak_flops_per_device(config.peak_flops_per_device, device_kind=kind)
+  report['flops'] = {'compiled_per_chip': compiled_flops, 'analytic_per_chip': analytic,
+                     'compiled_over_analytic': compiled_flops / analytic if analytic else None}
+  valid_time = seconds is not None and seconds > 0
+  report['estimate'] = {
+      'step_seconds': float(seconds) if seconds is not None else None,
+      'pairs_per_second_per_chip': config.batch_size / chips / seconds if valid_time else None,
+      'peak_flops_per_chip': peak,
+      'mfu': analytic / seconds / peak if valid_time and peak else None,
+      'while_loops': loops,
+      'loops_counted_once': loops > 0,
+      'custom_calls': custom_calls, 'compiler_custom_calls': compiler_calls,
+      'scatters': scatters}
+  report['notes'] = notes(report)
+  return report
+
+
+# Custom calls that only annotate sharding or placement; anything else in the program as
+# written (a Pallas kernel, a cuDNN call) runs code the estimator does not see.
+_ANNOTATIONS = {'Sharding', 'SPMDFullToShardShape', 'SPMDShardToFullShape', 'MoveToHost',
+                'MoveToDevice', 'annotate_device_placement', 'X64Combine', 'X64SplitLow',
+                'X64SplitHigh', 'LayoutConstraint'}
+
+
+def kernel_calls(stablehlo: str) -> list[str]:
+  """Targets of the custom calls in the lowered program, sharding annotations left out."""
+  names = set(re.findall(r'custom_call @([\w$.\-]+)', stablehlo))
+  names |= set(re.findall(r'call_target_name = "([^"]+)"', stablehlo))
+  return sorted(names - _ANNOTATIONS)
+
+
+def hbm_capacity(device: jax.Device) -> int | None:
+  """Bytes of memory per chip: the device's own figure when it has one, else the table."""
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # topology devices are not addressable: no stats
+    stats = {}
+  return stats.get('bytes_limit') or HBM_BYTES.get(device.device_kind)
+
+
+def _out_of_memory(message: str) -> tuple[int, int | None] | None:
+  """(bytes used, bytes available) from XLA's out-of-memory error, or None for other errors."""
+  if 'RESOURCE_EXHAUSTED' not in message and 'Ran out of memory' not in message:
+    return None
+  units = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+  size = r'([\d.]+)\s*([KMGT]?)i?B?'
+  match = re.search(rf'Used {size} of {size} hbm', message)
+  if not match:
+    return (0, None)
+  used = float(match.group(1)) * units[match.group(2)]
+  total = float(match.group(3)) * units[match.group(4)]
+  return int(used), int(total)
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+  """The caveats that apply to this report, in words."""
+  est, out = report['estimate'], []
+  out.append('Step time, pairs/s and MFU are the TPU compiler\'s estimate '
+             '(cost_analysis()["optimal_seconds"]), not a measurement.')
+  if est['loops_counted_once']:
+    out.append(f'The program has {est["while_loops"]} while loop(s) (model.scan_layers, '
+               'optim.grad_accum or a chunked loss): cost_analysis() counts a loop body once, '
+               'so compiled FLOPs, step time and MFU are NOT corrected and are a fraction '
+               'of the truth. For estimates compile with --config.model.scan_layers=False '
+               '(and grad_accum=1); the HBM figures are right either way.')
+  if est['custom_calls']:
+    out.append(f'Custom calls ({", ".join(est["custom_calls"])}): their cost is not in the '
+               'estimate.')
+  if est['compiler_custom_calls']:
+    out.append('The compiler added custom calls of its own '
+               f'({", ".join(est["compiler_custom_calls"])}); the estimator may not cost '
+               'them either.')
+  if est['step_seconds'] is not None and est['step_seconds'] <= 0:
+    out.append('The compiler returned a non-positive step time: no throughput estimate. '
+               f'The program has {est["scatters"]} scatter(s) (e.g. the backward of an '
+               'embedding lookup or a gather in the loss), which the estimator is known to '
+               'mis-cost on TPU.')
+  if report['remat'] != 'none':
+    out.append(f'model.remat={report["remat"]}: compiled FLOPs include the recomputed '
+               'forward pass; MFU counts the analytic 3x forward only.')
+  return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """The report as the lines a person reads."""
+  gib = lambda b: f'{b / GIB:.2f} GiB'
+  r, lines = report, []
+  lines.append(f'{r["model"]} ({r["dtype"]}, remat={r["remat"]}, scan_layers={r["scan_layers"]}, '
+               f'loss={r["loss"]}) on {r["topology"]}: {r["chips"]} x {r["device_kind"]}, '
+               f'mesh {r["mesh"]}')
+  lines.append(f'batch {r["batch_size"]} global = {r["batch_per_chip"]:g} pairs per chip'
+               + (f', grad_accum {r["grad_accum"]}' if r['grad_accum'] > 1 else ''))
+  hbm = r['hbm']
+  capacity = hbm['capacity_bytes']
+  cap = gib(capacity) if capacity else 'unknown capacity'
+  if 'compile_error' in r:
+    lines.append(f'HBM per chip: DOES NOT FIT: the compiler needs {gib(hbm["total_bytes"])} '
+                 f'of {cap} ({r["compile_error"]})')
+  else:
+    lines.append('HBM per chip:')
+    lines.append(f'  arguments    {gib(hbm["argument_bytes"]):>12}  (params, optimizer state, '
+                 'batch)')
+    lines.append(f'  outputs      {gib(hbm["output_bytes"]):>12}  ({gib(hbm["alias_bytes"])} '
+                 'reuse donated arguments)')
+    lines.append(f'  temporaries  {gib(hbm["temp_bytes"]):>12}  (activations, gradients, '
+                 'workspace)')
+    lines.append(f'  total        {gib(hbm["total_bytes"]):>12}  of {cap}: '
+                 + ((f'fits ({hbm["total_bytes"] / capacity:.0%})' if capacity else 'fits?')
+                    if r['fits'] else 'DOES NOT FIT'))
+    f, est = r['flops'], r['estimate']
+    lines.append(f'FLOPs per chip per step: compiled {f["compiled_per_chip"]:.4g}, analytic '
+                 f'{f["analytic_per_chip"]:.4g} (ratio {f["compiled_over_analytic"]:.2f})')
+    if est['step_seconds'] is not None:
+      lines.append(f'Estimated step time: {est["step_seconds"] * 1e3:.2f} ms'
+                   + (f' -> {est["pairs_per_second_per_chip"]:.1f} pairs/s/chip'
+                      if est['pairs_per_second_per_chip'] else '')
+                   + (f', MFU {est["mfu"]:.1%} (peak {est["peak_flops_per_chip"] / 1e12:.0f} '
+                      'TFLOP/s)' if est['mfu'] is not None else ''))
+    lines.append(f'While loops: {est["while_loops"]}'
+                 + (' (estimates count each body once: NOT corrected)'
+                    if est['loops_counted_once'] else ''))
+    lines.append('Custom calls (kernels, not in the estimate): '
+                 + (', '.join(est['custom_calls']) or 'none')
+                 + f'; added by the compiler: {", ".join(est["compiler_custom_calls"]) or "none"}')
+    for note in r['notes']:
+      lines.append(f'Note: {note}')
+  if not r['fits']:
+    lines.append(f'Does not fit. Knobs: {KNOBS}.')
+  return '\n'.join(lines)
+
+
+# --- the binary ---------------------------------------------------------------------------
+
+def main(argv):
+  del argv
+  if _TOPOLOGY.value is None:
+    raise app.UsageError(f'--topology is required: {TOPOLOGY_FORMS}.')
+  if _TOPOLOGY.value != 'local' and not os.environ.get('JAX_PLATFORMS'):
+    # The host's own backend only traces: keep JAX off libtpu's TPU detection (and off any
+    # TPU this host has), before the first backend use.
+    jax.config.update('jax_platforms', 'cpu')
+  try:
+    report = analyse(_CONFIG.value, _TOPOLOGY.value)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(report, indent=2) if _JSON.value else format_report(report))
+  if not report['fits']:
+    print(f'error: the step does not fit in HBM on {_TOPOLOGY.value}; reduce '
+          f'{KNOBS}.', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
