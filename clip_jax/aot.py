@@ -50,6 +50,8 @@ GIB = 2**30
 # report memory stats (they are not addressable from this host).
 HBM_BYTES = {'TPU v4': 32 * GIB, 'TPU v5 lite': 16 * GIB, 'TPU v5': 95 * GIB,
              'TPU v6 lite': 32 * GIB}
+# Chips with two TensorCores: a topology may list each core as a device (v4 here does).
+CORES_PER_CHIP = {'TPU v4': 2, 'TPU v5': 2}
 TOPOLOGY_FORMS = ("'GEN:AxB' or 'GEN:AxBxC' with GEN one of v4, v5e, v5p, v6e and the chip "
                   "grid as the TPU type names it: v4:2x2x1, v4:4x4x4, v5e:2x2, v5e:4x4, "
                   "v5e:16x16, v5p:2x2x1, v5p:4x4x4, v6e:2x2, v6e:16x16; or 'local' for "
@@ -65,10 +67,15 @@ def topology_devices(topology: str) -> list[jax.Device]:
     with _quiet_stderr():  # an installed libtpu logs its init errors on a host without TPU
       return jax.devices()
   from jax.experimental import topologies
+  # Compiling touches no TPU: let several compiles (pytest workers, a trainer on this TPU
+  # VM) load libtpu at once instead of failing on its lock file.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     with _quiet_stderr():
       desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
   except Exception as e:  # libtpu's error names the first thing it did not like
+    if 'INVALID_ARGUMENT' not in str(e):
+      raise
     raise ValueError(f'--topology {topology!r} is not a TPU topology ({str(e).strip()}). '
                      f'Valid forms: {TOPOLOGY_FORMS}.') from e
   return list(desc.devices)
@@ -131,6 +138,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   lowered, cfg = lower_train_step(config, devices)
   report: dict[str, Any] = {
       'topology': topology, 'device_kind': kind, 'chips': chips,
+      'cores_per_device': getattr(devices[0], 'num_cores', None),
       'mesh': dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, chips))),
       'model': config.model.name, 'dtype': config.model.dtype, 'remat': config.model.remat,
       'scan_layers': config.model.scan_layers, 'loss': config.loss.kind,
@@ -168,7 +176,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   custom_calls = kernel_calls(lowered.as_text())
   compiler_calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)) - set(custom_calls))
   scatters = len(re.findall(r'\bscatter\(', hlo))
-  peak = peak_flops_per_device(config.peak_flops_per_device, device_kind=kind)
+  peak = peak_flops(config, devices[0])
   report['flops'] = {'compiled_per_chip': compiled_flops, 'analytic_per_chip': analytic,
                      'compiled_over_analytic': compiled_flops / analytic if analytic else None}
   valid_time = seconds is not None and seconds > 0
@@ -200,26 +208,55 @@ def kernel_calls(stablehlo: str) -> list[str]:
 
 
 def hbm_capacity(device: jax.Device) -> int | None:
-  """Bytes of memory per chip: the device's own figure when it has one, else the table."""
+  """Bytes of memory per device: its own figure, else what the compiler allows, else the table.
+
+  Topology devices are not addressable (no memory stats); the compiler's out-of-memory error
+  for a program too big for any chip names the HBM it makes available (e.g. v5p 95.74G).
+  """
   try:
     stats = device.memory_stats() or {}
   except Exception:  # topology devices are not addressable: no stats
     stats = {}
-  return stats.get('bytes_limit') or HBM_BYTES.get(device.device_kind)
+  if stats.get('bytes_limit'):
+    return stats['bytes_limit']
+  if device.platform == 'tpu':
+    huge = jax.ShapeDtypeStruct((2**38,), jnp.float32,
+                                sharding=jax.sharding.SingleDeviceSharding(device))
+    try:
+      with _quiet_stderr():
+        jax.jit(lambda x: x * 2).lower(huge).compile()
+    except Exception as e:
+      used = _out_of_memory(str(e))
+      if used and used[1]:
+        return used[1]
+  return HBM_BYTES.get(device.device_kind)
+
+
+def peak_flops(config: ml_collections.ConfigDict, device: jax.Device) -> float | None:
+  """Peak FLOP/s of one device; a v4/v5p device that is one TensorCore gets half a chip's."""
+  peak = peak_flops_per_device(config.peak_flops_per_device, device_kind=device.device_kind)
+  cores = getattr(device, 'num_cores', None)
+  if peak and not config.peak_flops_per_device and device.device_kind in CORES_PER_CHIP and cores:
+    peak *= cores / CORES_PER_CHIP[device.device_kind]
+  return peak
 
 
 def _out_of_memory(message: str) -> tuple[int, int | None] | None:
-  """(bytes used, bytes available) from XLA's out-of-memory error, or None for other errors."""
+  """(bytes needed, bytes available) from XLA's out-of-memory error; None for other errors."""
   if 'RESOURCE_EXHAUSTED' not in message and 'Ran out of memory' not in message:
     return None
-  units = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
   size = r'([\d.]+)\s*([KMGT]?)i?B?'
-  match = re.search(rf'Used {size} of {size} hbm', message)
-  if not match:
-    return (0, None)
-  used = float(match.group(1)) * units[match.group(2)]
-  total = float(match.group(3)) * units[match.group(4)]
-  return int(used), int(total)
+  patterns = ((rf'required for [^(]*\({size}\)', rf'available HBM \({size}\)'),
+              (rf'Used {size} of', rf'Used {size} of {size} hbm'))
+  for needed, available in patterns:
+    n, a = re.search(needed, message), re.search(available, message)
+    if n:
+      return _bytes(*n.groups()[:2]), _bytes(*a.groups()[-2:]) if a else None
+  return (0, None)
+
+
+def _bytes(number: str, unit: str) -> int:
+  return int(float(number) * {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}[unit])
 
 
 def notes(report: dict[str, Any]) -> list[str]:
@@ -245,6 +282,9 @@ def notes(report: dict[str, Any]) -> list[str]:
                f'The program has {est["scatters"]} scatter(s) (e.g. the backward of an '
                'embedding lookup or a gather in the loss), which the estimator is known to '
                'mis-cost on TPU.')
+  if report['device_kind'] in CORES_PER_CHIP and report['cores_per_device'] == 1:
+    out.append(f'The topology lists each TensorCore of a {report["device_kind"]} chip as a '
+               'device: "per chip" figures here are per TensorCore (half a chip).')
   if report['remat'] != 'none':
     out.append(f'model.remat={report["remat"]}: compiled FLOPs include the recomputed '
                'forward pass; MFU counts the analytic 3x forward only.')
@@ -265,7 +305,8 @@ def format_report(report: dict[str, Any]) -> str:
   cap = gib(capacity) if capacity else 'unknown capacity'
   if 'compile_error' in r:
     lines.append(f'HBM per chip: DOES NOT FIT: the compiler needs {gib(hbm["total_bytes"])} '
-                 f'of {cap} ({r["compile_error"]})')
+                 f'of {cap}')
+    lines.append(f'  ({r["compile_error"]})')
   else:
     lines.append('HBM per chip:')
     lines.append(f'  arguments    {gib(hbm["argument_bytes"]):>12}  (params, optimizer state, '
@@ -316,8 +357,8 @@ def main(argv):
     sys.exit(2)
   print(json.dumps(report, indent=2) if _JSON.value else format_report(report))
   if not report['fits']:
-    print(f'error: the step does not fit in HBM on {_TOPOLOGY.value}; reduce '
-          f'{KNOBS}.', file=sys.stderr)
+    print(f'error: the step does not fit in HBM on {_TOPOLOGY.value}. Knobs: {KNOBS}.',
+          file=sys.stderr)
     sys.exit(1)
 
 

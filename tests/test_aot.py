@@ -1,0 +1,97 @@
+"""clip_jax.aot: the train step compiled for TPU topologies on this CPU host (needs libtpu)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from clip_jax import aot
+from clip_jax.config_base import base_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                reason='compiling for a TPU topology needs libtpu (test extra)')
+
+# The tiny preset made wide enough (and its vocabulary small enough) that matmuls dominate,
+# as in real models: the analytic count then holds to a few percent.
+WIDE_TINY = {'model.vision.width': 256, 'model.vision.mlp_dim': 1024, 'model.text.width': 256,
+             'model.text.mlp_dim': 1024, 'model.text.vocab_size': 1024,
+             'model.vision.image_size': 32, 'batch_size': 64}
+
+
+def _config(**overrides):
+  config = base_config()
+  config.model.name = 'tiny'
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _cli(*args):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop('JAX_PLATFORMS', None)  # the tool keeps the host on CPU itself
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, '-m', 'clip_jax.aot', '--config',
+                         str(ROOT / 'configs' / 'demo.py'), *args],
+                        check=False, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                        env=env)
+
+
+def test_tiny_step_compiles_for_v5e_and_matches_the_analytic_flops():
+  """The CLI's JSON for an unrolled tiny model on v5e:2x2: fits, HBM, FLOPs within 10%."""
+  overrides = [f'--config.{k}={v}' for k, v in WIDE_TINY.items()]
+  result = _cli('--topology', 'v5e:2x2', '--config.model.scan_layers=False', '--json',
+                *overrides)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout)
+  assert report['fits'] is True
+  assert report['device_kind'] == 'TPU v5 lite' and report['chips'] == 4
+  hbm = report['hbm']
+  assert hbm['total_bytes'] > hbm['argument_bytes'] > 0
+  assert 15 * 2**30 < hbm['capacity_bytes'] <= 16 * 2**30  # the compiler's v5e figure
+  assert report['estimate']['while_loops'] == 0
+  ratio = report['flops']['compiled_over_analytic']
+  assert 0.9 < ratio < 1.1, report['flops']
+  assert 'TPU_WORKER_HOSTNAMES' not in result.stderr  # libtpu's init noise stays hidden
+
+
+def test_scanned_layers_are_reported_as_counted_once():
+  """A scanned stack compiles to while loops: the report says its estimate is not corrected."""
+  report = aot.analyse(_config(**{**WIDE_TINY, 'model.scan_layers': True}), 'v5e:2x2')
+  assert report['fits'] is True
+  assert report['estimate']['while_loops'] > 0
+  assert report['estimate']['loops_counted_once'] is True
+  assert any('scan_layers=False' in note for note in report['notes'])
+  assert 'NOT corrected' in aot.format_report(report)
+
+
+@pytest.mark.parametrize('topology', ['v5x:2x2', 'tpu', 'v5e:3x7'])
+def test_a_wrong_topology_lists_the_valid_forms(topology):
+  with pytest.raises(ValueError, match='Valid forms: .*v5p:4x4x4.*local'):
+    aot.topology_devices(topology)
+
+
+def test_a_step_that_cannot_fit_exits_non_zero_naming_the_knobs():
+  result = _cli('--topology', 'v5e:2x2', '--config.batch_size=262144',
+                '--config.model.vision.image_size=32')
+  assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+  assert 'DOES NOT FIT' in result.stdout
+  for knob in ('--config.batch_size', '--config.model.remat', '--config.mesh.fsdp'):
+    assert knob in result.stderr
+
+
+def test_local_topology_compiles_for_this_machines_devices():
+  report = aot.analyse(_config(**WIDE_TINY, **{'mesh.data': 1, 'mesh.fsdp': -1}), 'local')
+  assert report['device_kind'] == 'cpu' and report['chips'] == 8
+  assert report['mesh']['fsdp'] == 8
+  assert report['fits'] is True and report['hbm']['total_bytes'] > 0
+  assert report['flops']['compiled_per_chip'] > 0
