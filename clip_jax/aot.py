@@ -304,8 +304,8 @@ def format_report(report: dict[str, Any]) -> str:
   capacity = hbm['capacity_bytes']
   cap = gib(capacity) if capacity else 'unknown capacity'
   if 'compile_error' in r:
-    lines.append(f'HBM per chip: DOES NOT FIT: the compiler needs {gib(hbm["total_bytes"])} '
-                 f'of {cap}')
+    needs = gib(hbm['total_bytes']) if hbm['total_bytes'] else 'more than'
+    lines.append(f'HBM per chip: DOES NOT FIT: the compiler needs {needs} of {cap}')
     lines.append(f'  ({r["compile_error"]})')
   else:
     lines.append('HBM per chip:')
@@ -315,13 +315,16 @@ def format_report(report: dict[str, Any]) -> str:
                  'reuse donated arguments)')
     lines.append(f'  temporaries  {gib(hbm["temp_bytes"]):>12}  (activations, gradients, '
                  'workspace)')
+    lines.append(f'  program      {gib(hbm["code_bytes"]):>12}  (compiled code)')
     lines.append(f'  total        {gib(hbm["total_bytes"]):>12}  of {cap}: '
                  + ((f'fits ({hbm["total_bytes"] / capacity:.0%})' if capacity else 'fits?')
                     if r['fits'] else 'DOES NOT FIT'))
     f, est = r['flops'], r['estimate']
     lines.append(f'FLOPs per chip per step: compiled {f["compiled_per_chip"]:.4g}, analytic '
                  f'{f["analytic_per_chip"]:.4g} (ratio {f["compiled_over_analytic"]:.2f})')
-    if est['step_seconds'] is not None:
+    if est['step_seconds'] is not None and est['step_seconds'] <= 0:
+      lines.append(f'Estimated step time: none (the compiler returned {est["step_seconds"]:.3g} s)')
+    elif est['step_seconds'] is not None:
       lines.append(f'Estimated step time: {est["step_seconds"] * 1e3:.2f} ms'
                    + (f' -> {est["pairs_per_second_per_chip"]:.1f} pairs/s/chip'
                       if est['pairs_per_second_per_chip'] else '')
