@@ -262,8 +262,11 @@ def _bytes(number: str, unit: str) -> int:
 def notes(report: dict[str, Any]) -> list[str]:
   """The caveats that apply to this report, in words."""
   est, out = report['estimate'], []
-  out.append('Step time, pairs/s and MFU are the TPU compiler\'s estimate '
-             '(cost_analysis()["optimal_seconds"]), not a measurement.')
+  if est['step_seconds'] is None:
+    out.append('This backend\'s compiler gives no step-time estimate.')
+  else:
+    out.append('Step time, pairs/s and MFU are the compiler\'s estimate '
+               '(cost_analysis()["optimal_seconds"]), not a measurement.')
   if est['loops_counted_once']:
     out.append(f'The program has {est["while_loops"]} while loop(s) (model.scan_layers, '
                'optim.grad_accum or a chunked loss): cost_analysis() counts a loop body once, '
