@@ -288,12 +288,18 @@ def test_make_shards_round_trip_from_folder_csv_and_parquet(tmp_path):
 
 
 def test_make_demo_is_deterministic_and_labelled(tmp_path):
+  import time  # pylint: disable=import-outside-toplevel
   make_demo(str(tmp_path / 'a'), train_samples=30, eval_samples=10, samples_per_shard=20)
+  time.sleep(1.1)  # a member mtime taken from the clock would now differ
   make_demo(str(tmp_path / 'b'), train_samples=30, eval_samples=10, samples_per_shard=20)
-  for split, shards in (('train', 2), ('eval', 1)):
-    for i in range(shards):
-      name = f'{split}/{i:05d}.tar'
-      assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+  files = {run: sorted(p.relative_to(tmp_path / run).as_posix()
+                       for p in (tmp_path / run).rglob('*') if p.is_file())
+           for run in ('a', 'b')}
+  assert files['a'] == files['b']
+  assert {'train/00000.tar', 'train/00001.tar', 'eval/00000.tar', 'train/_stats.json',
+          'eval/_stats.json', 'classnames.txt'} <= set(files['a'])
+  for name in files['a']:  # every file, byte for byte
+    assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes(), name
   assert (tmp_path / 'a' / 'classnames.txt').read_text().split('\n')[:-1] == CLASSNAMES
   with tarfile.open(tmp_path / 'a' / 'eval' / '00000.tar') as tar:
     meta = json.loads(tar.extractfile('000000000.json').read())

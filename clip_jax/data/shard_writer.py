@@ -2,7 +2,8 @@
 
 Members are added from bytes in memory under generated keys (`000000123.jpg`,
 `.txt`, `.json`), never from paths on disk, and each shard is written to a temporary
-name and renamed when complete, so a reader never sees a half-written shard.
+name and renamed when complete, so a reader never sees a half-written shard. Members carry
+a fixed modification time (`MTIME`), so the same samples always give the same bytes.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
 from typing import Optional
 
 from etils import epath
+
+# Every member's mtime (2000-01-01 UTC): shards depend on their samples only, not on the clock.
+MTIME = 946684800
 
 
 class ShardWriter:
@@ -52,7 +55,7 @@ class ShardWriter:
 
   def _add(self, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o444
+    info.size, info.mtime, info.mode = len(data), MTIME, 0o444
     self._tar.addfile(info, io.BytesIO(data))
 
   def _close_shard(self) -> None:
