@@ -1,4 +1,4 @@
-"""Named architectures, spelled as OpenCLIP spells them, plus tiny ones for tests.
+"""Named architectures, spelled as OpenCLIP spells them, plus tiny ones for tests and the demo.
 
 Each preset is a `CLIPConfig`; `get_config(name, **overrides)` returns it with
 `CLIPConfig.replace` overrides (e.g. `vision.layers=2` for reduced-depth tests).
@@ -133,6 +133,17 @@ def _tiny(act: str = 'gelu') -> CLIPConfig:
       text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256, act=act))
 
 
+def _tiny_demo() -> CLIPConfig:
+  """The CPU demo's model (configs/demo.py): `tiny`'s text tower, a wider image tower on 16
+  patches of 16 px (64 px images) pooled by their mean. Measured on the demo data, it learns
+  the shapes faster per second of CPU than `tiny` at patch 8 (twice the samples/s)."""
+  return CLIPConfig(
+      embed_dim=64,
+      vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=2, heads=4, mlp_dim=512,
+                          pool='gap'),
+      text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256))
+
+
 def _build_presets() -> dict[str, CLIPConfig]:
   presets = {name: _openclip_vit(*args) for name, args in _OPENCLIP_VITS.items()}
   for name in _QUICKGELU:
@@ -144,6 +155,7 @@ def _build_presets() -> dict[str, CLIPConfig]:
   presets.update(_siglip_presets())
   presets['tiny'] = _tiny()
   presets['tiny-quickgelu'] = _tiny('quick_gelu')
+  presets['tiny-demo'] = _tiny_demo()
   return presets
 
 
