@@ -27,13 +27,13 @@ def demo_data(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def trained_demo(demo_data, tmp_path_factory):
-  """A tiny model trained for 120 steps on the demo data by the train binary."""
+  """A tiny model (`tiny` at 64 px) trained for 120 steps on the demo data by the train binary."""
   workdir = tmp_path_factory.mktemp('trained_demo')
   env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  subprocess.run([sys.executable, '-m', 'clip_jax.train', '--config', str(ROOT / 'configs' / 'demo.py'),
+  subprocess.run([sys.executable, '-m', 'clip_jax.train',
+                  '--config', f'{ROOT / "configs" / "demo.py"}:data_dir={demo_data}',
                   '--workdir', str(workdir), '--config.total_steps=120', '--config.batch_size=64',
-                  f'--config.data.demo_dir={demo_data}',
-                  f'--config.data.train={demo_data}/train/{{00000..00009}}.tar',
+                  '--config.model.name=tiny', '--config.model.vision.image_size=64',
                   '--config.eval.zeroshot_shards=', '--config.checkpoint_every=1000'],
                  env=env, check=True, capture_output=True, timeout=900)
   return workdir
