@@ -2,9 +2,17 @@ r"""Tiny CLIP on the generated demo data (coloured shapes); learns on 2 CPU core
 
   python -m clip_jax.train --config configs/demo.py --workdir /tmp/clip_demo
 
-The demo dataset (20,000 train / 1,000 eval images, 40 colour x shape classes) is
-generated into `data_dir` when `get_config` finds it missing (a few seconds). Zero-shot
-top-1 on the held-out images (chance 2.5%) is logged every `eval_every` steps and at the end.
+The demo dataset (20,000 train / 1,000 eval images of 64 px, 40 colour x shape classes) is
+generated into `data_dir` when `get_config` finds it missing (~5 s). Model `tiny-demo`
+(3.8M parameters, 3.2M of them the token embedding), 1,000 steps of 128, AdamW lr 3e-3.
+Zero-shot top-1 on the held-out images (chance 2.5%) is logged every `eval_every` steps.
+
+Expected (measured 2026-11-24 on 2 CPU cores, one JAX CPU device, the exact command above
+on fresh data, machine otherwise idle, load average 0.9 -> 2.5): 2 min 39 s wall in all
+(2 min 30 s when the data already exist), ~1,000 samples/s, loss 4.6 -> 0.8, held-out
+zero-shot top-1 96.0% (49% at step 250, 77% at 500, 92% at 750), top-5 100.0%. Seeds 1
+and 2: 94.3% and 96.7%. While another job kept the load average near 4.5, the same run
+took 3 min 16 s (~580 samples/s) plus data generation.
 
 Args (comma-separated, e.g. `configs/demo.py:steps=300,data_dir=/tmp/demo_data`):
   steps     training steps (default 1000)
