@@ -135,8 +135,9 @@ def _tiny(act: str = 'gelu') -> CLIPConfig:
 
 def _tiny_demo() -> CLIPConfig:
   """The CPU demo's model (configs/demo.py): `tiny`'s text tower, a wider image tower on 16
-  patches of 16 px (64 px images) pooled by their mean. Measured on the demo data, it learns
-  the shapes faster per second of CPU than `tiny` at patch 8 (twice the samples/s)."""
+  patches of 16 px (64 px images) pooled by their mean. Measured on the demo data: as
+  accurate per training step as `tiny` at 64 px (patch 8, 64 tokens), at ~1.4x its samples/s
+  on 2 CPU cores."""
   return CLIPConfig(
       embed_dim=64,
       vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=2, heads=4, mlp_dim=512,
