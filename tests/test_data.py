@@ -172,9 +172,10 @@ def test_resume_yields_exactly_the_uninterrupted_batches(tmp_path, workers):
 
 
 def test_loader_assembles_global_arrays_on_the_mesh(tmp_path):
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
-  from clip_jax.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
+  import jax
+  from jax.sharding import Mesh
+
+  from clip_jax.sharding import batch_sharding
   spec = _write_shards(tmp_path, 'm', 2, 8)
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'fsdp'))
   batch = next(Loader(_config(spec, global_batch_size=8), batch_sharding(mesh)))
@@ -284,8 +285,8 @@ def test_make_shards_round_trip_from_folder_csv_and_parquet(tmp_path):
   stats = make_shards(str(tmp_path / 'pairs.csv'), str(tmp_path / 'csv_out'))
   assert stats['count'] == 1 and stats['skipped'] == {'missing_image': 1}
 
-  import pyarrow as pa  # pylint: disable=import-outside-toplevel
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  import pyarrow as pa
+  import pyarrow.parquet as pq
   pq.write_table(pa.table({'path': [str(photos / 'p1.jpg')], 'text': ['second']}),
                  str(tmp_path / 'pairs.parquet'))
   make_shards(str(tmp_path / 'pairs.parquet'), str(tmp_path / 'pq_out'), path_column='path',
@@ -296,12 +297,18 @@ def test_make_shards_round_trip_from_folder_csv_and_parquet(tmp_path):
 
 
 def test_make_demo_is_deterministic_and_labelled(tmp_path):
+  import time
   make_demo(str(tmp_path / 'a'), train_samples=30, eval_samples=10, samples_per_shard=20)
+  time.sleep(1.1)  # a member mtime taken from the clock would now differ
   make_demo(str(tmp_path / 'b'), train_samples=30, eval_samples=10, samples_per_shard=20)
-  for split, shards in (('train', 2), ('eval', 1)):
-    for i in range(shards):
-      name = f'{split}/{i:05d}.tar'
-      assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+  files = {run: sorted(p.relative_to(tmp_path / run).as_posix()
+                       for p in (tmp_path / run).rglob('*') if p.is_file())
+           for run in ('a', 'b')}
+  assert files['a'] == files['b']
+  assert {'train/00000.tar', 'train/00001.tar', 'eval/00000.tar', 'train/_stats.json',
+          'eval/_stats.json', 'classnames.txt'} <= set(files['a'])
+  for name in files['a']:  # every file, byte for byte
+    assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes(), name
   assert (tmp_path / 'a' / 'classnames.txt').read_text().split('\n')[:-1] == CLASSNAMES
   with tarfile.open(tmp_path / 'a' / 'eval' / '00000.tar') as tar:
     meta = json.loads(tar.extractfile('000000000.json').read())

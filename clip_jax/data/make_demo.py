@@ -3,14 +3,18 @@
   python -m clip_jax.data.make_demo --output DIR [--train_samples 20000] [--eval_samples 1000]
 
 Each image holds one or two groups of shapes; a group has a colour, a shape, a size, a
-count and a place, and the caption names all of it ("two small red stars at the top and
-a large blue circle on the right, on a striped background"). Because images mix groups,
-a model must bind each colour to its shape (composition) to score well on the zero-shot
-task: classify a single-group image among all colour x shape classes
-(`classnames.txt`; eval samples carry their class in `json['label']`).
+count and a place. Captions name them at varying detail: half of them only the classes
+("red star and blue circle"); the others the count, colour and shape of each group and,
+each with probability 0.3, the size, the place and the background ("two small red stars
+at the top and a large blue circle on the right, on a striped background"). Captions thus
+often differ in colour and shape alone, so contrastive training has to learn both, and
+since 20% of the train images mix two groups, to bind each colour to its shape. The
+zero-shot task: classify a held-out single-group image among all 40 colour x shape
+classes (`classnames.txt`; eval samples carry their class in `json['label']`).
 
 Layout: DIR/train/NNNNN.tar, DIR/eval/NNNNN.tar (webdataset, like img2dataset writes),
-DIR/classnames.txt. Deterministic for a given --seed.
+DIR/classnames.txt. Byte-identical for a given --seed; the two splits draw from separate
+random streams.
 """
 
 from __future__ import annotations
@@ -19,6 +23,10 @@ import argparse
 import io
 import itertools
 import math
+import os
+import pathlib
+import shutil
+import uuid
 
 import numpy as np
 from etils import epath
@@ -31,7 +39,12 @@ COLOURS = {'red': (215, 38, 38), 'green': (34, 160, 60), 'blue': (40, 70, 210),
            'yellow': (235, 200, 30), 'purple': (130, 50, 170), 'orange': (240, 130, 20),
            'white': (250, 250, 250), 'black': (20, 20, 20)}
 SHAPES = ('circle', 'square', 'triangle', 'star', 'cross')
-SIZES = {'small': 0.09, 'large': 0.19}
+# Radius of a lone shape, relative to the image side (a group of n shapes: / sqrt(n)).
+SIZES = {'small': 0.16, 'large': 0.25}
+SPACING = 2.3  # centre distance of neighbouring shapes in a group, in radii
+STAR_INNER = 0.5  # inner radius of a star's points, relative to the outer one
+BARE = 0.5  # probability that a caption names only colour and shape ('red star')
+DETAIL = 0.3  # otherwise, probability that it names the size, the place, the background
 # Place -> (centre x, centre y, direction in which a group of 2-3 shapes lines up).
 PLACES = {'on the left': (0.25, 0.5, 'vertical'), 'on the right': (0.75, 0.5, 'vertical'),
           'at the top': (0.5, 0.25, 'horizontal'), 'at the bottom': (0.5, 0.75, 'horizontal'),
@@ -48,9 +61,9 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     return [(cx + r * math.cos(a), cy + r * math.sin(a))
             for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
   if shape == 'star':
-    return [(cx + (r if i % 2 == 0 else r / 2.5) * math.cos(-math.pi / 2 + i * math.pi / 5),
-             cy + (r if i % 2 == 0 else r / 2.5) * math.sin(-math.pi / 2 + i * math.pi / 5))
-            for i in range(10)]
+    radii = [r if i % 2 == 0 else r * STAR_INNER for i in range(10)]
+    return [(cx + radii[i] * math.cos(-math.pi / 2 + i * math.pi / 5),
+             cy + radii[i] * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
   w = r / 3  # cross
   return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
           (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
@@ -83,8 +96,9 @@ def _background(size: int, kind: str, rng: np.random.Generator) -> Image.Image:
 
 
 def _group_phrase(count: int, size: str, colour: str, shape: str, place: str) -> str:
+  """'two small red stars at the top'; an empty size or place is left out."""
   noun = shape if count == 1 else PLURALS.get(shape, shape + 's')
-  return f'{COUNTS[count]} {size} {colour} {noun} {place}'
+  return ' '.join(w for w in (COUNTS[count], size, colour, noun, place) if w)
 
 
 def draw_group(draw: ImageDraw.ImageDraw, image_size: int, count: int, size_name: str,
@@ -93,7 +107,7 @@ def draw_group(draw: ImageDraw.ImageDraw, image_size: int, count: int, size_name
   radius = SIZES[size_name] * image_size / count ** 0.5
   cx, cy, direction = PLACES[place]
   for k in range(count):
-    offset = (k - (count - 1) / 2) * 2.3 * radius
+    offset = (k - (count - 1) / 2) * SPACING * radius
     jitter = rng.normal(0, image_size * 0.01, 2)
     x = cx * image_size + (offset if direction == 'horizontal' else 0) + jitter[0]
     y = cy * image_size + (offset if direction == 'vertical' else 0) + jitter[1]
@@ -114,16 +128,26 @@ def draw_sample(rng: np.random.Generator, size: int, groups: int) -> tuple[Image
   else:
     places = list(PLACE_PAIRS[rng.integers(len(PLACE_PAIRS))])
     rng.shuffle(places)
-  phrases = []
+  drawn = []
   for cls, place in zip(classes, places):
     colour, shape = CLASSNAMES[cls].split()
     size_name = list(SIZES)[rng.integers(len(SIZES))]
     count = int(rng.integers(1, 4))
     draw_group(draw, size, count, size_name, colour, shape, place, rng)
-    phrases.append(_group_phrase(count, size_name, colour, shape, place))
-  caption = ' and '.join(phrases)
-  if background != 'plain':
-    caption += f', on a {background} background'
+    drawn.append((count, size_name, colour, shape, place))
+  # With probability BARE the caption is just the class names ('red star and blue circle'),
+  # whatever the counts; otherwise count, colour and shape are always named and size, place
+  # and background each with probability DETAIL. Either way captions often differ in
+  # colour and shape alone, which is what the zero-shot task asks for.
+  bare, say_size, say_place, say_background = rng.random(4) < (BARE, DETAIL, DETAIL, DETAIL)
+  if bare:
+    caption = ' and '.join(f'{colour} {shape}' for _, _, colour, shape, _ in drawn)
+  else:
+    caption = ' and '.join(_group_phrase(count, size_name if say_size else '', colour, shape,
+                                         place if say_place else '')
+                           for count, size_name, colour, shape, place in drawn)
+    if background != 'plain' and say_background:
+      caption += f', on a {background} background'
   return image, caption, int(classes[0])
 
 
@@ -134,19 +158,51 @@ def _jpeg(image: Image.Image) -> bytes:
 
 
 def make_demo(output: str, train_samples: int = 20000, eval_samples: int = 1000,
-              samples_per_shard: int = 2000, image_size: int = 64, seed: int = 0) -> dict:
-  """Writes the train split (1-2 groups per image) and the eval split (1 group)."""
+              samples_per_shard: int = 2000, image_size: int = 64, seed: int = 0,
+              single_fraction: float = 0.8) -> dict:
+  """Writes the train split (1-2 groups per image) and the eval split (1 group).
+
+  `single_fraction` of the train images hold one group, the rest two. The splits draw
+  from independent random streams (spawned from `seed`), so eval images are held out.
+  """
   out = epath.Path(output)
-  rng = np.random.default_rng(seed)
+  train_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
   stats = {}
-  for split, n, max_groups in (('train', train_samples, 2), ('eval', eval_samples, 1)):
+  for split, n, rng, single in (('train', train_samples, train_rng, single_fraction),
+                                ('eval', eval_samples, eval_rng, 1.0)):
     writer = ShardWriter(out / split, samples_per_shard)
     for _ in tqdm(range(n), desc=f'make_demo {split}', unit='img'):
-      image, caption, label = draw_sample(rng, image_size, int(rng.integers(1, max_groups + 1)))
+      groups = 1 if rng.random() < single else 2
+      image, caption, label = draw_sample(rng, image_size, groups)
       writer.write(_jpeg(image), 'jpg', caption, {'label': label})
     stats[split] = writer.close({'classes': len(CLASSNAMES)})
   (out / 'classnames.txt').write_text('\n'.join(CLASSNAMES) + '\n')
   return stats
+
+
+def ensure_demo(data_dir: str, **make_demo_args) -> None:
+  """Generates the demo dataset into `data_dir` unless it is already there.
+
+  Safe when several processes (a multi-process launch) call it at once: each one that finds
+  no `classnames.txt` (written last) generates into a temporary sibling directory and
+  renames it into place in one step; when another process's rename won, its own copy is
+  discarded. Nobody sees a half-written dataset. `make_demo_args` go to `make_demo`.
+  """
+  out = pathlib.Path(data_dir).expanduser()
+  if (out / 'classnames.txt').exists():
+    return
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.parent / f'.{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+  try:
+    make_demo(str(tmp), **make_demo_args)
+    try:
+      os.rename(tmp, out)  # atomic; also replaces an empty directory at `out`
+    except OSError as e:  # `out` exists and is not empty: another process finished first
+      if not (out / 'classnames.txt').exists():
+        raise RuntimeError(f'{out} exists but holds no complete demo dataset (no '
+                           'classnames.txt); delete it and run again.') from e
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,9 +213,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--samples_per_shard', type=int, default=2000)
   parser.add_argument('--image_size', type=int, default=64)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--single_fraction', type=float, default=0.8,
+                      help='fraction of train images with one group (the others have two)')
   args = parser.parse_args(argv)
   stats = make_demo(args.output, args.train_samples, args.eval_samples, args.samples_per_shard,
-                    args.image_size, args.seed)
+                    args.image_size, args.seed, args.single_fraction)
   print(f'Wrote {stats["train"]["count"]} train and {stats["eval"]["count"]} eval samples '
         f'({len(CLASSNAMES)} classes) to {args.output}')
 

@@ -2,7 +2,8 @@
 
 Members are added from bytes in memory under generated keys (`000000123.jpg`,
 `.txt`, `.json`), never from paths on disk, and each shard is written to a temporary
-name and renamed when complete, so a reader never sees a half-written shard.
+name and renamed when complete, so a reader never sees a half-written shard. Members carry
+a fixed modification time (`MTIME`), so the same samples always give the same bytes.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import time
-from typing import Optional
 
 from etils import epath
+
+# Every member's mtime (2000-01-01 UTC): shards depend on their samples only, not on the clock.
+MTIME = 946684800
 
 
 class ShardWriter:
@@ -27,10 +29,10 @@ class ShardWriter:
     self.samples_per_shard = samples_per_shard
     self.count = 0
     self.shards: list[str] = []
-    self._tar: Optional[tarfile.TarFile] = None
+    self._tar: tarfile.TarFile | None = None
     self._file = None
 
-  def write(self, image: bytes, image_ext: str, caption: str, meta: Optional[dict] = None) -> str:
+  def write(self, image: bytes, image_ext: str, caption: str, meta: dict | None = None) -> str:
     """Adds one sample; returns its key."""
     if self._tar is None:
       self._open()
@@ -48,11 +50,12 @@ class ShardWriter:
 
   def _open(self) -> None:
     self._file = (self.out_dir / f'{self._shard_name()}.tmp').open('wb')
-    self._tar = tarfile.open(fileobj=self._file, mode='w', format=tarfile.USTAR_FORMAT)
+    self._tar = tarfile.open(  # noqa: SIM115 (closed in _close_shard, with the file)
+        fileobj=self._file, mode='w', format=tarfile.USTAR_FORMAT)
 
   def _add(self, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o444
+    info.size, info.mtime, info.mode = len(data), MTIME, 0o444
     self._tar.addfile(info, io.BytesIO(data))
 
   def _close_shard(self) -> None:
@@ -63,7 +66,7 @@ class ShardWriter:
     self.shards.append(name)
     self._tar = self._file = None
 
-  def close(self, stats: Optional[dict] = None) -> dict:
+  def close(self, stats: dict | None = None) -> dict:
     """Flushes the last shard and writes `_stats.json`; returns the stats."""
     if self._tar is not None:
       self._close_shard()
