@@ -27,12 +27,7 @@ WIDE_TINY = {'model.vision.width': 256, 'model.vision.mlp_dim': 1024, 'model.tex
 def _config(**overrides):
   config = base_config()
   config.model.name = 'tiny'
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -205,12 +205,7 @@ def test_tensor_rules_shard_heads_and_mlp():
 def _config(**kw):
   c = base_config()
   c.data.kind = 'synthetic'
-  for key, value in kw.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(kw)
   return c
 
 
