@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import clip_jax
-from clip_jax import sharding
+from clip_jax import optim, sharding
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.config_base import base_config
@@ -190,6 +190,15 @@ def test_fsdp_shards_weights_across_devices():
   assert on_device0 / total < 1 / 8 + 0.01  # only tiny vectors (logit scale) are replicated
   kernel = params['visual']['transformer']['blocks']['mlp']['fc1']['kernel']  # [L, 768, 3072]
   assert kernel.addressable_shards[0].data.shape == (2, 96, 3072)
+  # AdamW's moments live where their parameters live (not replicated); the count does not.
+  state = train_lib.create_state(params, optim.make_optimizer(base_config().optim, 10, params),
+                                 mesh)
+  first_moments = optax.tree_utils.tree_get_all_with_path(state['opt_state'], 'mu')
+  assert first_moments
+  for _, moments in first_moments:
+    mu = moments['visual']['transformer']['blocks']['mlp']['fc1']['kernel']
+    assert mu.sharding == kernel.sharding
+  assert state['step'].sharding.is_fully_replicated
 
 
 def test_tensor_rules_shard_heads_and_mlp():
