@@ -174,5 +174,7 @@ def test_overrides_are_typed_by_the_config_fields():
   assert cfg.vision.timm_model_name is None
   with pytest.raises(ValueError, match=r"VisionConfig.layers expects int, got 'three'"):
     clip_jax.get_config('tiny', **{'vision.layers': 'three'})
+  with pytest.raises(ValueError, match=r"VisionConfig.layers expects int, got 'None'"):
+    clip_jax.get_config('tiny', **{'vision.layers': 'None'})  # only Optional fields take None
   with pytest.raises(KeyError, match='Unknown TextConfig keys'):
     clip_jax.get_config('tiny', **{'text.depth': 2})

@@ -179,7 +179,10 @@ def _replace_checked(obj, fields: dict[str, Any]):
 
 def field_type(klass: type, name: str) -> type:
   """The declared type of a config field, `Optional` unwrapped (`ls_init` -> float)."""
-  hint = typing.get_type_hints(klass)[name]
+  return _unwrap(typing.get_type_hints(klass)[name])
+
+
+def _unwrap(hint: Any) -> type:
   if _is_optional(hint):
     hint = next(a for a in typing.get_args(hint) if a is not type(None))
   return typing.get_origin(hint) or hint
@@ -191,15 +194,19 @@ def _is_optional(hint: Any) -> bool:
 
 
 def _parse_value(klass: type, name: str, value: Any) -> Any:
-  kind = field_type(klass, name)
-  if value == 'None' and _is_optional(typing.get_type_hints(klass)[name]):
+  """A string typed by the field's declaration (`'2'` -> 2); any other value as it is."""
+  if not isinstance(value, str):
+    return value
+  hint = typing.get_type_hints(klass)[name]
+  if value == 'None' and _is_optional(hint):
     return None
-  if not isinstance(value, str) or kind is str:
+  kind = _unwrap(hint)
+  if kind is str:
     return value
   try:
     parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError):
     parsed = value
-  if parsed is None or isinstance(parsed, kind) or (kind is float and type(parsed) is int):
+  if isinstance(parsed, kind) or (kind is float and type(parsed) is int):
     return parsed
   raise ValueError(f'{klass.__name__}.{name} expects {kind.__name__}, got {value!r}')
