@@ -5,7 +5,8 @@ mesh's batch axes and runs the per-device math under `jax.shard_map`:
 
 - `softmax`: each device scores its B_local rows against the all-gathered other tower
   (B_local x B_global logits, OpenCLIP's `--local-loss --gather-with-grad`). `all_gather`
-  transposes to a reduce-scatter, so gradients flow back to the owners of the features.
+  transposes to a reduce-scatter, so gradients flow back to the owners of the features
+  (on CPU to a psum and a slice: gloo's reduce-scatter slows every later collective).
 - `sigmoid`: the same gathered layout with SigLIP's pairwise sigmoid loss.
 - `sigmoid_chunked`: text features travel around a ring (`ppermute`) one device-chunk at a
   time; each step scores B_local x chunk logits under `jax.checkpoint`, so neither the
@@ -66,7 +67,11 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
     raise ValueError(f'chunk_size={chunk_size} needs kind=sigmoid_chunked and must divide the '
                      f'per-device batch {local_batch}.')
   bias = jnp.zeros((), jnp.float32) if logit_bias is None else logit_bias
-  per_device = {'softmax': _softmax_local, 'sigmoid': _sigmoid_local,
+  # On CPU the gather's backward avoids gloo's reduce-scatter (see `_gather`).
+  gather = functools.partial(_gather, axes=axes,
+                             reduce_scatter=mesh.devices.flat[0].platform != 'cpu')
+  per_device = {'softmax': functools.partial(_softmax_local, gather=gather),
+                'sigmoid': functools.partial(_sigmoid_local, gather=gather),
                 'sigmoid_chunked': functools.partial(_sigmoid_ring_local,
                                                      chunk_size=chunk_size or local_batch)}[kind]
   batch_spec = P(axes if axes else None)
@@ -96,8 +101,38 @@ def _shard_offset(axes, local_batch: int) -> jax.Array:
   return jax.lax.axis_index(axes) * local_batch if axes else jnp.zeros((), jnp.int32)
 
 
-def _gather(x: jax.Array, axes) -> jax.Array:
-  return jax.lax.all_gather(x, axes, tiled=True) if axes else x
+def _gather(x: jax.Array, axes, *, reduce_scatter: bool = True) -> jax.Array:
+  """All rows of `x` from every device; gradients flow back to each row's owner.
+
+  The backward of `all_gather` is a reduce-scatter. With `reduce_scatter=False` it is a
+  `psum` and a slice of this device's rows instead (same values, N times the bytes): on
+  CPU, XLA's gloo reduce-scatter leaves the processes' gloo connections slow for every
+  later collective (a 12 MB all-reduce then takes 12 s instead of 40 ms), which made
+  multi-process CPU training ~50x slower than one process.
+  """
+  if not axes:
+    return x
+  if reduce_scatter:
+    return jax.lax.all_gather(x, axes, tiled=True)
+  return _gather_psum_backward(x, axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_psum_backward(x: jax.Array, axes) -> jax.Array:
+  return jax.lax.all_gather(x, axes, tiled=True)
+
+
+def _gather_psum_backward_fwd(x, axes):
+  return _gather_psum_backward(x, axes), None
+
+
+def _gather_psum_backward_bwd(axes, _, grad):
+  rows = grad.shape[0] // jax.lax.psum(1, axes)
+  own = jax.lax.axis_index(axes) * rows
+  return (jax.lax.dynamic_slice_in_dim(jax.lax.psum(grad, axes), own, rows),)
+
+
+_gather_psum_backward.defvjp(_gather_psum_backward_fwd, _gather_psum_backward_bwd)
 
 
 def _psum(x, axes):
@@ -115,12 +150,12 @@ def _pair_metrics(pos_sum, all_sum, i2t_correct, t2i_correct, global_batch, axes
           't2i_acc': t2i_correct / global_batch}
 
 
-def _softmax_local(img, txt, scale, bias, *, axes, global_batch):
+def _softmax_local(img, txt, scale, bias, *, axes, global_batch, gather):
   del bias
   b = img.shape[0]
   labels = _shard_offset(axes, b) + jnp.arange(b)
-  i2t = _logits(img, _gather(txt, axes), scale, 0.0)  # [b, B]
-  t2i = _logits(txt, _gather(img, axes), scale, 0.0)  # [b, B]
+  i2t = _logits(img, gather(txt), scale, 0.0)  # [b, B]
+  t2i = _logits(txt, gather(img), scale, 0.0)  # [b, B]
 
   def cross_entropy_sum(logits):
     positives = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
@@ -136,10 +171,10 @@ def _softmax_local(img, txt, scale, bias, *, axes, global_batch):
   return loss, metrics
 
 
-def _sigmoid_local(img, txt, scale, bias, *, axes, global_batch):
+def _sigmoid_local(img, txt, scale, bias, *, axes, global_batch, gather):
   b = img.shape[0]
   offset = _shard_offset(axes, b)
-  logits = _logits(img, _gather(txt, axes), scale, bias)  # [b, B]
+  logits = _logits(img, gather(txt), scale, bias)  # [b, B]
   is_pos = jnp.arange(global_batch)[None, :] == (offset + jnp.arange(b))[:, None]
   z = jnp.where(is_pos, 1.0, -1.0)
   loss = -_psum(jnp.sum(jax.nn.log_sigmoid(z * logits)), axes) / global_batch
