@@ -10,6 +10,7 @@ checkpoint also takes a workdir (meaning its latest step).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import grain
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from clip_jax.models.config import CLIPConfig
 
@@ -89,9 +91,10 @@ class _DataState:
 class TrainCheckpoints:
   """Asynchronous, atomic training checkpoints in `WORKDIR/checkpoints/<step>/`.
 
-  Items: `params`, `opt_state`, `train` (step counters), `model_config` and `data` (the
-  input pipeline state, per process). Restoring takes the current state's shardings as
-  the target, so a run can resume on a different mesh or device count.
+  Items: `params`, `opt_state`, `train` (step counters and the process count),
+  `model_config` and `data` (the input pipeline state, one file per process). Restoring
+  takes the current state's shardings as the target, so a run can resume on a different
+  mesh or device count.
   """
 
   def __init__(self, workdir: str, model_cfg: CLIPConfig, every: int, keep: int):
@@ -112,27 +115,84 @@ class TrainCheckpoints:
         params=ocp.args.StandardSave(state['params']),
         opt_state=ocp.args.StandardSave(state['opt_state']),
         train=ocp.args.JsonSave({'step': int(state['step']),
-                                 'bad_steps': int(state['bad_steps'])}),
+                                 'bad_steps': int(state['bad_steps']),
+                                 'process_count': jax.process_count()}),
         model_config=ocp.args.JsonSave(self.model_cfg.to_dict()),
         data=grain.checkpoint.CheckpointSave(_DataState(loader, loader.get_state())))
     self.manager.save(step, args=args, force=force)
 
-  def restore(self, step: int, state: dict, loader) -> dict:
-    """Restores onto the shardings of `state` (a freshly initialised state)."""
+  def restore_latest(self, state: dict, loader) -> tuple[int, dict, bool]:
+    """(step, state, data restored?) from the newest checkpoint that restores.
+
+    A checkpoint that fails to restore on any process (a damaged or truncated file) is
+    moved aside to `<step>.unreadable` with a warning, and the next older one is tried.
+    When checkpoints exist but none restores, the run stops rather than silently starting
+    from scratch. No checkpoint: (0, state, False).
+    """
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored, data_restored = self.restore(step, state, loader)
+        error = None
+      except Exception as e:  # orbax and tensorstore raise many types for a bad file
+        error = e
+      if _on_all_processes(error is None):
+        for bad_step, bad_error in failures:
+          self._move_aside(bad_step, bad_error)
+        return step, restored, data_restored
+      failures.append((step, error or RuntimeError('failed to restore on another process')))
+    if failures:
+      listing = '; '.join(f'{self.directory / str(s)}: {e!r}' for s, e in failures)
+      raise RuntimeError(
+          f'No checkpoint in {self.directory} restores ({listing}). Not starting from scratch '
+          'over them: move them away (or use a new --workdir) to start a new run.')
+    return 0, state, False
+
+  def restore(self, step: int, state: dict, loader) -> tuple[dict, bool]:
+    """(state on the shardings of `state`, whether the input pipeline state was restored).
+
+    The pipeline state is per process, so it is restored only when the checkpoint was
+    written by as many processes as there are now.
+    """
     def abstract(tree):
       return jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(state['params'])),
-        opt_state=ocp.args.StandardRestore(abstract(state['opt_state'])),
-        train=ocp.args.JsonRestore(),
-        data=grain.checkpoint.CheckpointRestore(_DataState(loader))))
+    counters = self.manager.restore(step, args=ocp.args.Composite(
+        train=ocp.args.JsonRestore()))['train']
+    same_processes = counters.get('process_count', 1) == jax.process_count()
+    items = dict(params=ocp.args.StandardRestore(abstract(state['params'])),
+                 opt_state=ocp.args.StandardRestore(abstract(state['opt_state'])))
+    if same_processes:
+      items['data'] = grain.checkpoint.CheckpointRestore(_DataState(loader))
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     replicated = state['step'].sharding
     return {'params': restored['params'], 'opt_state': restored['opt_state'],
-            'step': jax.device_put(np.int32(restored['train']['step']), replicated),
-            'bad_steps': jax.device_put(np.int32(restored['train']['bad_steps']), replicated)}
+            'step': jax.device_put(np.int32(counters['step']), replicated),
+            'bad_steps': jax.device_put(np.int32(counters['bad_steps']), replicated)
+            }, same_processes
+
+  def _move_aside(self, step: int, error: Exception) -> None:
+    """Renames a checkpoint that does not restore (process 0) so no restart tries it again."""
+    source = self.directory / str(step)
+    target = self.directory / f'{step}.unreadable'
+    if jax.process_index() == 0:
+      suffix = 1
+      while target.exists():
+        target, suffix = self.directory / f'{step}.unreadable{suffix}', suffix + 1
+      source.rename(target)
+    logging.warning('CHECKPOINT %s DOES NOT RESTORE (%r); moved it to %s and resumed from an '
+                    'older one.', source, error, target)
+    _on_all_processes(True)  # the rename is done before anyone lists the steps again
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _on_all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.asarray(ok)).all())

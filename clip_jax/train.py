@@ -30,6 +30,7 @@ from absl import app, flags
 from clu import parameter_overview
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -261,11 +262,30 @@ class ZeroShotEval:
 # --- preemption ---------------------------------------------------------------------------
 
 class Preemption:
-  """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits."""
+  """A preemption notice (SIGTERM) that every process acts on at the same step.
+
+  One process: a SIGTERM handler sets a flag that the loop reads after each step. Several
+  processes: the notice may reach only some hosts, and a process that stopped alone would
+  leave the others blocked in collectives. JAX's preemption sync service (started by
+  `jax.distributed.initialize`) catches SIGTERM on any process and makes
+  `reached_preemption_sync_point(step)` true on all of them at the same step, so every
+  process saves that step and exits.
+  """
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self.synced = jax.process_count() > 1
+    if not self.synced:
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step`; call once per step on every process."""
+    if self.synced and not self.requested:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+      if self.requested:
+        logging.warning('Preemption notice: every process checkpoints step %d, then exits.',
+                        step)
+    return self.requested
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -309,13 +329,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   tx = optim.make_optimizer(config.optim, config.total_steps, params)
   state = create_state(params, tx, mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  loader = Loader(pipeline_config(config, cfg), sharding.batch_sharding(mesh))
+  pipeline = pipeline_config(config, cfg)
+  loader = Loader(pipeline, sharding.batch_sharding(mesh))
   checkpoints = ckpt.TrainCheckpoints(workdir, cfg, config.checkpoint_every,
                                       config.keep_checkpoints)
-  start = checkpoints.latest_step() or 0
+  start, state, data_restored = checkpoints.restore_latest(state, loader)
   if start:
     logging.info('Resuming from %s step %d', checkpoints.directory, start)
-    state = checkpoints.restore(start, state, loader)
+  if start and not data_restored:
+    loader.close()
+    loader = Loader(dataclasses.replace(pipeline, seed=config.seed + start),
+                    sharding.batch_sharding(mesh))
+    logging.warning(
+        'The checkpoint at step %d was written by a different number of processes: params, '
+        'optimizer state and step are restored, but the input position is per process and '
+        'is not. The data starts a new pass, reshuffled with seed %d (seed + step): samples '
+        'of the interrupted pass may be seen again.', start, config.seed + start)
   logger = MetricLogger(workdir)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
@@ -363,12 +392,13 @@ def train_loop(run: Run) -> dict[str, float]:
         profile(step)
       if step % config.log_every == 0 or final:
         last = log_metrics(run, step, metrics, window, bar)
+      preempted = run.preemption.reached(step)
       with window.paused():  # evaluation and saving are not training throughput
         if run.evaluate and (step % config.eval_every == 0 or final):
           last.update(evaluate(run, step))
-        save_checkpoint(run, step, force=final or run.preemption.requested)
+        save_checkpoint(run, step, force=final or preempted)
       bar.update(1)
-      if run.preemption.requested:
+      if preempted:
         break
   check_finite(previous, config.max_bad_steps, run.checkpoints.directory)
   return last

@@ -61,6 +61,9 @@ class _Logger:
 class _Preemption:
   requested = False
 
+  def reached(self, step):
+    return self.requested
+
 
 def _run(total_steps, log_every):
   config = ml_collections.ConfigDict(dict(
