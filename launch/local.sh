@@ -17,6 +17,7 @@ nproc="$1"; devices="$2"; shift 3
 
 port="${CLIP_JAX_PORT:-$((20000 + RANDOM % 20000))}"
 log_dir="${CLIP_JAX_LOG_DIR:-/tmp}"
+mkdir -p "$log_dir"
 python="${PYTHON:-python3}"
 platform="${JAX_PLATFORMS:-cpu}"
 pids=()

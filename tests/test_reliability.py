@@ -1,0 +1,211 @@
+"""Pod-scale faults rehearsed on one machine: preemption of one process, damaged
+checkpoints, a changed process count, bad shards in a real run."""
+
+import io
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from tests.test_train import (
+  ROOT,
+  _demo_config,
+  _env,
+  _metrics,
+  _overrides,
+  _run,
+  _train_cmd,
+  _wait_for_step,
+)
+
+# A constant schedule makes the learning rate of a step independent of `total_steps`, so a
+# run stopped early and resumed with another `total_steps` can match an uninterrupted one.
+COMMON = ['--config.log_every=1', '--config.eval.zeroshot_shards=', '--config.batch_size=32',
+          '--config.checkpoint_every=1000', '--config.optim.schedule=constant']
+
+
+def _launch(workdir, nproc, devices, *overrides, demo_dir, log_dir):
+  """`launch/local.sh NPROC DEVICES -- train args` as a running process."""
+  env = _env(PYTHON=sys.executable, CLIP_JAX_LOG_DIR=str(log_dir))
+  env.pop('XLA_FLAGS')
+  cmd = _train_cmd(workdir, *overrides, config=_demo_config(demo_dir))[3:]
+  return subprocess.Popen([str(ROOT / 'launch' / 'local.sh'), str(nproc), str(devices), '--',
+                           *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _finish(process, log_dir, timeout=600):
+  """Waits for a launch; returns (returncode, process 0's stderr, process 1's log)."""
+  _, stderr = process.communicate(timeout=timeout)
+  log_1 = pathlib.Path(log_dir) / 'clip_jax_proc_1.log'
+  return process.returncode, stderr, log_1.read_text() if log_1.exists() else ''
+
+
+def _launched(*args, **kwargs):
+  returncode, stderr, log_1 = _finish(_launch(*args, **kwargs), kwargs['log_dir'])
+  assert returncode == 0, stderr[-2000:] + log_1[-2000:]
+  return stderr, log_1
+
+
+def _train_process(workdir, process_id):
+  """The pid of the training process `process_id` that writes to `workdir`."""
+  for proc in pathlib.Path('/proc').iterdir():
+    try:
+      cmdline = (proc / 'cmdline').read_bytes().split(b'\0')
+      environ = (proc / 'environ').read_bytes().split(b'\0')
+    except OSError:
+      continue
+    if (b'clip_jax.train' in cmdline and str(workdir).encode() in cmdline
+        and f'CLIP_JAX_PROCESS_ID={process_id}'.encode() in environ):
+      return int(proc.name)
+  raise LookupError(f'no training process {process_id} for {workdir}')
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir()
+                if p.name.isdigit())
+
+
+def _assert_same_losses(resumed, straight, rtol=1e-5):
+  assert sorted(resumed) == sorted(straight)
+  for step in straight:
+    np.testing.assert_allclose(resumed[step]['loss'], straight[step]['loss'], rtol=rtol,
+                               err_msg=f'step {step}')
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_one_step(demo_data, tmp_path):
+  """Only process 1 is told: both checkpoint the same step and exit 0; a restart continues
+  with the losses of an uninterrupted two-process run."""
+  total = 20
+  _launched(tmp_path / 'straight', 2, 2, *_overrides(total, *COMMON), demo_dir=demo_data,
+            log_dir=tmp_path / 'logs_straight')
+
+  workdir, logs = tmp_path / 'run', tmp_path / 'logs_run'
+  process = _launch(workdir, 2, 2, *_overrides(10_000, *COMMON), demo_dir=demo_data,
+                    log_dir=logs)
+  _wait_for_step(workdir, 3)
+  os.kill(_train_process(workdir, 1), signal.SIGTERM)
+  start = time.monotonic()
+  returncode, stderr, log_1 = _finish(process, logs, timeout=180)
+  assert returncode == 0, stderr[-2000:] + log_1[-2000:]
+  assert time.monotonic() - start < 120
+  assert 'Preemption notice' in stderr and 'Preemption notice' in log_1
+  stopped = max(_metrics(workdir))
+  assert _checkpoint_steps(workdir)[-1] == stopped < total  # (orbax also keeps step 1)
+  for process_id in (0, 1):  # both processes stored their input position for that step
+    assert (workdir / 'checkpoints' / str(stopped) / 'data' /
+            f'process_{process_id}-of-2.json').is_file()
+
+  _launched(workdir, 2, 2, *_overrides(total, *COMMON), demo_dir=demo_data, log_dir=logs)
+  _assert_same_losses(_metrics(workdir), _metrics(tmp_path / 'straight'), rtol=1e-4)
+
+
+def _damage(checkpoint: pathlib.Path) -> pathlib.Path:
+  """Cuts the largest data file of a checkpoint's params in half (a torn upload)."""
+  victim = max((p for p in (checkpoint / 'params').rglob('*') if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  data = victim.read_bytes()
+  victim.write_bytes(data[:len(data) // 2])
+  return victim
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes(
+    demo_data, tmp_path):
+  common = [*COMMON, '--config.checkpoint_every=5']
+  config = _demo_config(demo_data)
+  _run(_train_cmd(tmp_path / 'straight', *_overrides(15, *common), config=config), _env(1))
+  workdir = tmp_path / 'run'
+  _run(_train_cmd(workdir, *_overrides(10, *common), config=config), _env(1))
+  assert _checkpoint_steps(workdir) == [1, 5, 10]
+  _damage(workdir / 'checkpoints' / '10')
+
+  result = _run(_train_cmd(workdir, *_overrides(15, *common), config=config), _env(1))
+  assert f'CHECKPOINT {workdir}/checkpoints/10 DOES NOT RESTORE' in result.stderr
+  assert (workdir / 'checkpoints' / '10.unreadable' / 'params').is_dir()  # kept, not deleted
+  assert 'Resuming from' in result.stderr and 'step 5' in result.stderr
+  assert _checkpoint_steps(workdir) == [5, 10, 15]
+  _assert_same_losses(_metrics(workdir), _metrics(tmp_path / 'straight'))
+
+  for step in (5, 10, 15):  # nothing restores: stop, never restart from scratch over them
+    _damage(workdir / 'checkpoints' / str(step))
+  result = subprocess.run(_train_cmd(workdir, *_overrides(20, *common), config=config),
+                          env=_env(1), capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode != 0
+  assert f'No checkpoint in {workdir}/checkpoints restores' in result.stderr
+  assert _checkpoint_steps(workdir) == [5, 10, 15]  # nothing moved when nothing restores
+
+
+@pytest.mark.slow
+def test_a_changed_process_count_restores_the_model_and_reshuffles_the_data(demo_data,
+                                                                           tmp_path):
+  """1 process x 4 devices -> 2 x 2 -> 1 x 4: same mesh, so params and optimizer restore;
+  the per-process input position cannot, and the run says so instead of crashing."""
+  workdir, config = tmp_path / 'run', _demo_config(demo_data)
+  common = [*COMMON, '--config.optim.warmup_steps=0']
+  _run(_train_cmd(workdir, *_overrides(6, *common), config=config), _env(4))
+  stderr, _ = _launched(workdir, 2, 2, *_overrides(12, *common), demo_dir=demo_data,
+                        log_dir=tmp_path / 'logs')
+  assert 'written by a different number of processes' in stderr and 'seed 6' in stderr
+  result = _run(_train_cmd(workdir, *_overrides(18, *common), config=config), _env(4))
+  assert 'written by a different number of processes' in result.stderr
+  assert 'Resuming from' in result.stderr and 'step 12' in result.stderr
+  metrics = _metrics(workdir)
+  assert sorted(metrics) == list(range(1, 19))
+  # Restored, not restarted: each leg starts below where the run started.
+  assert max(metrics[7]['loss'], metrics[13]['loss']) < metrics[1]['loss'] - 0.2, metrics
+
+
+def _tar(path, members):
+  with tarfile.open(path, 'w') as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+
+
+def _bad_shards(root: pathlib.Path, good_shard: pathlib.Path) -> None:
+  """One shard per kind of damage, each beside good samples from a real demo shard."""
+  with tarfile.open(good_shard) as tar:
+    good = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()[:42]]  # 14 samples
+  image = next(data for name, data in good if name.endswith(('.jpg', '.png')))
+  bad = {
+      'bad_image': [('a.jpg', b'\xff\xd8 not a jpeg'), ('a.txt', b'x'),
+                    ('b.jpg', image[:len(image) // 2]), ('b.txt', b'x')],
+      'empty_image': [('c.jpg', b''), ('c.txt', b'x')],
+      'missing_caption': [('d.jpg', image)],
+      'bad_caption': [('e.jpg', image), ('e.txt', 'caf\xe9'.encode('latin-1'))],
+      'oversized_member': [('f.jpg', bytes(65 << 20)), ('f.txt', b'x')],
+  }
+  for i, members in enumerate(bad.values()):
+    _tar(root / f'{i:05d}.tar', [*good[:21], *members, *good[21:]])
+  n = len(bad)
+  (root / f'{n:05d}.tar').write_bytes(b'')  # empty
+  _tar(root / f'{n + 1:05d}.tar', good)
+  data = (root / f'{n + 1:05d}.tar').read_bytes()
+  (root / f'{n + 1:05d}.tar').write_bytes(data[:len(data) * 2 // 3])  # truncated
+
+
+@pytest.mark.slow
+def test_a_run_over_every_kind_of_bad_shard_counts_each_and_finishes(demo_data, tmp_path):
+  shards = tmp_path / 'bad'
+  shards.mkdir()
+  _bad_shards(shards, demo_data / 'train' / '00000.tar')
+  workdir = tmp_path / 'run'
+  _run(_train_cmd(workdir, *_overrides(30, '--config.log_every=30', '--config.batch_size=16',
+                                            '--config.eval.zeroshot_shards=',
+                                            f'--config.data.train={shards}/{{00000..00006}}.tar',
+                                            '--config.data.workers=2'),
+                  config=_demo_config(demo_data)), _env(1))
+  skipped = {k.removeprefix('skipped/'): v for k, v in _metrics(workdir)[30].items()
+             if k.startswith('skipped/')}
+  for kind in ('bad_image', 'empty_image', 'missing_caption', 'bad_caption',
+               'oversized_member', 'empty_shard', 'truncated_shard'):
+    assert skipped.get(kind, 0) >= 1, (kind, skipped)
