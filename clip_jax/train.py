@@ -139,6 +139,9 @@ def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> P
   if not config.init_from:
     return init_fn()
   _, params = ckpt.load_params(config.init_from)
+  if model.cfg.init_logit_bias is not None and 'logit_bias' not in params:
+    # A CLIP checkpoint for a sigmoid loss: the bias starts at config.model.init_logit_bias.
+    params['logit_bias'] = np.float32(model.cfg.init_logit_bias)
   try:
     model.check(params)
   except ValueError as e:

@@ -17,9 +17,10 @@ from flax import nnx
 import clip_jax
 from clip_jax import optim, sharding
 from clip_jax import train as train_lib
-from clip_jax.checkpoint import load_params, resolve_checkpoint
+from clip_jax.checkpoint import load_params, resolve_checkpoint, save_model
 from clip_jax.config_base import base_config
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
+from clip_jax.models.functional import get_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
@@ -419,3 +420,19 @@ def test_a_frozen_tower_costs_no_backward_pass():
     np.testing.assert_array_equal(a, b)
   assert not np.array_equal(before['text']['ln_final']['scale'],
                             after['text']['ln_final']['scale'])
+
+
+def test_a_clip_checkpoint_starts_a_sigmoid_run_with_the_configured_bias(tmp_path):
+  """init_from a checkpoint without a logit bias (CLIP) + init_logit_bias: LiT with SigLIP's
+  loss from an OpenCLIP CLIP model."""
+  model = clip_jax.create_model('tiny')
+  save_model(tmp_path / 'clip', model.cfg, get_params(model))
+  config = _config(**{'loss.kind': 'sigmoid', 'model.init_logit_bias': -10.0,
+                      'init_from': str(tmp_path / 'clip')})
+  mesh = sharding.make_mesh({'data': -1})
+  functional, shardings, init = train_lib.build_model(train_lib.model_config(config), mesh,
+                                                      sharding.DEFAULT_RULES, 0)
+  params = train_lib.init_params(config, functional, shardings, init)
+  assert float(params['logit_bias']) == -10.0
+  np.testing.assert_array_equal(params['text']['ln_final']['scale'],
+                                get_params(model)['text']['ln_final']['scale'])
