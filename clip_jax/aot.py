@@ -143,7 +143,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       'model': config.model.name, 'dtype': config.model.dtype, 'remat': config.model.remat,
       'scan_layers': config.model.scan_layers, 'loss': config.loss.kind,
       'batch_size': config.batch_size, 'batch_per_chip': config.batch_size / chips,
-      'grad_accum': config.optim.grad_accum}
+      'grad_accum': config.optim.grad_accum, 'grad_accum_mode': config.optim.grad_accum_mode}
   capacity = hbm_capacity(devices[0])
   try:
     with _quiet_stderr():
@@ -302,7 +302,8 @@ def format_report(report: dict[str, Any]) -> str:
                f'loss={r["loss"]}) on {r["topology"]}: {r["chips"]} x {r["device_kind"]}, '
                f'mesh {r["mesh"]}')
   lines.append(f'batch {r["batch_size"]} global = {r["batch_per_chip"]:g} pairs per chip'
-               + (f', grad_accum {r["grad_accum"]}' if r['grad_accum'] > 1 else ''))
+               + (f', grad_accum {r["grad_accum"]} ({r["grad_accum_mode"]})'
+                  if r['grad_accum'] > 1 else ''))
   hbm = r['hbm']
   capacity = hbm['capacity_bytes']
   cap = gib(capacity) if capacity else 'unknown capacity'

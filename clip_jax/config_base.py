@@ -41,6 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Preset overrides (None keeps the preset's value), e.g. --config.model.vision.layers=6.
   c.model.vision = _overrides(VisionConfig)
   c.model.text = _overrides(TextConfig)
+  # None keeps the preset's; a sigmoid loss on a CLIP preset needs a bias: OpenCLIP's
+  # --siglip sets init_logit_scale=2.302585 (log 10) and init_logit_bias=-10.
+  c.model.init_logit_scale = ml_collections.config_dict.placeholder(float)
+  c.model.init_logit_bias = ml_collections.config_dict.placeholder(float)
   c.model.dtype = 'float32'          # compute dtype: 'bfloat16' on accelerators
   c.model.scan_layers = True
   c.model.remat = 'none'
@@ -63,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6
   c.optim.clip_norm = 1.0
-  c.optim.grad_accum = 1             # micro-batches per step (each with its own negatives)
+  c.optim.grad_accum = 1             # micro-batches per step (clip_jax/accumulate.py)
+  c.optim.grad_accum_mode = 'cache'  # 'cache': negatives over the global batch | 'micro'
   c.optim.freeze = ''                # regex on parameter paths, e.g. '^visual/' (LiT)
 
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})

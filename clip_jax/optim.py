@@ -52,6 +52,18 @@ def freeze_labels(params: Any, freeze: str) -> Any:
                       _paths(params))
 
 
+def stop_frozen(params: Any, freeze: str) -> Any:
+  """`params` with the `freeze` matches as constants (`stop_gradient`).
+
+  Their gradients are then zeros that are never computed: a frozen tower (LiT) costs no
+  backward pass, and adds nothing to the gradient norm.
+  """
+  if not freeze:
+    return params
+  return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == 'frozen' else p,
+                      params, freeze_labels(params, freeze))
+
+
 def make_optimizer(cfg: Any, total_steps: int, params: dict) -> optax.GradientTransformation:
   adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)

@@ -34,8 +34,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from clip_jax import accumulate, distributed, optim, sharding
 from clip_jax import checkpoint as ckpt
-from clip_jax import distributed, optim, sharding
 from clip_jax.data.pipeline import Loader, PipelineConfig
 from clip_jax.data.specs import parse_spec
 from clip_jax.data.tokenizers import tokenizer_from_spec
@@ -60,9 +60,12 @@ State = dict[str, Any]
 # --- config -------------------------------------------------------------------------------
 
 def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
-  """The preset with `config.model.{vision,text}` overrides and execution options."""
+  """The preset with `config.model.{vision,text}` and logit init overrides, and execution
+  options."""
   overrides = {f'{tower}.{k}': v for tower in ('vision', 'text')
                for k, v in config.model[tower].items() if v is not None}
+  overrides.update({k: config.model[k] for k in ('init_logit_scale', 'init_logit_bias')
+                    if config.model[k] is not None})
   overrides.update(dtype=config.model.dtype, scan_layers=config.model.scan_layers,
                    remat=config.model.remat)
   return get_config(config.model.name, **overrides)
@@ -89,8 +92,15 @@ def check_config(config: ml_collections.ConfigDict, mesh_devices: int) -> None:
   """The checks that need no file: loss, schedule, mesh, batch divisibility, steps."""
   if config.loss.kind not in KINDS:
     raise ValueError(f'config.loss.kind must be one of {KINDS}, got {config.loss.kind!r}')
+  if config.loss.kind != 'softmax' and model_config(config).init_logit_bias is None:
+    raise ValueError(f'config.loss.kind={config.loss.kind!r} needs a logit bias and the preset '
+                     f'{config.model.name!r} has none: set config.model.init_logit_bias=-10 '
+                     '(and config.model.init_logit_scale=2.302585, as OpenCLIP\'s --siglip).')
   if config.optim.schedule not in optim.SCHEDULES:
     raise ValueError(f'config.optim.schedule must be one of {optim.SCHEDULES}')
+  if config.optim.grad_accum_mode not in accumulate.MODES:
+    raise ValueError(f'config.optim.grad_accum_mode must be one of {accumulate.MODES}, got '
+                     f'{config.optim.grad_accum_mode!r}')
   shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, mesh_devices)))
   dp = shape['data'] * shape['fsdp']
   if config.batch_size % (dp * config.optim.grad_accum):
@@ -130,6 +140,9 @@ def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> P
   if not config.init_from:
     return init_fn()
   _, params = ckpt.load_params(config.init_from)
+  if model.cfg.init_logit_bias is not None and 'logit_bias' not in params:
+    # A CLIP checkpoint for a sigmoid loss: the bias starts at config.model.init_logit_bias.
+    params['logit_bias'] = np.float32(model.cfg.init_logit_bias)
   try:
     model.check(params)
   except ValueError as e:
@@ -170,45 +183,28 @@ def create_state(params: Params, tx, mesh, param_shardings: Params | None = None
 # --- the step -----------------------------------------------------------------------------
 
 def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding):
-  """One jitted step: loss, grads (with accumulation), update, clamp, NaN guard."""
-  accum = config.optim.grad_accum
+  """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard."""
   loss_kind, chunk = config.loss.kind, config.loss.chunk_size or None
   preprocess = model.cfg.preprocess
 
-  def loss_fn(params, batch):
-    clip = model.bind(params)
+  def embed(params, batch):
+    # Frozen parameters enter as constants: their backward pass is never built.
+    clip = model.bind(optim.stop_frozen(params, config.optim.freeze))
     images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
     img, txt, scale, bias = clip(images, batch['text'])
-    if loss_kind == 'softmax':
-      bias = None
+    return img, txt, scale, None if loss_kind == 'softmax' else bias
+
+  def loss_of(img, txt, scale, bias):
     return contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
                             batch_axes=sharding.BATCH_AXES, chunk_size=chunk)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def accumulated_grads(params, batch):
-    """Mean over micro-batches; each micro-batch's negatives are its own rows only."""
-    if accum == 1:
-      return grad_fn(params, batch)
-
-    def split(x):  # rows j*accum + i form micro-batch i: every device keeps its share
-      x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-      return jax.lax.with_sharding_constraint(
-          x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-              None, *batch_sharding.spec)))
-
-    def body(carry, micro):
-      (loss, metrics), grads = grad_fn(params, micro)
-      return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(
-        lambda x: x[0], jax.tree.map(split, batch))))
-    total, _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
-    return jax.tree.map(lambda x: x / accum, total)
+  grads_fn = accumulate.value_and_grad(embed, loss_of, accum=config.optim.grad_accum,
+                                       mode=config.optim.grad_accum_mode,
+                                       batch_sharding=batch_sharding)
 
   def step_fn(state, batch):
     params = state['params']
-    (loss, metrics), grads = accumulated_grads(params, batch)
+    (loss, metrics), grads = grads_fn(params, batch)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)

@@ -1,0 +1,121 @@
+"""Gradient accumulation over K micro-batches of one global contrastive batch.
+
+A contrastive loss is not a sum over examples: every pair is scored against the whole
+batch. Accumulating per-micro-batch gradients therefore changes the loss; two modes:
+
+- `cache` (feature cache, GradCache / OpenCLIP `--accum-freq`): pass 1 encodes the K
+  micro-batches without gradients and keeps only their embeddings (B x D per tower); the
+  loss and its gradient w.r.t. every embedding, the logit scale and bias are computed over
+  the whole global batch, by the same `contrastive_loss` call as a one-shot step; pass 2
+  re-encodes each micro-batch and pulls its slice of that gradient back through the
+  towers (`jax.vjp`), summing parameter gradients. Loss and gradients are the one-shot
+  step's (up to float rounding); activation memory is one micro-batch's; cost: one more
+  forward pass of both towers (~4/3 of the one-shot compute).
+- `micro`: each micro-batch is a small contrastive batch of its own (its negatives are its
+  own B/K rows); the step applies the mean of their losses and gradients. Same memory, no
+  extra compute, but the loss of a B/K batch: fewer negatives, a different optimum.
+
+Micro-batch i holds rows j*K + i of the global batch, so every device keeps its own rows
+(`split`); with K = 1 both modes are the plain one-shot `value_and_grad`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MODES = ('cache', 'micro')
+Params = Any
+Batch = dict[str, jax.Array]
+# (image features, text features, log logit scale, logit bias or None)
+Embed = Callable[[Params, Batch], tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]]
+Loss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+GradFn = Callable[[Params, Batch], tuple[tuple[jax.Array, dict], Params]]
+
+
+def value_and_grad(embed: Embed, loss: Loss, *, accum: int, mode: str,
+                   batch_sharding: NamedSharding) -> GradFn:
+  """`(params, batch) -> ((loss, metrics), grads)` of `loss(*embed(params, batch))`.
+
+  `batch_sharding` is how the batch (rows on the mesh's batch axes) is laid out; the
+  micro-batches and cached embeddings keep that layout.
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+  one_shot = jax.value_and_grad(lambda p, b: loss(*embed(p, b)), has_aux=True)
+  if accum == 1:
+    return one_shot
+  if mode == 'micro':
+    return _micro_batches(one_shot, accum, batch_sharding)
+  return _feature_cache(embed, loss, accum, batch_sharding)
+
+
+def split(x: jax.Array, accum: int, batch_sharding: NamedSharding) -> jax.Array:
+  """[B, ...] -> [K, B/K, ...]; rows j*K + i form micro-batch i, so no row changes device."""
+  x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+  return _constrain(x, batch_sharding, leading=1)
+
+
+def merge(x: jax.Array, batch_sharding: NamedSharding) -> jax.Array:
+  """The inverse of `split`: [K, B/K, ...] -> [B, ...] in the original row order."""
+  x = x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+  return _constrain(x, batch_sharding, leading=0)
+
+
+def _constrain(x: jax.Array, batch_sharding: NamedSharding, leading: int) -> jax.Array:
+  spec = P(*(None,) * leading, *batch_sharding.spec)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(batch_sharding.mesh, spec))
+
+
+def _micro_batches(grad_fn: GradFn, accum: int, batch_sharding: NamedSharding) -> GradFn:
+  """Mean of the micro-batches' losses and gradients, each with its own negatives only."""
+
+  def grads(params, batch):
+    micro = jax.tree.map(lambda x: split(x, accum, batch_sharding), batch)
+
+    def body(total, one):
+      return jax.tree.map(jnp.add, total, grad_fn(params, one)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+    total, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / accum, total)
+
+  return grads
+
+
+def _feature_cache(embed: Embed, loss: Loss, accum: int, batch_sharding: NamedSharding
+                   ) -> GradFn:
+  """The global batch's loss and gradients, with one micro-batch's activations at a time."""
+
+  def grads(params, batch):
+    micro = jax.tree.map(lambda x: split(x, accum, batch_sharding), batch)
+    # Pass 1: embeddings only; no activation outlives its micro-batch.
+    img, txt, scale, bias = jax.lax.map(lambda one: embed(params, one), micro)
+    scale, bias = jax.tree.map(lambda x: x[0], (scale, bias))  # the same in every micro-batch
+    (value, metrics), (d_img, d_txt, d_scale, d_bias) = jax.value_and_grad(
+        loss, argnums=(0, 1, 2, 3), has_aux=True)(
+            merge(img, batch_sharding), merge(txt, batch_sharding), scale, bias)
+
+    # Pass 2: each micro-batch pulls its rows of the embedding gradient back through the
+    # towers; the scale and bias gradient enters once, with micro-batch 0.
+    def body(total, xs):
+      index, one, d_img_one, d_txt_one = xs
+      _, pullback = jax.vjp(lambda p: embed(p, one), params)
+      d_scalars = jax.tree.map(lambda d: jnp.where(index == 0, d, jnp.zeros_like(d)),
+                               (d_scale, d_bias))
+      (g,) = pullback((d_img_one, d_txt_one, *d_scalars))
+      return jax.tree.map(jnp.add, total, g), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    total, _ = jax.lax.scan(body, zeros, (
+        jnp.arange(accum), micro, split(d_img, accum, batch_sharding),
+        split(d_txt, accum, batch_sharding)))
+    return (value, metrics), total
+
+  return grads
