@@ -177,7 +177,8 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
   def loss_fn(params, batch):
     clip = model.bind(params)
     images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
-    img, txt, scale, bias = clip(images, batch['text'])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
+      img, txt, scale, bias = clip(images, batch['text'])
     if loss_kind == 'softmax':
       bias = None
     return contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
