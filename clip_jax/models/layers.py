@@ -205,7 +205,8 @@ class Transformer(nnx.Module):
   One parameter layout for both execution modes keeps checkpoints and the OpenCLIP
   converter independent of `scan_layers`: `scan_layers=False` fully unrolls the same scan
   (bigger program, more room for XLA to fuse across layers). `remat` wraps each layer in
-  `jax.checkpoint` with the named policy.
+  `jax.checkpoint` with the named policy. Each layer's input and output are pinned to the
+  batch axes of the mesh (`sharding.constrain_batch`), which GSPMD lost inside the scan.
   """
 
   def __init__(self, layers: int, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
