@@ -4,7 +4,9 @@ The train step of a widened tiny model is compiled for this machine's 8 CPU devi
 over all of them) and its memory read from `memory_analysis()`. The CPU compiler shows
 what the TPU compiler does (bench/RESULTS.md): before the fix the scanned step needed
 2.4x the memory of the unrolled one here (740 vs 306 MiB; each device ran the layer loop
-on the global batch and stored every float32 intermediate), ViT-B-16 on v5p 4.7x.
+on the global batch and stored every float32 intermediate), ViT-B-16 on v5p 4.7x. Unlike
+the TPU compiler, the CPU one gives unrolled layers the same memory at every policy, so
+with remat the bound is loose here; bench/RESULTS.md has the TPU ratios (1.03-1.12x).
 """
 
 import functools
