@@ -175,7 +175,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   loops = len(re.findall(r'\bwhile\(', hlo))
   custom_calls = kernel_calls(lowered.as_text())
   compiler_calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)) - set(custom_calls))
-  scatters = len(re.findall(r'\bscatter\(', hlo))
+  scatters = len(re.findall(r'(?<![\w-])scatter\(', hlo))  # not reduce-scatter
   peak = peak_flops(config, devices[0])
   report['flops'] = {'compiled_per_chip': compiled_flops, 'analytic_per_chip': analytic,
                      'compiled_over_analytic': compiled_flops / analytic if analytic else None}

@@ -94,5 +94,19 @@ def param_shardings(abstract_model: nnx.Module, mesh: Mesh,
       logical_axes(abstract_model), shapes, is_leaf=is_axes)
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Shards dim 0 of an activation over the batch axes of the mesh in context, if any.
+
+  GSPMD does not always carry the batch sharding into a `lax.scan` over layers: without
+  this pin the scanned stack ran (and kept its residuals) on the whole global batch on
+  every device. No-op outside `jax.sharding.use_abstract_mesh` (single-device eval, tests).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape)))

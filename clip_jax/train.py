@@ -191,7 +191,8 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
     # Frozen parameters enter as constants: their backward pass is never built.
     clip = model.bind(optim.stop_frozen(params, config.optim.freeze))
     images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
-    img, txt, scale, bias = clip(images, batch['text'])
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
+      img, txt, scale, bias = clip(images, batch['text'])
     return img, txt, scale, None if loss_kind == 'softmax' else bias
 
   def loss_of(img, txt, scale, bias):

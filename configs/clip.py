@@ -13,10 +13,14 @@ ImageNet top-1): B-32 62.9%, B-16 67.1%, L-14 72.8%; not reproduced here (no dat
 
 from clip_jax.config_base import base_config
 
-RECIPES = {  # model: (lr, warmup, remat)
+# model: (lr, warmup, remat). remat: the least recompute that fits 256 pairs/chip on v5p
+# (`python -m clip_jax.aot ... --topology v5p:2x2x1`, bench/RESULTS.md): `none` for all,
+# scanned B-32 12.6, B-16 22.9, L-14 70.5 of 95.7 GiB. Smaller chips or more pairs per
+# chip: `minimal` (L-14 49.3 GiB), then `full`.
+RECIPES = {
     'ViT-B-32': (5e-4, 2000, 'none'),
-    'ViT-B-16': (5e-4, 2000, 'dots_no_batch'),
-    'ViT-L-14': (4e-4, 2000, 'full'),
+    'ViT-B-16': (5e-4, 2000, 'none'),
+    'ViT-L-14': (4e-4, 2000, 'none'),
 }
 
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import clip_jax
+from clip_jax.models.config import REMAT_POLICIES
 from clip_jax.models.functional import get_params, model_from_params
 from tests.jax_reference import jax_features, random_inputs
 
@@ -48,9 +49,10 @@ def test_scan_and_loop_give_the_same_numbers(overrides):
     np.testing.assert_array_equal(scan_feats[1], loop_feats[1])
 
 
-@pytest.mark.parametrize('policy', ['full', 'dots', 'dots_no_batch'])
-def test_remat_keeps_loss_and_gradients(policy):
-  base = clip_jax.create_model('tiny')
+@pytest.mark.parametrize('scan', [True, False], ids=['scan', 'loop'])
+@pytest.mark.parametrize('policy', [p for p in REMAT_POLICIES if p != 'none'])
+def test_remat_keeps_loss_and_gradients(policy, scan):
+  base = clip_jax.create_model('tiny', scan_layers=scan)
   params = get_params(base)
   images, tokens = random_inputs(32, 32, 49408, batch=4)
   loss, grads = _loss_and_grads(base, images, tokens)

@@ -22,7 +22,8 @@ INCEPTION_STD = (0.5, 0.5, 0.5)
 ACTIVATIONS = ('gelu', 'quick_gelu', 'gelu_tanh')
 VISION_POOLS = ('tok', 'gap', 'map')
 TEXT_POOLS = ('argmax', 'last', 'first', 'mean')
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+REMAT_POLICIES = ('none', 'minimal', 'save_attn', 'minimal_offloaded', 'full', 'dots',
+                  'dots_no_batch')
 
 
 @dataclasses.dataclass(frozen=True)
