@@ -60,12 +60,18 @@ def load_model_config(path: str | epath.Path) -> CLIPConfig:
 
 
 def load_params(path: str | epath.Path) -> tuple[CLIPConfig, Params]:
-  """(model config, params as numpy arrays) from a checkpoint or a workdir."""
+  """(model config, params as numpy arrays) from a checkpoint or a workdir.
+
+  Read as host arrays whatever the saved sharding, so every process of a multi-process run
+  gets the whole tree (restoring onto the saved devices fails where they are not local).
+  """
   path = resolve_checkpoint(path)
   cfg = load_model_config(path)
-  restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-      path, ocp.args.Composite(params=ocp.args.StandardRestore()))
-  return cfg, jax.tree.map(np.asarray, restored['params'])
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path / 'params').item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return cfg, checkpointer.restore(path / 'params',
+                                   args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 class _DataState:

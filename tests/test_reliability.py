@@ -9,10 +9,18 @@ import subprocess
 import sys
 import tarfile
 import time
+import weakref
 
 import numpy as np
 import pytest
 
+from clip_jax import sharding
+from clip_jax import train as train_lib
+from clip_jax.checkpoint import load_params
+from clip_jax.config_base import base_config
+from clip_jax.eval import zeroshot
+from clip_jax.eval.encoder import Encoder
+from clip_jax.models.functional import FunctionalModel
 from tests.test_train import (
   ROOT,
   _demo_config,
@@ -209,3 +217,47 @@ def test_a_run_over_every_kind_of_bad_shard_counts_each_and_finishes(demo_data, 
   for kind in ('bad_image', 'empty_image', 'missing_caption', 'bad_caption',
                'oversized_member', 'empty_shard', 'truncated_shard'):
     assert skipped.get(kind, 0) >= 1, (kind, skipped)
+
+
+def test_periodic_zero_shot_streams_images_and_scores_like_the_evaluator(trained_demo, demo_data,
+                                                                        monkeypatch):
+  """At most two batches of decoded images are alive at once (the old code held all 400)."""
+  config = base_config()
+  config.eval.zeroshot_shards = f'{demo_data}/eval/*.tar'
+  config.eval.classnames = f'{demo_data}/classnames.txt'
+  cfg, params = load_params(trained_demo)
+  model, mesh = FunctionalModel.create(cfg), sharding.make_mesh({'data': -1})
+  evaluator = train_lib.ZeroShotEval(config, model, mesh)
+  evaluator.encoder = Encoder(model, None, mesh, batch_size=32)
+  alive, most = [], [0]
+  decode = zeroshot.eval_pixels
+
+  def tracked(*args, **kwargs):
+    image = decode(*args, **kwargs)
+    alive.append(weakref.ref(image))
+    most[0] = max(most[0], sum(ref() is not None for ref in alive))
+    return image
+
+  monkeypatch.setattr(zeroshot, 'eval_pixels', tracked)
+  result = evaluator(params)
+  assert len(alive) == evaluator.total == 400 and most[0] <= 2 * 32
+  monkeypatch.setattr(zeroshot, 'eval_pixels', decode)
+  expected = zeroshot.run(Encoder(model, params, mesh), evaluator.tokenizer, evaluator.classnames,
+                          evaluator.templates,
+                          zeroshot.shard_images(config.eval.zeroshot_shards, 64, cfg.preprocess))
+  assert result == {'zeroshot_top1': expected['top1'], 'zeroshot_top5': expected['top5']}
+  assert result['zeroshot_top1'] > 0.2  # a trained model, so lost images would show
+
+
+@pytest.mark.slow
+def test_zero_shot_in_two_processes_equals_one_process(trained_demo, demo_data, tmp_path):
+  """Each process decodes half the eval images; the summed counts equal one process's."""
+  common = ['--config.total_steps=1', '--config.optim.lr=0', '--config.batch_size=32',
+            '--config.checkpoint_every=1000', '--config.model.name=tiny',
+            '--config.model.vision.image_size=64', f'--config.init_from={trained_demo}']
+  _run(_train_cmd(tmp_path / 'one', *common, config=_demo_config(demo_data)), _env(4))
+  _launched(tmp_path / 'two', 2, 2, *common, demo_dir=demo_data, log_dir=tmp_path / 'logs')
+  one, two = _metrics(tmp_path / 'one')[1], _metrics(tmp_path / 'two')[1]
+  assert one['zeroshot_top1'] > 0.2
+  assert (two['zeroshot_top1'], two['zeroshot_top5']) == (one['zeroshot_top1'],
+                                                          one['zeroshot_top5'])

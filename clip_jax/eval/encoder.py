@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -27,43 +28,68 @@ class Encoder:
     dp = sharding.data_parallel_size(mesh)
     self.batch_size = -(-batch_size // dp) * dp  # a multiple of the data-parallel size
     self.params = params
+    self._mesh = mesh
     self._in = sharding.batch_sharding(mesh)
+    size = model.cfg.vision.image_size
+    self._image_shape = (size, size, 3)
     replicated = NamedSharding(mesh, P())
     preprocess = model.cfg.preprocess
     self._image = jax.jit(lambda p, x: model.bind(p).encode_image(
         normalize_on_device(x, preprocess).astype(model.cfg.dtype), normalize=True),
-                          out_shardings=replicated)
+                          out_shardings=self._in)
     self._text = jax.jit(lambda p, t: model.bind(p).encode_text(t, normalize=True),
                          out_shardings=replicated)
 
   def _run(self, fn, x: np.ndarray) -> np.ndarray:
+    """`fn` on rows `x` (the same on every process) padded to a batch; replicated output."""
     n = len(x)
     padded = np.concatenate([x, np.zeros((self.batch_size - n, *x.shape[1:]), x.dtype)])
     return np.asarray(fn(self.params, jax.device_put(padded, self._in)))[:n]
 
-  def _batched(self, fn, data: np.ndarray) -> np.ndarray:
-    return np.concatenate([self._run(fn, data[i:i + self.batch_size])
-                           for i in range(0, len(data), self.batch_size)])
-
   def texts(self, tokens: np.ndarray) -> np.ndarray:
-    return self._batched(self._text, np.asarray(tokens))
+    """[N, D] features of token rows (every process passes the same rows)."""
+    tokens = np.asarray(tokens)
+    return np.concatenate([self._run(self._text, tokens[i:i + self.batch_size])
+                           for i in range(0, len(tokens), self.batch_size)])
 
-  def images(self, images: np.ndarray) -> np.ndarray:
-    """uint8 NHWC images (already resized) -> [N, D] features."""
-    return self._batched(self._image, np.asarray(images))
+  def local_image_batches(self, examples: Iterable[tuple[np.ndarray, Any]], most: int,
+                          desc: str = 'images') -> Iterator[tuple[np.ndarray, list]]:
+    """(features, targets) of this process's (image, target) pairs, batch by batch.
+
+    Each process feeds its own examples (`batch_size / process_count` rows per batch, zero
+    padded) and gets back the features of those rows only, so no process decodes or holds
+    more than a batch of images. `most` is the largest example count of any process: every
+    process runs the same number of batches, as the collective program requires.
+    """
+    local = self.batch_size // jax.process_count()
+    chunks = _chunks(examples, local)
+    spec = self._in.spec
+    for _ in tqdm(range(-(-most // local)), desc=desc, unit='batch',
+                  disable=jax.process_index() != 0):
+      images, targets = next(chunks, ([], []))
+      batch = np.zeros((local, *self._image_shape), np.uint8)
+      if images:
+        batch[:len(images)] = np.stack(images)
+      features = self._image(self.params,
+                             jax.make_array_from_process_local_data(self._in, batch))
+      local_features = multihost_utils.global_array_to_host_local_array(features, self._mesh,
+                                                                         spec)
+      yield np.asarray(local_features)[:len(images)], targets
 
   def image_stream(self, examples: Iterable[tuple[np.ndarray, Any]], total: int | None = None,
                    desc: str = 'images') -> tuple[np.ndarray, list]:
-    """Features of (image, target) pairs from an iterator, batch by batch, with progress."""
-    features, targets = [], []
-    batches = None if total is None else -(-total // self.batch_size)
-    for images, batch_targets in tqdm(_chunks(examples, self.batch_size), desc=desc, unit='batch',
-                                      total=batches):
-      features.append(self._run(self._image, np.stack(images)))
-      targets.extend(batch_targets)
-    if not features:
+    """Features of (image, target) pairs from an iterator, batch by batch, with progress.
+
+    Every process passes the same examples and gets all their features.
+    """
+    if total is None:
+      examples = list(examples)
+      total = len(examples)
+    if not total:
       raise ValueError('No images to evaluate.')
-    return np.concatenate(features), targets
+    batches = list(self.local_image_batches(examples, total, desc))
+    return (np.concatenate([f for f, _ in batches]),
+            [t for _, targets in batches for t in targets])
 
 
 def _chunks(examples, size) -> Iterator[tuple[list, list]]:

@@ -76,9 +76,15 @@ def build_classifier(encode_text: Callable[[np.ndarray], np.ndarray], tokenizer,
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  top1, top5 = correct_counts(logits, labels)
+  return {'top1': top1 / len(labels), 'top5': top5 / len(labels)}
+
+
+def correct_counts(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+  """(top-1 hits, top-5 hits): sums that add up across batches and processes."""
   top5 = np.argsort(-logits, axis=1)[:, :5]
-  return {'top1': float((top5[:, 0] == labels).mean()),
-          'top5': float((top5 == labels[:, None]).any(1).mean())}
+  labels = np.asarray(labels)
+  return int((top5[:, 0] == labels).sum()), int((top5 == labels[:, None]).any(1).sum())
 
 
 def run(encoder, tokenizer, classnames: Sequence[str], templates: Sequence[str],
@@ -182,12 +188,27 @@ def folder_images(items, size: int, preprocess: PreprocessConfig) -> Iterator[Ex
 
 
 def shard_images(spec: str, size: int, preprocess: PreprocessConfig,
-                 label_key: str = 'label') -> Iterator[Example]:
-  """Labelled images of tar shards (their `.json` holds `label_key`), in shard order."""
+                 label_key: str = 'label', part: tuple[int, int] = (0, 1)) -> Iterator[Example]:
+  """Labelled images of tar shards (their `.json` holds `label_key`), in shard order.
+
+  `part=(i, n)` decodes only every n-th labelled image from the i-th (one process's share).
+  """
+  index, count = part
+  for number, (sample, label) in enumerate(_labelled(spec, label_key)):
+    if number % count == index:
+      yield eval_pixels(decode_image(sample.image, size), size, preprocess), label
+
+
+def count_labelled(spec: str, label_key: str = 'label') -> int:
+  """How many labelled samples the shards hold (reads the tars, decodes no image)."""
+  return sum(1 for _ in _labelled(spec, label_key))
+
+
+def _labelled(spec: str, label_key: str):
   for sample in read_samples(spec):
     label = json.loads(sample.meta).get(label_key) if sample.meta else None
     if label is not None:
-      yield eval_pixels(decode_image(sample.image, size), size, preprocess), int(label)
+      yield sample, int(label)
 
 
 def tfds_dataset(name: str, split: str, data_dir: str | None, size: int,
