@@ -111,9 +111,10 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device
   model, param_shardings, init_fn = train.build_model(cfg, mesh, rules, config.seed)
   params = with_shardings(jax.eval_shape(init_fn), param_shardings)
   tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  shardings = train.state_shardings(params, param_shardings, tx, mesh)
+  ema = config.optim.ema_decay > 0
+  shardings = train.state_shardings(params, param_shardings, tx, mesh, ema)
   state = with_shardings(jax.eval_shape(functools.partial(
-      train.create_state, tx=tx, mesh=mesh, param_shardings=param_shardings), params),
+      train.create_state, tx=tx, mesh=mesh, param_shardings=param_shardings, ema=ema), params),
       shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   b, size, context = config.batch_size, cfg.vision.image_size, cfg.text.context_length

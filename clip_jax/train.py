@@ -109,6 +109,9 @@ def check_config(config: ml_collections.ConfigDict, mesh_devices: int) -> None:
                      f'{config.optim.grad_accum}.')
   if config.total_steps <= 0:
     raise ValueError('config.total_steps must be positive.')
+  if not 0 <= config.optim.ema_decay < 1:
+    raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1) '
+                     '(0 = no EMA).')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -152,20 +155,24 @@ def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> P
   return jax.device_put(params, shardings)
 
 
-def state_shardings(params: Params, param_shardings: Params, tx, mesh) -> State:
-  """Where the state lives: optimizer moments sharded like their params, the rest (counts,
-  step counters) replicated. `params` may be arrays or shapes (`jax.ShapeDtypeStruct`)."""
+def state_shardings(params: Params, param_shardings: Params, tx, mesh, ema: bool = False
+                    ) -> State:
+  """Where the state lives: optimizer moments and the EMA sharded like their params, the
+  rest (counts, step counters) replicated. `params` may be arrays or shapes
+  (`jax.ShapeDtypeStruct`)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   masked = lambda x: isinstance(x, optax.MaskedNode)  # a frozen parameter has no moments
   opt_state = optax.tree_map_params(
       tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), param_shardings,
       transform_non_params=lambda _: replicated, is_leaf=masked)
   return {'params': param_shardings, 'opt_state': opt_state, 'step': replicated,
-          'bad_steps': replicated}
+          'bad_steps': replicated, **({'ema': param_shardings} if ema else {})}
 
 
-def create_state(params: Params, tx, mesh, param_shardings: Params | None = None) -> State:
-  """Params, optimizer state and step counters, placed by `state_shardings`.
+def create_state(params: Params, tx, mesh, param_shardings: Params | None = None,
+                 ema: bool = False) -> State:
+  """Params, optimizer state, step counters and (`ema`) the EMA of the params, which starts
+  at the params; placed by `state_shardings`.
 
   Under `jax.eval_shape` (abstract params, as `clip_jax.aot` does) pass `param_shardings`.
   """
@@ -177,14 +184,18 @@ def create_state(params: Params, tx, mesh, param_shardings: Params | None = None
   def counter():  # separate buffers: the step donates its state, a buffer only once
     return jax.device_put(np.zeros((), np.int32), shardings['step'])
 
-  return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter()}
+  # jnp.copy: the EMA needs buffers of its own, as the counters do.
+  return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter(),
+          **({'ema': jax.tree.map(jnp.copy, params)} if ema else {})}
 
 
 # --- the step -----------------------------------------------------------------------------
 
 def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding):
-  """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard."""
+  """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard, and
+  with `optim.ema_decay` the EMA (the state then holds one: `create_state(ema=True)`)."""
   loss_kind, chunk = config.loss.kind, config.loss.chunk_size or None
+  ema_decay = config.optim.ema_decay
   preprocess = model.cfg.preprocess
 
   def embed(params, batch):
@@ -219,6 +230,11 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
                  'opt_state': keep(opt_state, state['opt_state']),
                  'step': state['step'] + 1,
                  'bad_steps': jnp.where(ok, 0, state['bad_steps'] + 1)}
+    if ema_decay:
+      # ema = d * ema + (1 - d) * params, after the update. It starts at the initial params,
+      # so it needs no debiasing (optax.ema, made for gradients, starts at zeros and does).
+      ema = optax.tree.update_moment(new_params, state['ema'], ema_decay, order=1)
+      new_state['ema'] = keep(ema, state['ema'])
     metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm,
                'logit_scale': jnp.exp(params['logit_scale']),
                'logit_bias': params.get('logit_bias', jnp.zeros(())),
@@ -324,7 +340,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   model, param_shardings, init_fn = build_model(cfg, mesh, rules, config.seed)
   params = init_params(config, model, param_shardings, init_fn)
   tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  state = create_state(params, tx, mesh)
+  state = create_state(params, tx, mesh, ema=config.optim.ema_decay > 0)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   pipeline = pipeline_config(config, cfg)
   loader = Loader(pipeline, sharding.batch_sharding(mesh))
@@ -456,7 +472,10 @@ def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
+  """Zero-shot accuracy of the params and, with an EMA, of the EMA (`ema/` keys)."""
   results = run.evaluate(run.state['params'])
+  if 'ema' in run.state:
+    results.update({f'ema/{k}': v for k, v in run.evaluate(run.state['ema']).items()})
   run.logger.write(step, results)
   logging.info('step %d: %s', step, results)
   return results
@@ -508,6 +527,9 @@ def next_steps(config: ml_collections.ConfigDict, workdir: str, last: dict[str, 
   if 'zeroshot_top1' in last:
     lines.append(f'Zero-shot on {config.eval.zeroshot_shards}: top-1 '
                  f'{last["zeroshot_top1"]:.1%}, top-5 {last["zeroshot_top5"]:.1%}')
+  if 'ema/zeroshot_top1' in last:
+    lines.append(f'  with the EMA of the params: top-1 {last["ema/zeroshot_top1"]:.1%}, '
+                 f'top-5 {last["ema/zeroshot_top5"]:.1%}')
   lines.append(f'Checkpoints and logs: {workdir} (tensorboard --logdir {workdir})')
   lines.append('Next:')
   if config.eval.zeroshot_shards:
@@ -515,6 +537,8 @@ def next_steps(config: ml_collections.ConfigDict, workdir: str, last: dict[str, 
                  f"'{config.eval.zeroshot_shards}' --classnames {config.eval.classnames}")
   lines.append(f'  python -m clip_jax.export --checkpoint {workdir} --out {workdir}/open_clip')
   lines.append(f'  python -m clip_jax.demo --checkpoint {workdir}')
+  if config.optim.ema_decay:
+    lines.append('  (evaluate and export take --ema for the EMA of the params)')
   return '\n'.join(lines)
 
 
