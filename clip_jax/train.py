@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -34,7 +35,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from clip_jax import accumulate, distributed, optim, sharding
+from clip_jax import accumulate, distill, distributed, optim, sharding
 from clip_jax import checkpoint as ckpt
 from clip_jax.data.pipeline import Loader, PipelineConfig
 from clip_jax.data.specs import parse_spec
@@ -42,7 +43,7 @@ from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.data.transforms import normalize_on_device
 from clip_jax.eval import zeroshot
 from clip_jax.eval.encoder import Encoder
-from clip_jax.losses import KINDS, contrastive_loss
+from clip_jax.losses import KINDS, contrastive_loss, distillation_loss
 from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_per_sample
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.config import CLIPConfig
@@ -83,6 +84,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int)
   """Every check that can fail before any compile, each naming the key or flag."""
   check_config(config, mesh_devices)
   pipeline = pipeline_config(config, model_config(config))  # unknown preset, bad data keys
+  distill.check(config, model_config(config))  # reads the teacher's model config
   if pipeline.kind == 'tar':
     parse_spec(pipeline.train, pipeline.weights or None)  # names a spec with no file
   _check_workdir(workdir)
@@ -191,11 +193,18 @@ def create_state(params: Params, tx, mesh, param_shardings: Params | None = None
 
 # --- the step -----------------------------------------------------------------------------
 
-def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding):
+def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding,
+                    teacher: distill.Teacher | None = None):
   """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard, and
-  with `optim.ema_decay` the EMA (the state then holds one: `create_state(ema=True)`)."""
+  with `optim.ema_decay` the EMA (the state then holds one: `create_state(ema=True)`).
+
+  With a `teacher` the step takes the teacher's params as a third argument and adds
+  `distill.weight` x the distillation loss; the teacher embeds the whole batch before the
+  student's (accumulated) gradients, which see its features as constants.
+  """
   loss_kind, chunk = config.loss.kind, config.loss.chunk_size or None
   ema_decay = config.optim.ema_decay
+  accum, accum_mode = config.optim.grad_accum, config.optim.grad_accum_mode
   preprocess = model.cfg.preprocess
 
   def embed(params, batch):
@@ -206,16 +215,23 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
       img, txt, scale, bias = clip(images, batch['text'])
     return img, txt, scale, None if loss_kind == 'softmax' else bias
 
-  def loss_of(img, txt, scale, bias):
-    return contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
-                            batch_axes=sharding.BATCH_AXES, chunk_size=chunk)
+  def loss_of(img, txt, scale, bias, teacher_features=None):
+    loss, metrics = contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
+                                     batch_axes=sharding.BATCH_AXES, chunk_size=chunk)
+    if teacher_features is None:
+      return loss, metrics
+    distill_loss = distillation_loss(img, txt, scale, *teacher_features, mesh=mesh,
+                                     batch_axes=sharding.BATCH_AXES)
+    return loss + config.distill.weight * distill_loss, {
+        **metrics, 'contrastive_loss': loss, 'distill_loss': distill_loss}
 
-  grads_fn = accumulate.value_and_grad(embed, loss_of, accum=config.optim.grad_accum,
-                                       mode=config.optim.grad_accum_mode,
-                                       batch_sharding=batch_sharding)
-
-  def step_fn(state, batch):
+  def step_fn(state, batch, teacher_params=None):
     params = state['params']
+    teacher_features = (None if teacher is None else
+                        teacher.embed(teacher_params, batch, mesh, accum, batch_sharding))
+    grads_fn = accumulate.value_and_grad(
+        embed, functools.partial(loss_of, teacher_features=teacher_features), accum=accum,
+        mode=accum_mode, batch_sharding=batch_sharding)
     (loss, metrics), grads = grads_fn(params, batch)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
@@ -242,8 +258,9 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
                'bad_steps': new_state['bad_steps']}
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  in_shardings = (state_shardings, batch_sharding, *([teacher.shardings] if teacher else []))
+  return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -358,13 +375,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         'optimizer state and step are restored, but the input position is per process and '
         'is not. The data starts a new pass, reshuffled with seed %d (seed + step): samples '
         'of the interrupted pass may be seen again.', start, config.seed + start)
+  teacher, teacher_params = None, None
+  if config.distill.teacher:
+    teacher, teacher_params = distill.load(config.distill.teacher, mesh, rules,
+                                           config.model.dtype)
+    logging.info('Distilling from %s (weight %g)', config.distill.teacher, config.distill.weight)
+  step = make_train_step(config, model, tx, mesh, shardings, sharding.batch_sharding(mesh),
+                         teacher)
   logger = MetricLogger(workdir)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
   return Run(
       config=config, state=state,
-      step_fn=make_train_step(config, model, tx, mesh, shardings,
-                              sharding.batch_sharding(mesh)),
+      step_fn=step if teacher is None else lambda state, batch: step(state, batch, teacher_params),
       loader=loader, checkpoints=checkpoints, logger=logger,
       evaluate=ZeroShotEval(config, model, mesh) if config.eval.zeroshot_shards else None,
       schedule=optim.schedule(config.optim, config.total_steps),
