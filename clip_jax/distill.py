@@ -59,6 +59,13 @@ class Teacher:
   model: FunctionalModel
   shardings: Params
 
+  @classmethod
+  def create(cls, cfg: CLIPConfig, mesh: Mesh, rules, dtype: str) -> Teacher:
+    """Runs in the student's compute `dtype`; it has no backward pass, so no remat. Its
+    params are placed by the student's sharding `rules`."""
+    model = FunctionalModel.create(cfg.replace(dtype=dtype, remat='none'))
+    return cls(model, sharding.param_shardings(model.abstract, mesh, rules))
+
   def embed(self, params: Params, batch: dict, mesh: Mesh, accum: int,
             batch_sharding: NamedSharding) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(image features, text features, log logit scale) of the whole batch, as constants.
@@ -85,12 +92,8 @@ class Teacher:
 
 
 def load(path: str, mesh: Mesh, rules, dtype: str) -> tuple[Teacher, Params]:
-  """(teacher, its params placed by the student's sharding `rules`) from a checkpoint.
-
-  It runs in the student's compute `dtype`; it has no backward pass, so no remat.
-  """
+  """(teacher, its params on the mesh) from a checkpoint or workdir (see `Teacher.create`)."""
   cfg, params = ckpt.load_params(path)
-  model = FunctionalModel.create(cfg.replace(dtype=dtype, remat='none'))
-  model.check(params)
-  shardings = sharding.param_shardings(model.abstract, mesh, rules)
-  return Teacher(model, shardings), jax.device_put(params, shardings)
+  teacher = Teacher.create(cfg, mesh, rules, dtype)
+  teacher.model.check(params)
+  return teacher, jax.device_put(params, teacher.shardings)
