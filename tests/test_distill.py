@@ -135,8 +135,9 @@ def test_the_train_binary_distills_from_a_trained_teacher(trained_demo, demo_dat
 
 
 def test_aot_compiles_a_distilling_step_with_an_ema(tmp_path):
-  """`clip_jax.aot` lowers the step with the teacher's params (shapes only) and the EMA: the
-  teacher's forward adds compiled FLOPs (tiny: 1.20x), the EMA a copy of the params."""
+  """`clip_jax.aot` lowers the step with the teacher's params (shapes only) and the EMA.
+  Measured on `tiny` at 2 pairs per device, compiled FLOPs: 171.9 M, +13.1 M the teacher's
+  forward, +20.7 M the EMA update; the EMA adds a copy of the params to the memory."""
   teacher = clip_jax.create_model('tiny')
   save_model(tmp_path / 'teacher', teacher.cfg, get_params(teacher))
   base = {'model.name': 'tiny', 'batch_size': 16, 'model.scan_layers': False}
