@@ -1,6 +1,7 @@
 """EMA of the params (`config.optim.ema_decay`): the step's recurrence, checkpoints, --ema."""
 
 import json
+import types
 
 import jax
 import numpy as np
@@ -158,3 +159,16 @@ def test_ema_flag_exports_evaluates_and_loads_the_ema_weights(tmp_path):
   loaded, _, _ = clip_jax.load(str(tmp_path / 'run'), ema=True)
   np.testing.assert_array_equal(np.asarray(loaded.text.ln_final.scale.value),
                                 saved['ema']['text']['ln_final']['scale'])
+
+
+def test_periodic_evaluation_reports_the_params_and_the_ema():
+  class Logger:
+    def write(self, step, scalars):
+      self.written = (step, scalars)
+
+  run = types.SimpleNamespace(
+      evaluate=lambda params: {'zeroshot_top1': params['x']}, logger=Logger(),
+      state={'params': {'x': 0.25}, 'ema': {'x': 0.5}})
+  expected = {'zeroshot_top1': 0.25, 'ema/zeroshot_top1': 0.5}
+  assert train_lib.evaluate(run, 7) == expected
+  assert run.logger.written == (7, expected)
