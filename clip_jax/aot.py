@@ -35,8 +35,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
+from flax import nnx
 
-from clip_jax import optim, sharding, train
+from clip_jax import distill, optim, sharding, train
+from clip_jax.checkpoint import load_model_config
 from clip_jax.metrics import peak_flops_per_device, train_flops_per_sample
 
 _CONFIG = train._CONFIG  # the trainer's own --config flag (same file, ARGS and overrides)
@@ -106,21 +108,29 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device
   """The trainer's jitted step for `devices`, lowered on abstract state and batch."""
   train.check_config(config, len(devices))
   cfg = train.model_config(config)
+  distill.check(config, cfg)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = tuple(tuple(r) for r in config.sharding_rules)
   model, param_shardings, init_fn = train.build_model(cfg, mesh, rules, config.seed)
   params = with_shardings(jax.eval_shape(init_fn), param_shardings)
   tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  shardings = train.state_shardings(params, param_shardings, tx, mesh)
+  ema = config.optim.ema_decay > 0
+  shardings = train.state_shardings(params, param_shardings, tx, mesh, ema)
   state = with_shardings(jax.eval_shape(functools.partial(
-      train.create_state, tx=tx, mesh=mesh, param_shardings=param_shardings), params),
+      train.create_state, tx=tx, mesh=mesh, param_shardings=param_shardings, ema=ema), params),
       shardings)
   batch_sharding = sharding.batch_sharding(mesh)
   b, size, context = config.batch_size, cfg.vision.image_size, cfg.text.context_length
   batch = {'image': jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=batch_sharding),
            'text': jax.ShapeDtypeStruct((b, context), jnp.int32, sharding=batch_sharding)}
-  step = train.make_train_step(config, model, tx, mesh, shardings, batch_sharding)
-  return step.lower(state, batch), cfg
+  teacher, teacher_params = None, ()
+  if config.distill.teacher:  # its model config only: the params are shapes, as the student's
+    teacher = distill.Teacher.create(load_model_config(config.distill.teacher), mesh, rules,
+                                     config.model.dtype)
+    teacher_params = (with_shardings(nnx.to_pure_dict(teacher.model.template),
+                                     teacher.shardings),)
+  step = train.make_train_step(config, model, tx, mesh, shardings, batch_sharding, teacher)
+  return step.lower(state, batch, *teacher_params), cfg
 
 
 def with_shardings(shapes: Any, shardings: Any) -> Any:

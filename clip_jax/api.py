@@ -45,14 +45,17 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None) -> Token
   return tokenizer_from_spec(text.tokenizer, context_length or text.context_length)
 
 
-def load(path: str) -> tuple[CLIP, Callable[[Any], np.ndarray], Tokenizer | None]:
+def load(path: str, ema: bool = False
+         ) -> tuple[CLIP, Callable[[Any], np.ndarray], Tokenizer | None]:
   """(model, preprocess, tokenizer) from a clip_jax checkpoint or a training workdir.
+
+  `ema=True` loads the EMA of the params (a run trained with `config.optim.ema_decay`).
 
   `preprocess` maps a PIL image to a float32 HWC array; stack them into the NHWC batch
   `model.encode_image` takes. The tokenizer is None when the model's sentencepiece file
   is not known (pass one to `get_tokenizer`).
   """
-  cfg, params = load_params(path)
+  cfg, params = load_params(path, ema=ema)
   model = model_from_params(cfg, params)
   preprocess = make_preprocess(cfg.preprocess, cfg.vision.image_size)
   tokenizer = (tokenizer_from_spec(cfg.text.tokenizer, cfg.text.context_length)

@@ -15,6 +15,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -59,19 +60,24 @@ def load_model_config(path: str | epath.Path) -> CLIPConfig:
   return CLIPConfig.from_dict(restored['model_config'])
 
 
-def load_params(path: str | epath.Path) -> tuple[CLIPConfig, Params]:
+def load_params(path: str | epath.Path, ema: bool = False) -> tuple[CLIPConfig, Params]:
   """(model config, params as numpy arrays) from a checkpoint or a workdir.
 
-  Read as host arrays whatever the saved sharding, so every process of a multi-process run
-  gets the whole tree (restoring onto the saved devices fails where they are not local).
+  `ema`: the EMA of the params instead (a training checkpoint of a run with
+  `config.optim.ema_decay`); the same tree, so the same model config applies. Read as host
+  arrays whatever the saved sharding, so every process of a multi-process run gets the
+  whole tree (restoring onto the saved devices fails where they are not local).
   """
   path = resolve_checkpoint(path)
   cfg = load_model_config(path)
+  item = path / ('ema' if ema else 'params')
+  if not item.exists():
+    raise FileNotFoundError(f'{path} holds no EMA of the params: it was not trained with '
+                            'config.optim.ema_decay > 0. Leave out --ema / ema=True.')
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path / 'params').item_metadata.tree
+  tree = checkpointer.metadata(item).item_metadata.tree
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return cfg, checkpointer.restore(path / 'params',
-                                   args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  return cfg, checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 class _DataState:
@@ -97,10 +103,10 @@ class _DataState:
 class TrainCheckpoints:
   """Asynchronous, atomic training checkpoints in `WORKDIR/checkpoints/<step>/`.
 
-  Items: `params`, `opt_state`, `train` (step counters and the process count),
-  `model_config` and `data` (the input pipeline state, one file per process). Restoring
-  takes the current state's shardings as the target, so a run can resume on a different
-  mesh or device count.
+  Items: `params`, `opt_state`, `ema` (only when the state holds an EMA of the params),
+  `train` (step counters and the process count), `model_config` and `data` (the input
+  pipeline state, one file per process). Restoring takes the current state's shardings as
+  the target, so a run can resume on a different mesh or device count.
   """
 
   def __init__(self, workdir: str, model_cfg: CLIPConfig, every: int, keep: int):
@@ -124,7 +130,8 @@ class TrainCheckpoints:
                                  'bad_steps': int(state['bad_steps']),
                                  'process_count': jax.process_count()}),
         model_config=ocp.args.JsonSave(self.model_cfg.to_dict()),
-        data=grain.checkpoint.CheckpointSave(_DataState(loader, loader.get_state())))
+        data=grain.checkpoint.CheckpointSave(_DataState(loader, loader.get_state())),
+        **({'ema': ocp.args.StandardSave(state['ema'])} if 'ema' in state else {}))
     self.manager.save(step, args=args, force=force)
 
   def restore_latest(self, state: dict, loader) -> tuple[int, dict, bool]:
@@ -158,7 +165,8 @@ class TrainCheckpoints:
     """(state on the shardings of `state`, whether the input pipeline state was restored).
 
     The pipeline state is per process, so it is restored only when the checkpoint was
-    written by as many processes as there are now.
+    written by as many processes as there are now. A state with an EMA restores it; from a
+    checkpoint without one (EMA switched on for a running run) the EMA starts at the params.
     """
     def abstract(tree):
       return jax.tree.map(
@@ -171,12 +179,19 @@ class TrainCheckpoints:
                  opt_state=ocp.args.StandardRestore(abstract(state['opt_state'])))
     if same_processes:
       items['data'] = grain.checkpoint.CheckpointRestore(_DataState(loader))
+    with_ema = 'ema' in state and (self.directory / str(step) / 'ema').exists()
+    if with_ema:
+      items['ema'] = ocp.args.StandardRestore(abstract(state['ema']))
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     replicated = state['step'].sharding
-    return {'params': restored['params'], 'opt_state': restored['opt_state'],
-            'step': jax.device_put(np.int32(counters['step']), replicated),
-            'bad_steps': jax.device_put(np.int32(counters['bad_steps']), replicated)
-            }, same_processes
+    result = {'params': restored['params'], 'opt_state': restored['opt_state'],
+              'step': jax.device_put(np.int32(counters['step']), replicated),
+              'bad_steps': jax.device_put(np.int32(counters['bad_steps']), replicated)}
+    if 'ema' in state:
+      if not with_ema:
+        logging.warning('Checkpoint step %d holds no EMA: it starts at the params.', step)
+      result['ema'] = restored['ema'] if with_ema else jax.tree.map(jnp.copy, result['params'])
+    return result, same_processes
 
   def _move_aside(self, step: int, error: Exception) -> None:
     """Renames a checkpoint that does not restore (process 0) so no restart tries it again."""

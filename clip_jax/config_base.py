@@ -70,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.grad_accum = 1             # micro-batches per step (clip_jax/accumulate.py)
   c.optim.grad_accum_mode = 'cache'  # 'cache': negatives over the global batch | 'micro'
   c.optim.freeze = ''                # regex on parameter paths, e.g. '^visual/' (LiT)
+  c.optim.ema_decay = 0.0            # >0: keep an EMA of the params (e.g. 0.9999); 0 = off
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = ''             # clip_jax checkpoint or workdir of a frozen teacher
+  c.distill.weight = 1.0             # x OpenCLIP's distillation loss, added to the contrastive
 
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
   c.sharding_rules = [list(r) for r in sharding.DEFAULT_RULES]

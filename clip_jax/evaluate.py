@@ -7,8 +7,10 @@
   python -m clip_jax.evaluate --checkpoint DIR --tfds imagenet_v2 --tfds_split test
   python -m clip_jax.evaluate --checkpoint DIR --retrieval_shards 'coco_val/{00000..00004}.tar'
 
-Prints a JSON summary and writes it to CHECKPOINT/eval_results.json. Batches are sharded
-over all devices, padded to a fixed size and masked, so every example counts once.
+`--ema` evaluates the EMA of the params (a run with `config.optim.ema_decay`).
+Prints a JSON summary and writes it to CHECKPOINT/eval_results.json (eval_results_ema.json
+with --ema). Batches are sharded over all devices, padded to a fixed size and masked, so
+every example counts once.
 """
 
 from __future__ import annotations
@@ -52,13 +54,13 @@ def evaluate(args) -> dict:
     folders, items = zeroshot.folder_dataset(args.image_folder)
     folder_names = zeroshot.folder_classnames(folders, class_lines, source, args.image_folder)
   checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
-  cfg, params = load_params(checkpoint)
+  cfg, params = load_params(checkpoint, ema=args.ema)
   templates = zeroshot.load_templates(args.templates)
   mesh = sharding.make_mesh({'data': -1})
   encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params), mesh, args.batch_size)
   tokenizer = tokenizer_from_spec(args.tokenizer or cfg.text.tokenizer, cfg.text.context_length)
   size, pre = cfg.vision.image_size, cfg.preprocess
-  results = {'checkpoint': str(checkpoint)}
+  results = {'checkpoint': str(checkpoint), 'ema': args.ema}
   if args.image_folder:
     results['image_folder'] = zeroshot.run(encoder, tokenizer, folder_names, templates,
                                         zeroshot.folder_images(items, size, pre), len(items))
@@ -78,7 +80,8 @@ def evaluate(args) -> dict:
     raise ValueError('Nothing to evaluate: pass --image_folder, --zeroshot_shards, --tfds or '
                      '--retrieval_shards.')
   if jax.process_index() == 0:
-    (checkpoint / 'eval_results.json').write_text(json.dumps(results, indent=2))
+    name = 'eval_results_ema.json' if args.ema else 'eval_results.json'
+    (checkpoint / name).write_text(json.dumps(results, indent=2))
   return results
 
 
@@ -87,6 +90,8 @@ def parse_args(argv=None):
   where = parser.add_mutually_exclusive_group(required=True)
   where.add_argument('--checkpoint', help='clip_jax checkpoint directory')
   where.add_argument('--workdir', help='training workdir (its latest checkpoint)')
+  parser.add_argument('--ema', action='store_true',
+                      help='evaluate the EMA of the params (runs with config.optim.ema_decay)')
   parser.add_argument('--image_folder', help='one subfolder of images per class')
   parser.add_argument('--zeroshot_shards', help="tar shards whose .json holds 'label'")
   parser.add_argument('--tfds', help='TFDS dataset name (prepared locally), e.g. imagenet2012')

@@ -1,6 +1,6 @@
 """Exports a clip_jax checkpoint (or a workdir's latest step) for OpenCLIP.
 
-  python -m clip_jax.export --checkpoint WORKDIR_OR_CHECKPOINT --out OUT
+  python -m clip_jax.export --checkpoint WORKDIR_OR_CHECKPOINT --out OUT [--ema]
 
 writes OUT/open_clip_model.safetensors, OUT/open_clip_pytorch_model.bin (when PyTorch is
 installed) and OUT/open_clip_config.json, so that in PyTorch
@@ -25,8 +25,9 @@ BIN_NAME = 'open_clip_pytorch_model.bin'
 CONFIG_NAME = 'open_clip_config.json'
 
 
-def export(checkpoint: str, out: str) -> epath.Path:
-  cfg, params = load_params(checkpoint)
+def export(checkpoint: str, out: str, ema: bool = False) -> epath.Path:
+  """Writes the OpenCLIP files of the params (`ema`: of their EMA) to `out`."""
+  cfg, params = load_params(checkpoint, ema=ema)
   config = open_clip_config(cfg)  # raises before anything is written if OpenCLIP can't build it
   state_dict = params_to_open_clip(cfg, params)
   out_dir = epath.Path(out)
@@ -43,9 +44,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--checkpoint', required=True,
                       help='clip_jax checkpoint dir, or a training workdir (latest step)')
   parser.add_argument('--out', required=True, help='output directory')
+  parser.add_argument('--ema', action='store_true',
+                      help='export the EMA of the params (runs with config.optim.ema_decay)')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(message)s')
-  out = export(args.checkpoint, args.out)
+  out = export(args.checkpoint, args.out, ema=args.ema)
   logging.info("Exported to %s; in PyTorch: open_clip.create_model_and_transforms('local-dir:%s')",
                out, out)
 

@@ -12,6 +12,9 @@ mesh's batch axes and runs the per-device math under `jax.shard_map`:
   time; each step scores B_local x chunk logits under `jax.checkpoint`, so neither the
   forward nor the backward pass holds more than one chunk's logits (SigLIP section 3.1).
 
+`distillation_loss` (OpenCLIP's `DistillClipLoss` term, a frozen teacher's logit
+distributions as soft targets) uses the softmax's gathered layout.
+
 Logits, log-sum-exp and log-sigmoid are computed in float32 whatever the input dtype.
 The mean over the global batch is taken with `psum`, so results equal the single-device
 math on the whole batch (tests/test_losses.py compares them with a float64 reference).
@@ -54,10 +57,7 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
   """
   if kind not in KINDS:
     raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  n_shards = 1
-  for a in axes:
-    n_shards *= mesh.shape[a]
+  axes, n_shards = _mesh_batch_axes(mesh, batch_axes)
   global_batch = image_emb.shape[0]
   _check_shapes(image_emb, text_emb, n_shards, axes)
   local_batch = global_batch // n_shards
@@ -67,9 +67,7 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
     raise ValueError(f'chunk_size={chunk_size} needs kind=sigmoid_chunked and must divide the '
                      f'per-device batch {local_batch}.')
   bias = jnp.zeros((), jnp.float32) if logit_bias is None else logit_bias
-  # On CPU the gather's backward avoids gloo's reduce-scatter (see `_gather`).
-  gather = functools.partial(_gather, axes=axes,
-                             reduce_scatter=mesh.devices.flat[0].platform != 'cpu')
+  gather = _gather_on(mesh, axes)
   per_device = {'softmax': functools.partial(_softmax_local, gather=gather),
                 'sigmoid': functools.partial(_sigmoid_local, gather=gather),
                 'sigmoid_chunked': functools.partial(_sigmoid_ring_local,
@@ -79,6 +77,50 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax
                      mesh=mesh, in_specs=(batch_spec, batch_spec, P(), P()), out_specs=P())
   return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32),
             jnp.asarray(bias, jnp.float32))
+
+
+def distillation_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+                      teacher_image_emb: jax.Array, teacher_text_emb: jax.Array,
+                      teacher_logit_scale: jax.Array, *, mesh: Mesh,
+                      batch_axes: Sequence[str] = ('data', 'fsdp')) -> jax.Array:
+  """OpenCLIP's `DistillClipLoss` distillation term over the global batch.
+
+  For each row of the image->text and text->image logits, the cross-entropy from the
+  teacher's softmax (its own embeddings and logit scale) to the student's; the mean over
+  the B rows of both directions. Each device scores its rows against the gathered other
+  tower, as `contrastive_loss`'s softmax does. The teacher is a target: its inputs get no
+  gradient. Embeddings as in `contrastive_loss` ([B_global, D], sharded over `batch_axes`);
+  the teacher's width may differ from the student's; scales are logs.
+  """
+  axes, n_shards = _mesh_batch_axes(mesh, batch_axes)
+  _check_shapes(image_emb, text_emb, n_shards, axes)
+  _check_shapes(teacher_image_emb, teacher_text_emb, n_shards, axes)
+  if teacher_image_emb.shape[0] != image_emb.shape[0]:
+    raise ValueError(f'The teacher embeds {teacher_image_emb.shape[0]} rows, the student '
+                     f'{image_emb.shape[0]}.')
+  teacher = jax.lax.stop_gradient(
+      (teacher_image_emb, teacher_text_emb, jnp.asarray(teacher_logit_scale, jnp.float32)))
+  batch_spec = P(axes if axes else None)
+  fn = jax.shard_map(
+      functools.partial(_distill_local, axes=axes, global_batch=image_emb.shape[0],
+                        gather=_gather_on(mesh, axes)),
+      mesh=mesh, in_specs=(batch_spec, batch_spec, P()) * 2, out_specs=P())
+  return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32), *teacher)
+
+
+def _mesh_batch_axes(mesh: Mesh, batch_axes: Sequence[str]) -> tuple[tuple[str, ...], int]:
+  """(the mesh's batch axes, the number of batch shards); axes not in the mesh are left out."""
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  n_shards = 1
+  for a in axes:
+    n_shards *= mesh.shape[a]
+  return axes, n_shards
+
+
+def _gather_on(mesh: Mesh, axes):
+  """`_gather` over `axes`; on CPU its backward avoids gloo's reduce-scatter."""
+  return functools.partial(_gather, axes=axes,
+                           reduce_scatter=mesh.devices.flat[0].platform != 'cpu')
 
 
 def _check_shapes(image_emb, text_emb, n_shards, axes):
@@ -169,6 +211,17 @@ def _softmax_local(img, txt, scale, bias, *, axes, global_batch, gather):
                           (i2t.argmax(1) == labels).sum(), (t2i.argmax(1) == labels).sum(),
                           global_batch, axes)
   return loss, metrics
+
+
+def _distill_local(img, txt, scale, t_img, t_txt, t_scale, *, axes, global_batch, gather):
+  def soft_cross_entropy_sum(student, teacher):
+    return -jnp.sum(jax.nn.softmax(teacher, axis=1) * jax.nn.log_softmax(student, axis=1))
+
+  i2t = soft_cross_entropy_sum(_logits(img, gather(txt), scale, 0.0),
+                               _logits(t_img, gather(t_txt), t_scale, 0.0))
+  t2i = soft_cross_entropy_sum(_logits(txt, gather(img), scale, 0.0),
+                               _logits(t_txt, gather(t_img), t_scale, 0.0))
+  return _psum(i2t + t2i, axes) / (2 * global_batch)
 
 
 def _sigmoid_local(img, txt, scale, bias, *, axes, global_batch, gather):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import signal
 import sys
@@ -34,7 +35,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from clip_jax import accumulate, distributed, optim, sharding
+from clip_jax import accumulate, distill, distributed, optim, sharding
 from clip_jax import checkpoint as ckpt
 from clip_jax.data.pipeline import Loader, PipelineConfig
 from clip_jax.data.specs import parse_spec
@@ -42,7 +43,7 @@ from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.data.transforms import normalize_on_device
 from clip_jax.eval import zeroshot
 from clip_jax.eval.encoder import Encoder
-from clip_jax.losses import KINDS, contrastive_loss
+from clip_jax.losses import KINDS, contrastive_loss, distillation_loss
 from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_per_sample
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.config import CLIPConfig
@@ -83,6 +84,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int)
   """Every check that can fail before any compile, each naming the key or flag."""
   check_config(config, mesh_devices)
   pipeline = pipeline_config(config, model_config(config))  # unknown preset, bad data keys
+  distill.check(config, model_config(config))  # reads the teacher's model config
   if pipeline.kind == 'tar':
     parse_spec(pipeline.train, pipeline.weights or None)  # names a spec with no file
   _check_workdir(workdir)
@@ -109,6 +111,9 @@ def check_config(config: ml_collections.ConfigDict, mesh_devices: int) -> None:
                      f'{config.optim.grad_accum}.')
   if config.total_steps <= 0:
     raise ValueError('config.total_steps must be positive.')
+  if not 0 <= config.optim.ema_decay < 1:
+    raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1) '
+                     '(0 = no EMA).')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -152,20 +157,24 @@ def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> P
   return jax.device_put(params, shardings)
 
 
-def state_shardings(params: Params, param_shardings: Params, tx, mesh) -> State:
-  """Where the state lives: optimizer moments sharded like their params, the rest (counts,
-  step counters) replicated. `params` may be arrays or shapes (`jax.ShapeDtypeStruct`)."""
+def state_shardings(params: Params, param_shardings: Params, tx, mesh, ema: bool = False
+                    ) -> State:
+  """Where the state lives: optimizer moments and the EMA sharded like their params, the
+  rest (counts, step counters) replicated. `params` may be arrays or shapes
+  (`jax.ShapeDtypeStruct`)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   masked = lambda x: isinstance(x, optax.MaskedNode)  # a frozen parameter has no moments
   opt_state = optax.tree_map_params(
       tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), param_shardings,
       transform_non_params=lambda _: replicated, is_leaf=masked)
   return {'params': param_shardings, 'opt_state': opt_state, 'step': replicated,
-          'bad_steps': replicated}
+          'bad_steps': replicated, **({'ema': param_shardings} if ema else {})}
 
 
-def create_state(params: Params, tx, mesh, param_shardings: Params | None = None) -> State:
-  """Params, optimizer state and step counters, placed by `state_shardings`.
+def create_state(params: Params, tx, mesh, param_shardings: Params | None = None,
+                 ema: bool = False) -> State:
+  """Params, optimizer state, step counters and (`ema`) the EMA of the params, which starts
+  at the params; placed by `state_shardings`.
 
   Under `jax.eval_shape` (abstract params, as `clip_jax.aot` does) pass `param_shardings`.
   """
@@ -177,14 +186,25 @@ def create_state(params: Params, tx, mesh, param_shardings: Params | None = None
   def counter():  # separate buffers: the step donates its state, a buffer only once
     return jax.device_put(np.zeros((), np.int32), shardings['step'])
 
-  return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter()}
+  # jnp.copy: the EMA needs buffers of its own, as the counters do.
+  return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter(),
+          **({'ema': jax.tree.map(jnp.copy, params)} if ema else {})}
 
 
 # --- the step -----------------------------------------------------------------------------
 
-def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding):
-  """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard."""
+def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding,
+                    teacher: distill.Teacher | None = None):
+  """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard, and
+  with `optim.ema_decay` the EMA (the state then holds one: `create_state(ema=True)`).
+
+  With a `teacher` the step takes the teacher's params as a third argument and adds
+  `distill.weight` x the distillation loss; the teacher embeds the whole batch before the
+  student's (accumulated) gradients, which see its features as constants.
+  """
   loss_kind, chunk = config.loss.kind, config.loss.chunk_size or None
+  ema_decay = config.optim.ema_decay
+  accum, accum_mode = config.optim.grad_accum, config.optim.grad_accum_mode
   preprocess = model.cfg.preprocess
 
   def embed(params, batch):
@@ -195,16 +215,23 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
       img, txt, scale, bias = clip(images, batch['text'])
     return img, txt, scale, None if loss_kind == 'softmax' else bias
 
-  def loss_of(img, txt, scale, bias):
-    return contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
-                            batch_axes=sharding.BATCH_AXES, chunk_size=chunk)
+  def loss_of(img, txt, scale, bias, teacher_features=None):
+    loss, metrics = contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
+                                     batch_axes=sharding.BATCH_AXES, chunk_size=chunk)
+    if teacher_features is None:
+      return loss, metrics
+    distill_loss = distillation_loss(img, txt, scale, *teacher_features, mesh=mesh,
+                                     batch_axes=sharding.BATCH_AXES)
+    return loss + config.distill.weight * distill_loss, {
+        **metrics, 'contrastive_loss': loss, 'distill_loss': distill_loss}
 
-  grads_fn = accumulate.value_and_grad(embed, loss_of, accum=config.optim.grad_accum,
-                                       mode=config.optim.grad_accum_mode,
-                                       batch_sharding=batch_sharding)
-
-  def step_fn(state, batch):
+  def step_fn(state, batch, teacher_params=None):
     params = state['params']
+    teacher_features = (None if teacher is None else
+                        teacher.embed(teacher_params, batch, mesh, accum, batch_sharding))
+    grads_fn = accumulate.value_and_grad(
+        embed, functools.partial(loss_of, teacher_features=teacher_features), accum=accum,
+        mode=accum_mode, batch_sharding=batch_sharding)
     (loss, metrics), grads = grads_fn(params, batch)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
@@ -219,6 +246,11 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
                  'opt_state': keep(opt_state, state['opt_state']),
                  'step': state['step'] + 1,
                  'bad_steps': jnp.where(ok, 0, state['bad_steps'] + 1)}
+    if ema_decay:
+      # ema = d * ema + (1 - d) * params, after the update. It starts at the initial params,
+      # so it needs no debiasing (optax.ema, made for gradients, starts at zeros and does).
+      ema = optax.tree.update_moment(new_params, state['ema'], ema_decay, order=1)
+      new_state['ema'] = keep(ema, state['ema'])
     metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm,
                'logit_scale': jnp.exp(params['logit_scale']),
                'logit_bias': params.get('logit_bias', jnp.zeros(())),
@@ -226,8 +258,9 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
                'bad_steps': new_state['bad_steps']}
     return new_state, metrics
 
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  in_shardings = (state_shardings, batch_sharding, *([teacher.shardings] if teacher else []))
+  return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -337,7 +370,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   model, param_shardings, init_fn = build_model(cfg, mesh, rules, config.seed)
   params = init_params(config, model, param_shardings, init_fn)
   tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  state = create_state(params, tx, mesh)
+  state = create_state(params, tx, mesh, ema=config.optim.ema_decay > 0)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   pipeline = pipeline_config(config, cfg)
   loader = Loader(pipeline, sharding.batch_sharding(mesh))
@@ -355,13 +388,19 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         'optimizer state and step are restored, but the input position is per process and '
         'is not. The data starts a new pass, reshuffled with seed %d (seed + step): samples '
         'of the interrupted pass may be seen again.', start, config.seed + start)
+  teacher, teacher_params = None, None
+  if config.distill.teacher:
+    teacher, teacher_params = distill.load(config.distill.teacher, mesh, rules,
+                                           config.model.dtype)
+    logging.info('Distilling from %s (weight %g)', config.distill.teacher, config.distill.weight)
+  step = make_train_step(config, model, tx, mesh, shardings, sharding.batch_sharding(mesh),
+                         teacher)
   logger = MetricLogger(workdir)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
   return Run(
       config=config, state=state,
-      step_fn=make_train_step(config, model, tx, mesh, shardings,
-                              sharding.batch_sharding(mesh)),
+      step_fn=step if teacher is None else lambda state, batch: step(state, batch, teacher_params),
       loader=loader, checkpoints=checkpoints, logger=logger,
       evaluate=ZeroShotEval(config, model, mesh) if config.eval.zeroshot_shards else None,
       schedule=optim.schedule(config.optim, config.total_steps),
@@ -469,7 +508,10 @@ def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
+  """Zero-shot accuracy of the params and, with an EMA, of the EMA (`ema/` keys)."""
   results = run.evaluate(run.state['params'])
+  if 'ema' in run.state:
+    results.update({f'ema/{k}': v for k, v in run.evaluate(run.state['ema']).items()})
   run.logger.write(step, results)
   logging.info('step %d: %s', step, results)
   return results
@@ -521,6 +563,9 @@ def next_steps(config: ml_collections.ConfigDict, workdir: str, last: dict[str, 
   if 'zeroshot_top1' in last:
     lines.append(f'Zero-shot on {config.eval.zeroshot_shards}: top-1 '
                  f'{last["zeroshot_top1"]:.1%}, top-5 {last["zeroshot_top5"]:.1%}')
+  if 'ema/zeroshot_top1' in last:
+    lines.append(f'  with the EMA of the params: top-1 {last["ema/zeroshot_top1"]:.1%}, '
+                 f'top-5 {last["ema/zeroshot_top5"]:.1%}')
   lines.append(f'Checkpoints and logs: {workdir} (tensorboard --logdir {workdir})')
   lines.append('Next:')
   if config.eval.zeroshot_shards:
@@ -528,6 +573,8 @@ def next_steps(config: ml_collections.ConfigDict, workdir: str, last: dict[str, 
                  f"'{config.eval.zeroshot_shards}' --classnames {config.eval.classnames}")
   lines.append(f'  python -m clip_jax.export --checkpoint {workdir} --out {workdir}/open_clip')
   lines.append(f'  python -m clip_jax.demo --checkpoint {workdir}')
+  if config.optim.ema_decay:
+    lines.append('  (evaluate and export take --ema for the EMA of the params)')
   return '\n'.join(lines)
 
 
