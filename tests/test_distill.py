@@ -15,10 +15,9 @@ import clip_jax
 from clip_jax import aot
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import save_model
-from clip_jax.config_base import base_config
 from clip_jax.losses import distillation_loss
 from clip_jax.models.functional import get_params
-from tests.test_train import _env, _metrics, _run
+from tests.test_train import _config, _env, _metrics, _run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH, DIM, TEACHER_DIM = 16, 8, 12
@@ -78,13 +77,6 @@ def test_distillation_on_a_mesh_equals_one_device(n, shape, names):
   np.testing.assert_allclose(value, one_device[0], rtol=1e-6)
   for ours, reference in zip(grads, one_device[1]):
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-7)
-
-
-def _config(**kw):
-  c = base_config()
-  c.data.kind = 'synthetic'
-  c.update_from_flattened_dict(kw)
-  return c
 
 
 @pytest.mark.parametrize('overrides,error,message', [

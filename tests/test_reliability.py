@@ -1,7 +1,6 @@
 """Pod-scale faults rehearsed on one machine: preemption of one process, damaged
 checkpoints, a changed process count, bad shards in a real run."""
 
-import io
 import os
 import pathlib
 import signal
@@ -21,6 +20,7 @@ from clip_jax.config_base import base_config
 from clip_jax.eval import zeroshot
 from clip_jax.eval.encoder import Encoder
 from clip_jax.models.functional import FunctionalModel
+from tests.test_data import _tar
 from tests.test_train import (
   ROOT,
   _demo_config,
@@ -169,14 +169,6 @@ def test_a_changed_process_count_restores_the_model_and_reshuffles_the_data(demo
   assert sorted(metrics) == list(range(1, 19))
   # Restored, not restarted: each leg starts below where the run started.
   assert max(metrics[7]['loss'], metrics[13]['loss']) < metrics[1]['loss'] - 0.2, metrics
-
-
-def _tar(path, members):
-  with tarfile.open(path, 'w') as tar:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
 
 
 def _bad_shards(root: pathlib.Path, good_shard: pathlib.Path) -> None:
