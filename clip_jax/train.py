@@ -109,6 +109,9 @@ def check_config(config: ml_collections.ConfigDict, mesh_devices: int) -> None:
                      f'{config.optim.grad_accum}.')
   if config.total_steps <= 0:
     raise ValueError('config.total_steps must be positive.')
+  if not 0 <= config.patch_dropout_tail_steps <= config.total_steps:
+    raise ValueError(f'config.patch_dropout_tail_steps={config.patch_dropout_tail_steps} must be '
+                     f'in [0, config.total_steps={config.total_steps}].')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -182,17 +185,23 @@ def create_state(params: Params, tx, mesh, param_shardings: Params | None = None
 
 # --- the step -----------------------------------------------------------------------------
 
-def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding):
-  """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard."""
+def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding,
+                    patch_dropout: bool = True):
+  """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard.
+
+  `patch_dropout=False` builds the unmasked step (every patch kept) of a model with
+  `vision.patch_dropout`, for the run's tail.
+  """
   loss_kind, chunk = config.loss.kind, config.loss.chunk_size or None
   preprocess = model.cfg.preprocess
+  patch_dropout = patch_dropout and model.cfg.vision.patch_dropout > 0
 
   def embed(params, batch):
     # Frozen parameters enter as constants: their backward pass is never built.
     clip = model.bind(optim.stop_frozen(params, config.optim.freeze))
     images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
-      img, txt, scale, bias = clip(images, batch['text'])
+      img, txt, scale, bias = clip(images, batch['text'], batch.get('dropout_keys'))
     return img, txt, scale, None if loss_kind == 'softmax' else bias
 
   def loss_of(img, txt, scale, bias):
@@ -205,6 +214,9 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
 
   def step_fn(state, batch):
     params = state['params']
+    if patch_dropout:
+      batch = {**batch, 'dropout_keys': dropout_keys(config.seed, state['step'],
+                                                     batch['image'].shape[0], batch_sharding)}
     (loss, metrics), grads = grads_fn(params, batch)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
@@ -228,6 +240,13 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
 
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def dropout_keys(seed: int, step: jax.Array, batch_size: int, batch_sharding) -> jax.Array:
+  """One key per row of the global batch, a function of (seed, step, row) only: a resumed
+  run, another mesh or any `optim.grad_accum` drops the same patches of the same image."""
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), batch_size)
+  return jax.lax.with_sharding_constraint(keys, batch_sharding)
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -307,6 +326,15 @@ class Run:
   peak_flops: float | None     # per device, for MFU; None when unknown
   preemption: Preemption
   start_step: int
+  # The unmasked step of a patch-dropout run and the first step it takes (0-based).
+  unmasked_step_fn: Callable[[State, dict], tuple[State, dict]] | None = None
+  unmasked_from: int = 0
+
+  def step_fn_at(self, step: int) -> Callable[[State, dict], tuple[State, dict]]:
+    """The step function for 0-based step `step` (the tail's own past `unmasked_from`)."""
+    if self.unmasked_step_fn is not None and step >= self.unmasked_from:
+      return self.unmasked_step_fn
+    return self.step_fn
 
   def close(self) -> None:
     """Ends worker processes and waits for async saves, also when the loop raised."""
@@ -345,10 +373,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   logger = MetricLogger(workdir)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
+  step_args = (config, model, tx, mesh, shardings, sharding.batch_sharding(mesh))
+  tail = config.patch_dropout_tail_steps if cfg.vision.patch_dropout > 0 else 0
   return Run(
-      config=config, state=state,
-      step_fn=make_train_step(config, model, tx, mesh, shardings,
-                              sharding.batch_sharding(mesh)),
+      config=config, state=state, step_fn=make_train_step(*step_args),
+      unmasked_step_fn=make_train_step(*step_args, patch_dropout=False) if tail else None,
+      unmasked_from=config.total_steps - tail,
       loader=loader, checkpoints=checkpoints, logger=logger,
       evaluate=ZeroShotEval(config, model, mesh) if config.eval.zeroshot_shards else None,
       schedule=optim.schedule(config.optim, config.total_steps),
@@ -378,7 +408,7 @@ def train_loop(run: Run) -> dict[str, float]:
   with _progress_bar(config.total_steps, step) as bar:
     while step < config.total_steps:
       batch = window.next_batch(run.loader)
-      run.state, metrics = run.step_fn(run.state, batch)
+      run.state, metrics = run.step_fn_at(step)(run.state, batch)
       step += 1
       # Read the previous step's counter: waiting on it lets this step run on the device
       # while the host fetches the next batch (reading this step's would serialise them).
