@@ -47,6 +47,7 @@ from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_pe
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.functional import FunctionalModel
+from clip_jax.models.pos_embed import fit_pos_embeds
 from clip_jax.models.presets import get_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -146,6 +147,7 @@ def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> P
   if model.cfg.init_logit_bias is not None and 'logit_bias' not in params:
     # A CLIP checkpoint for a sigmoid loss: the bias starts at config.model.init_logit_bias.
     params['logit_bias'] = np.float32(model.cfg.init_logit_bias)
+  params = fit_pos_embeds(params, model.cfg)  # another image size, patch grid or context
   try:
     model.check(params)
   except ValueError as e:
