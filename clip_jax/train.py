@@ -56,6 +56,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and l
 
 Params = dict[str, Any]
 State = dict[str, Any]
+StepFn = Callable[[State, dict], tuple[State, dict]]
 
 
 # --- config -------------------------------------------------------------------------------
@@ -318,7 +319,7 @@ class Run:
   """What the training loop works with; `setup` builds it, `train_loop` advances it."""
   config: ml_collections.ConfigDict
   state: State
-  step_fn: Callable[[State, dict], tuple[State, dict]]
+  step_fn: StepFn
   loader: Loader
   checkpoints: ckpt.TrainCheckpoints
   logger: MetricLogger
@@ -328,13 +329,15 @@ class Run:
   peak_flops: float | None     # per device, for MFU; None when unknown
   preemption: Preemption
   start_step: int
-  # The unmasked step of a patch-dropout run and the first step it takes (0-based).
-  unmasked_step_fn: Callable[[State, dict], tuple[State, dict]] | None = None
+  # A patch-dropout run's unmasked tail: its step function and the step count it starts at.
+  unmasked_step_fn: StepFn | None = None
   unmasked_from: int = 0
 
-  def step_fn_at(self, step: int) -> Callable[[State, dict], tuple[State, dict]]:
-    """The step function for 0-based step `step` (the tail's own past `unmasked_from`)."""
-    if self.unmasked_step_fn is not None and step >= self.unmasked_from:
+  def step_fn_at(self, done: int) -> StepFn:
+    """The step function that runs after `done` steps: the tail's from `unmasked_from` on.
+
+    A function of the step count alone, so a resumed run switches at the same step."""
+    if self.unmasked_step_fn is not None and done >= self.unmasked_from:
       return self.unmasked_step_fn
     return self.step_fn
 

@@ -21,8 +21,8 @@ def drop_patches(x: jax.Array, keep: int, prefix: int, keys: jax.Array) -> jax.A
   """Keeps `keep` random patch tokens of each image, plus its `prefix` (class) token.
 
   A gather, not a mask: the blocks then run on fewer tokens, which is where FLIP's saving
-  comes from. `keys` holds one random key per image, so an image's kept patches depend on its key
-  only, not on how the batch is split over devices or micro-batches.
+  comes from. `keys` holds one random key per image, so an image's kept patches depend on
+  its key only, not on how the batch is split over devices or micro-batches.
   """
   noise = jax.vmap(lambda key: jax.random.uniform(key, (x.shape[1] - prefix,)))(keys)
   _, kept = jax.lax.top_k(noise, keep)
