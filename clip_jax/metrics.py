@@ -39,7 +39,7 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
   """Forward + backward (3x forward) FLOPs of one image-text pair.
 
   With `vision.patch_dropout` the image blocks see only the kept patches (the patch
-  embedding still sees all of them); the unmasked tail's steps cost more than this.
+  embedding still sees all of them).
   """
   v, t = cfg.vision, cfg.text
   patches = v.grid ** 2

@@ -329,17 +329,20 @@ class Run:
   peak_flops: float | None     # per device, for MFU; None when unknown
   preemption: Preemption
   start_step: int
-  # A patch-dropout run's unmasked tail: its step function and the step count it starts at.
+  # A patch-dropout run's unmasked tail: its step function, the step count it starts at and
+  # its analytic FLOPs (every patch kept).
   unmasked_step_fn: StepFn | None = None
   unmasked_from: int = 0
+  unmasked_flops_per_step: float = 0.0
 
   def step_fn_at(self, done: int) -> StepFn:
     """The step function that runs after `done` steps: the tail's from `unmasked_from` on.
 
     A function of the step count alone, so a resumed run switches at the same step."""
-    if self.unmasked_step_fn is not None and done >= self.unmasked_from:
-      return self.unmasked_step_fn
-    return self.step_fn
+    return self.unmasked_step_fn if self.in_unmasked_tail(done) else self.step_fn
+
+  def in_unmasked_tail(self, done: int) -> bool:
+    return self.unmasked_step_fn is not None and done >= self.unmasked_from
 
   def close(self) -> None:
     """Ends worker processes and waits for async saves, also when the loop raised."""
@@ -380,14 +383,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
   step_args = (config, model, tx, mesh, shardings, sharding.batch_sharding(mesh))
   tail = config.patch_dropout_tail_steps if cfg.vision.patch_dropout > 0 else 0
+  flops_per_step = lambda c: train_flops_per_sample(c, c.text.context_length) * config.batch_size
   return Run(
       config=config, state=state, step_fn=make_train_step(*step_args),
       unmasked_step_fn=make_train_step(*step_args, patch_dropout=False) if tail else None,
       unmasked_from=config.total_steps - tail,
+      unmasked_flops_per_step=flops_per_step(cfg.replace(**{'vision.patch_dropout': 0.0})),
       loader=loader, checkpoints=checkpoints, logger=logger,
       evaluate=ZeroShotEval(config, model, mesh) if config.eval.zeroshot_shards else None,
       schedule=optim.schedule(config.optim, config.total_steps),
-      flops_per_step=train_flops_per_sample(cfg, cfg.text.context_length) * config.batch_size,
+      flops_per_step=flops_per_step(cfg),
       peak_flops=peak_flops_per_device(config.peak_flops_per_device),
       preemption=Preemption(), start_step=start)
 
@@ -474,7 +479,8 @@ class Window:
 def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict[str, float]:
   seconds, data_wait, metrics = window.close(step, metrics)
   metrics = {k: float(v) for k, v in metrics.items()}
-  achieved = run.flops_per_step / seconds / jax.device_count()
+  flops = run.unmasked_flops_per_step if run.in_unmasked_tail(step - 1) else run.flops_per_step
+  achieved = flops / seconds / jax.device_count()
   scalars = {**metrics, 'lr': float(run.schedule(step - 1)), 'step_time': seconds,
              'data_wait': data_wait, 'samples_per_second': run.config.batch_size / seconds,
              'mfu': achieved / run.peak_flops if run.peak_flops else None,

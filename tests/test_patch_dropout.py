@@ -14,7 +14,7 @@ import clip_jax
 from clip_jax import optim, sharding
 from clip_jax import train as train_lib
 from clip_jax.config_base import base_config
-from clip_jax.models.functional import FunctionalModel
+from clip_jax.models.functional import FunctionalModel, get_params
 from clip_jax.models.vit import drop_patches
 from tests import test_train as harness
 
@@ -37,7 +37,7 @@ def test_a_call_without_keys_drops_nothing():
   model with patch_dropout are those of the same weights without it."""
   model = clip_jax.create_model('tiny', **{'vision.patch_dropout': 0.5})
   plain = FunctionalModel.create(clip_jax.get_config('tiny'))
-  params = train_lib.nnx.to_pure_dict(train_lib.nnx.state(model, train_lib.nnx.Param))
+  params = get_params(model)
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   np.testing.assert_array_equal(model.encode_image(images),
                                 plain.bind(params).encode_image(images))
