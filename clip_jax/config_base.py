@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_bad_steps = 10               # non-finite steps in a row before stopping
   c.peak_flops_per_device = 0.0      # for MFU on devices metrics.py does not know
   c.init_from = ''                   # clip_jax checkpoint (imported or exported) to start from
+  # With model.vision.patch_dropout > 0: the last N steps keep every patch (FLIP's unmasked
+  # tuning, OpenCLIP's --force-patch-dropout 0), in a step compiled separately.
+  c.patch_dropout_tail_steps = 0
   c.profile_start_step = 0           # >0: capture a profiler trace (TensorBoard) from this step
   c.profile_steps = 5
 

@@ -36,10 +36,14 @@ def tower_flops(layers: int, tokens: int, width: int, mlp: int) -> float:
 
 
 def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
-  """Forward + backward (3x forward) FLOPs of one image-text pair."""
+  """Forward + backward (3x forward) FLOPs of one image-text pair.
+
+  With `vision.patch_dropout` the image blocks see only the kept patches (the patch
+  embedding still sees all of them).
+  """
   v, t = cfg.vision, cfg.text
   patches = v.grid ** 2
-  image = (tower_flops(v.layers, patches + int(v.class_token), v.width, v.mlp_dim)
+  image = (tower_flops(v.layers, v.kept_patches + int(v.class_token), v.width, v.mlp_dim)
            + 2 * patches * 3 * v.patch_size**2 * v.width)
   text = tower_flops(t.layers, context_length, t.width, t.mlp_dim)
   return 3 * (image + text)

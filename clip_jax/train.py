@@ -48,6 +48,7 @@ from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_pe
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.functional import FunctionalModel
+from clip_jax.models.pos_embed import fit_pos_embeds
 from clip_jax.models.presets import get_config
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -56,6 +57,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and l
 
 Params = dict[str, Any]
 State = dict[str, Any]
+StepFn = Callable[[State, dict], tuple[State, dict]]
 
 
 # --- config -------------------------------------------------------------------------------
@@ -114,6 +116,9 @@ def check_config(config: ml_collections.ConfigDict, mesh_devices: int) -> None:
   if not 0 <= config.optim.ema_decay < 1:
     raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1) '
                      '(0 = no EMA).')
+  if not 0 <= config.patch_dropout_tail_steps <= config.total_steps:
+    raise ValueError(f'config.patch_dropout_tail_steps={config.patch_dropout_tail_steps} must be '
+                     f'in [0, config.total_steps={config.total_steps}].')
 
 
 def _check_workdir(workdir: str) -> None:
@@ -148,6 +153,7 @@ def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> P
   if model.cfg.init_logit_bias is not None and 'logit_bias' not in params:
     # A CLIP checkpoint for a sigmoid loss: the bias starts at config.model.init_logit_bias.
     params['logit_bias'] = np.float32(model.cfg.init_logit_bias)
+  params = fit_pos_embeds(params, model.cfg)  # another image size, patch grid or context
   try:
     model.check(params)
   except ValueError as e:
@@ -194,25 +200,28 @@ def create_state(params: Params, tx, mesh, param_shardings: Params | None = None
 # --- the step -----------------------------------------------------------------------------
 
 def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding,
-                    teacher: distill.Teacher | None = None):
+                    teacher: distill.Teacher | None = None, patch_dropout: bool = True):
   """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard, and
   with `optim.ema_decay` the EMA (the state then holds one: `create_state(ema=True)`).
 
   With a `teacher` the step takes the teacher's params as a third argument and adds
   `distill.weight` x the distillation loss; the teacher embeds the whole batch before the
   student's (accumulated) gradients, which see its features as constants.
+  `patch_dropout=False` builds the unmasked step (every patch kept) of a model with
+  `vision.patch_dropout`, for the run's tail.
   """
   loss_kind, chunk = config.loss.kind, config.loss.chunk_size or None
   ema_decay = config.optim.ema_decay
   accum, accum_mode = config.optim.grad_accum, config.optim.grad_accum_mode
   preprocess = model.cfg.preprocess
+  patch_dropout = patch_dropout and model.cfg.vision.patch_dropout > 0
 
   def embed(params, batch):
     # Frozen parameters enter as constants: their backward pass is never built.
     clip = model.bind(optim.stop_frozen(params, config.optim.freeze))
     images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
-      img, txt, scale, bias = clip(images, batch['text'])
+      img, txt, scale, bias = clip(images, batch['text'], batch.get('dropout_keys'))
     return img, txt, scale, None if loss_kind == 'softmax' else bias
 
   def loss_of(img, txt, scale, bias, teacher_features=None):
@@ -227,6 +236,9 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
 
   def step_fn(state, batch, teacher_params=None):
     params = state['params']
+    if patch_dropout:
+      batch = {**batch, 'dropout_keys': dropout_keys(config.seed, state['step'],
+                                                     batch['image'].shape[0], batch_sharding)}
     teacher_features = (None if teacher is None else
                         teacher.embed(teacher_params, batch, mesh, accum, batch_sharding))
     grads_fn = accumulate.value_and_grad(
@@ -261,6 +273,13 @@ def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, b
   in_shardings = (state_shardings, batch_sharding, *([teacher.shardings] if teacher else []))
   return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, None),
                  donate_argnums=(0,))
+
+
+def dropout_keys(seed: int, step: jax.Array, batch_size: int, batch_sharding) -> jax.Array:
+  """One key per row of the global batch, a function of (seed, step, row) only: a resumed
+  run, another mesh or any `optim.grad_accum` drops the same patches of the same image."""
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), batch_size)
+  return jax.lax.with_sharding_constraint(keys, batch_sharding)
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -343,7 +362,7 @@ class Run:
   """What the training loop works with; `setup` builds it, `train_loop` advances it."""
   config: ml_collections.ConfigDict
   state: State
-  step_fn: Callable[[State, dict], tuple[State, dict]]
+  step_fn: StepFn
   loader: Loader
   checkpoints: ckpt.TrainCheckpoints
   logger: MetricLogger
@@ -353,6 +372,20 @@ class Run:
   peak_flops: float | None     # per device, for MFU; None when unknown
   preemption: Preemption
   start_step: int
+  # A patch-dropout run's unmasked tail: its step function, the step count it starts at and
+  # its analytic FLOPs (every patch kept).
+  unmasked_step_fn: StepFn | None = None
+  unmasked_from: int = 0
+  unmasked_flops_per_step: float = 0.0
+
+  def step_fn_at(self, done: int) -> StepFn:
+    """The step function that runs after `done` steps: the tail's from `unmasked_from` on.
+
+    A function of the step count alone, so a resumed run switches at the same step."""
+    return self.unmasked_step_fn if self.in_unmasked_tail(done) else self.step_fn
+
+  def in_unmasked_tail(self, done: int) -> bool:
+    return self.unmasked_step_fn is not None and done >= self.unmasked_from
 
   def close(self) -> None:
     """Ends worker processes and waits for async saves, also when the loop raised."""
@@ -393,18 +426,26 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     teacher, teacher_params = distill.load(config.distill.teacher, mesh, rules,
                                            config.model.dtype)
     logging.info('Distilling from %s (weight %g)', config.distill.teacher, config.distill.weight)
-  step = make_train_step(config, model, tx, mesh, shardings, sharding.batch_sharding(mesh),
-                         teacher)
   logger = MetricLogger(workdir)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
+  step_args = (config, model, tx, mesh, shardings, sharding.batch_sharding(mesh), teacher)
+
+  def with_teacher(step):
+    return step if teacher is None else lambda state, batch: step(state, batch, teacher_params)
+
+  tail = config.patch_dropout_tail_steps if cfg.vision.patch_dropout > 0 else 0
+  flops_per_step = lambda c: train_flops_per_sample(c, c.text.context_length) * config.batch_size
   return Run(
-      config=config, state=state,
-      step_fn=step if teacher is None else lambda state, batch: step(state, batch, teacher_params),
+      config=config, state=state, step_fn=with_teacher(make_train_step(*step_args)),
+      unmasked_step_fn=(with_teacher(make_train_step(*step_args, patch_dropout=False))
+                        if tail else None),
+      unmasked_from=config.total_steps - tail,
+      unmasked_flops_per_step=flops_per_step(cfg.replace(**{'vision.patch_dropout': 0.0})),
       loader=loader, checkpoints=checkpoints, logger=logger,
       evaluate=ZeroShotEval(config, model, mesh) if config.eval.zeroshot_shards else None,
       schedule=optim.schedule(config.optim, config.total_steps),
-      flops_per_step=train_flops_per_sample(cfg, cfg.text.context_length) * config.batch_size,
+      flops_per_step=flops_per_step(cfg),
       peak_flops=peak_flops_per_device(config.peak_flops_per_device),
       preemption=Preemption(), start_step=start)
 
@@ -430,7 +471,7 @@ def train_loop(run: Run) -> dict[str, float]:
   with _progress_bar(config.total_steps, step) as bar:
     while step < config.total_steps:
       batch = window.next_batch(run.loader)
-      run.state, metrics = run.step_fn(run.state, batch)
+      run.state, metrics = run.step_fn_at(step)(run.state, batch)
       step += 1
       # Read the previous step's counter: waiting on it lets this step run on the device
       # while the host fetches the next batch (reading this step's would serialise them).
@@ -491,7 +532,8 @@ class Window:
 def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict[str, float]:
   seconds, data_wait, metrics = window.close(step, metrics)
   metrics = {k: float(v) for k, v in metrics.items()}
-  achieved = run.flops_per_step / seconds / jax.device_count()
+  flops = run.unmasked_flops_per_step if run.in_unmasked_tail(step - 1) else run.flops_per_step
+  achieved = flops / seconds / jax.device_count()
   scalars = {**metrics, 'lr': float(run.schedule(step - 1)), 'step_time': seconds,
              'data_wait': data_wait, 'samples_per_second': run.config.batch_size / seconds,
              'mfu': achieved / run.peak_flops if run.peak_flops else None,

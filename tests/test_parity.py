@@ -83,6 +83,8 @@ def test_import_matches_open_clip(name, vision_layers, text_layers, text_overrid
 EXPORT_CASES = [
     pytest.param('tiny', {}, id='tiny'),
     pytest.param('tiny-quickgelu', {}, id='tiny-quickgelu'),
+    # Training-only: OpenCLIP builds its PatchDropout, idle in eval mode, like our keyless call.
+    pytest.param('tiny', {'vision.patch_dropout': 0.5}, id='tiny-patch-dropout'),
     pytest.param('ViT-B-32', {}, id='ViT-B-32'),
     pytest.param('ViT-B-16-quickgelu', {}, id='ViT-B-16-quickgelu'),
     pytest.param('ViT-M-16-alt', {'vision.layers': 2, 'text.layers': 2}, id='ViT-M-16-alt'),

@@ -104,3 +104,25 @@ def test_non_finite_steps_stop_the_loop():
   run.config.max_bad_steps = 3
   with pytest.raises(FloatingPointError, match='3 steps in a row'):
     train.train_loop(run)
+
+
+def test_the_unmasked_tail_runs_its_own_step_and_counts_its_flops():
+  """Patch dropout's tail: the last steps run the unmasked step, and their MFU counts its
+  larger FLOPs (here 2x the masked step's)."""
+  run = _run(total_steps=6, log_every=2)
+  masked, unmasked = [], []
+
+  def counting(calls):
+    def step(state, batch):
+      calls.append(1)
+      return state, {'loss': 1.0, 'logit_scale': 1.0, 'bad_steps': jnp.asarray(0)}
+    return step
+
+  run.step_fn, run.unmasked_step_fn = counting(masked), counting(unmasked)
+  run.unmasked_from, run.unmasked_flops_per_step, run.peak_flops = 4, 2e9, 1e12
+  train.train_loop(run)
+  assert (len(masked), len(unmasked)) == (4, 2)
+  records = run.logger.records
+  for step, flops in ((4, 1e9), (6, 2e9)):
+    expected = flops / records[step]['step_time'] / jax.device_count() / 1e12
+    np.testing.assert_allclose(records[step]['mfu'], expected, rtol=1e-6)

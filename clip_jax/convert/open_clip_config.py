@@ -53,12 +53,17 @@ def _native_vision(v: VisionConfig) -> dict[str, Any]:
              **_act_kwargs(v.act), **_norm_kwargs(v.norm_eps))
   if v.ls_init is not None:
     out['ls_init_value'] = v.ls_init
-  return out
+  return {**out, **_patch_dropout(v)}
+
+
+def _patch_dropout(v: VisionConfig) -> dict[str, Any]:
+  """OpenCLIP drops patches in training mode only, as clip_jax does with keys only."""
+  return {'patch_dropout': v.patch_dropout} if v.patch_dropout else {}
 
 
 def _timm_vision(cfg: CLIPConfig) -> dict[str, Any]:
   from clip_jax.models.presets import PRESETS
-  v = cfg.vision
+  v = dataclasses.replace(cfg.vision, patch_dropout=0.0)  # training only: timm takes it apart
   reference = next((p.vision for p in PRESETS.values() if p.vision == v), None)
   if reference is None:
     known = [p.vision for p in PRESETS.values() if p.vision.timm_model_name == v.timm_model_name]
@@ -71,7 +76,8 @@ def _timm_vision(cfg: CLIPConfig) -> dict[str, Any]:
   if v.width != cfg.embed_dim:
     raise UnsupportedForOpenCLIP('A timm MAP tower without projection needs width == embed_dim.')
   return dict(image_size=v.image_size, timm_model_name=v.timm_model_name,
-              timm_model_pretrained=False, timm_pool='map', timm_proj='none')
+              timm_model_pretrained=False, timm_pool='map', timm_proj='none',
+              **_patch_dropout(cfg.vision))
 
 
 def _text(t: TextConfig) -> dict[str, Any]:

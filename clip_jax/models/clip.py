@@ -33,17 +33,19 @@ class CLIP(nnx.Module):
     self.logit_bias = (nnx.Param(jnp.asarray(cfg.init_logit_bias, jnp.float32), axes=())
                        if cfg.init_logit_bias is not None else None)
 
-  def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:
-    x = self.visual(images)
+  def encode_image(self, images: jax.Array, normalize: bool = False,
+                   dropout_keys: jax.Array | None = None) -> jax.Array:
+    """`dropout_keys`: one random key per image, for training with `vision.patch_dropout`."""
+    x = self.visual(images, dropout_keys)
     return l2_normalize(x) if normalize else x
 
   def encode_text(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
     x = self.text(tokens)
     return l2_normalize(x) if normalize else x
 
-  def __call__(self, images: jax.Array, tokens: jax.Array
+  def __call__(self, images: jax.Array, tokens: jax.Array, dropout_keys: jax.Array | None = None
                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """Normalised image and text features, the log logit scale and the bias (or None)."""
     bias = self.logit_bias[...] if self.logit_bias is not None else None
-    return (self.encode_image(images, normalize=True), self.encode_text(tokens, normalize=True),
-            self.logit_scale[...], bias)
+    return (self.encode_image(images, normalize=True, dropout_keys=dropout_keys),
+            self.encode_text(tokens, normalize=True), self.logit_scale[...], bias)

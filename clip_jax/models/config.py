@@ -28,7 +28,11 @@ REMAT_POLICIES = ('none', 'minimal', 'save_attn', 'minimal_offloaded', 'full', '
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """ViT image tower. `pool`: tok (class token), gap (mean of patch tokens), map (SigLIP)."""
+  """ViT image tower. `pool`: tok (class token), gap (mean of patch tokens), map (SigLIP).
+
+  `patch_dropout` (FLIP): the fraction of patch tokens each image drops in a training step
+  given a random key; calls without a key (evaluation, export, inference) keep them all.
+  """
   image_size: int = 224
   patch_size: int = 16
   width: int = 768
@@ -43,6 +47,7 @@ class VisionConfig:
   act: str = 'gelu'
   norm_eps: float = 1e-5
   ls_init: float | None = None
+  patch_dropout: float = 0.0
   # Set for towers that OpenCLIP builds from a timm trunk (the SigLIP family).
   timm_model_name: str | None = None
 
@@ -53,6 +58,11 @@ class VisionConfig:
   @property
   def head_dim(self) -> int:
     return self.width // self.heads
+
+  @property
+  def kept_patches(self) -> int:
+    """Patch tokens left after patch dropout; rounded as OpenCLIP's PatchDropout, at least 1."""
+    return max(1, int(self.grid ** 2 * (1 - self.patch_dropout)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +152,7 @@ class CLIPConfig:
         (v.pool != 'tok' or v.class_token, "vision.pool='tok' needs vision.class_token=True"),
         (v.proj or v.width == self.embed_dim, 'vision.proj=False needs vision.width == embed_dim'),
         (t.proj or t.width == self.embed_dim, 'text.proj=False needs text.width == embed_dim'),
+        (0 <= v.patch_dropout < 1, 'vision.patch_dropout must be in [0, 1)'),
         (self.remat in REMAT_POLICIES, f'remat must be one of {REMAT_POLICIES}'),
     ]
     errors = [msg for ok, msg in checks if not ok]

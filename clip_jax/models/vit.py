@@ -2,7 +2,8 @@
 
 Covers OpenCLIP's native VisionTransformer (class token, ln_pre, `tok`/`gap` pooling,
 projection without bias) and timm's SigLIP trunk (patch bias, no class token, MAP head).
-Images are NHWC floats, already normalised.
+Images are NHWC floats, already normalised. Given one random key per image, training
+drops a fraction of the patch tokens (FLIP's patch dropout) before the blocks run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,19 @@ from flax import nnx
 
 from clip_jax.models.config import VisionConfig
 from clip_jax.models.layers import MLP, Dense, LayerNorm, Transformer, dot_product_attention, param
+
+
+def drop_patches(x: jax.Array, keep: int, prefix: int, keys: jax.Array) -> jax.Array:
+  """Keeps `keep` random patch tokens of each image, plus its `prefix` (class) token.
+
+  A gather, not a mask: the blocks then run on fewer tokens, which is where FLIP's saving
+  comes from. `keys` holds one random key per image, so an image's kept patches depend on
+  its key only, not on how the batch is split over devices or micro-batches.
+  """
+  noise = jax.vmap(lambda key: jax.random.uniform(key, (x.shape[1] - prefix,)))(keys)
+  _, kept = jax.lax.top_k(noise, keep)
+  patches = jnp.take_along_axis(x[:, prefix:], kept[..., None], axis=1)
+  return jnp.concatenate([x[:, :prefix], patches], axis=1)
 
 
 class MAPHead(nnx.Module):
@@ -83,8 +97,11 @@ class VisionTransformer(nnx.Module):
       return x[:, 0]
     return x[:, int(self.cfg.class_token):].mean(axis=1)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+    """`dropout_keys` (one key per image, training only) turns on `cfg.patch_dropout`."""
     x = self.embed(images)
+    if dropout_keys is not None and self.cfg.patch_dropout > 0:  # after the position embedding
+      x = drop_patches(x, self.cfg.kept_patches, int(self.cfg.class_token), dropout_keys)
     if self.ln_pre is not None:
       x = self.ln_pre(x)
     x = self.transformer(x, causal=False)
