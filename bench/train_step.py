@@ -20,7 +20,7 @@ import numpy as np
 import open_clip
 import torch
 
-from clip_jax import optim, sharding
+from clip_jax import sharding
 from clip_jax import train as train_lib
 from clip_jax.config_base import base_config
 
@@ -33,14 +33,8 @@ def clip_jax_step(args):
   config.batch_size = args.batch_size
   config.mesh = {'data': 1, 'fsdp': 1, 'tensor': 1}
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  cfg = train_lib.model_config(config)
-  model, _, init = train_lib.build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
-  params = init()
-  tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  state = train_lib.create_state(params, tx, mesh)
-  step = train_lib.make_train_step(config, model, tx, mesh,
-                                   jax.tree.map(lambda x: x.sharding, state),
-                                   sharding.batch_sharding(mesh))
+  model, state, step = train_lib.fresh_state_and_step(config, mesh)
+  cfg = model.cfg
   rng = np.random.default_rng(0)
   size, context = cfg.vision.image_size, cfg.text.context_length
   batch = {'image': rng.integers(0, 255, (args.batch_size, size, size, 3), dtype=np.uint8),

@@ -282,6 +282,21 @@ def dropout_keys(seed: int, step: jax.Array, batch_size: int, batch_sharding) ->
   return jax.lax.with_sharding_constraint(keys, batch_sharding)
 
 
+def fresh_state_and_step(config: ml_collections.ConfigDict, mesh
+                         ) -> tuple[FunctionalModel, State, Callable[[State, dict], Any]]:
+  """The model, a freshly initialised state and the jitted step of `config` on `mesh`: no
+  data, checkpoint or teacher (for benchmarks and tests that drive the step directly)."""
+  cfg = model_config(config)
+  rules = tuple(tuple(r) for r in config.sharding_rules)
+  model, _, init = build_model(cfg, mesh, rules, config.seed)
+  params = init()
+  tx = optim.make_optimizer(config.optim, config.total_steps, params)
+  state = create_state(params, tx, mesh, ema=config.optim.ema_decay > 0)
+  step = make_train_step(config, model, tx, mesh, jax.tree.map(lambda x: x.sharding, state),
+                         sharding.batch_sharding(mesh))
+  return model, state, step
+
+
 # --- evaluation ---------------------------------------------------------------------------
 
 class ZeroShotEval:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import optim, sharding
+from clip_jax import sharding
 from clip_jax import train as train_lib
 from clip_jax.config_base import base_config
 from clip_jax.models.functional import FunctionalModel, get_params
@@ -81,15 +81,8 @@ def _config(**overrides):
 
 
 def _first_loss(config):
-  mesh = sharding.make_mesh({'data': -1})
-  cfg = train_lib.model_config(config)
-  model, _, init = train_lib.build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
-  params = init()
-  tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  state = train_lib.create_state(params, tx, mesh)
-  step = train_lib.make_train_step(config, model, tx, mesh,
-                                   jax.tree.map(lambda x: x.sharding, state),
-                                   sharding.batch_sharding(mesh))
+  model, state, step = train_lib.fresh_state_and_step(config, sharding.make_mesh({'data': -1}))
+  cfg = model.cfg
   rng = np.random.default_rng(0)
   text = rng.integers(1, 255, (16, cfg.text.context_length)).astype(np.int32)
   text[:, -1] = 255
