@@ -21,14 +21,11 @@ HBM figures are right either way); custom calls (Pallas kernels, ...) are not co
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging
 import os
 import re
 import sys
-import tempfile
 from typing import Any
 
 import jax
@@ -39,6 +36,7 @@ from flax import nnx
 
 from clip_jax import distill, optim, sharding, train
 from clip_jax.checkpoint import load_model_config
+from clip_jax.distributed import quiet_stderr
 from clip_jax.metrics import peak_flops_per_device, train_flops_per_sample
 
 _CONFIG = train._CONFIG  # the trainer's own --config flag (same file, ARGS and overrides)
@@ -46,6 +44,10 @@ _TOPOLOGY = flags.DEFINE_string(
     'topology', None, "TPU topology to compile for, e.g. 'v5p:4x4x4', 'v5e:2x2', or 'local' "
     "(this machine's devices).")
 _JSON = flags.DEFINE_bool('json', False, 'Print the report as JSON.')
+_DEPTH_ESTIMATE = flags.DEFINE_bool(
+    'depth_estimate', True, 'For scanned layers: estimate step time and FLOPs from unrolled '
+    'compiles of the same step at 1 and 2 layers per tower (3 small compiles), since the '
+    "compiler counts a loop body once. --nodepth_estimate skips them.")
 
 GIB = 2**30
 # HBM per chip by `device_kind` (Cloud TPU documentation); the topology's devices do not
@@ -66,14 +68,14 @@ KNOBS = ('--config.batch_size (fewer pairs per chip), --config.model.remat (full
 def topology_devices(topology: str) -> list[jax.Device]:
   """The devices of a TPU topology (compile-only), or this machine's for 'local'."""
   if topology == 'local':
-    with _quiet_stderr():  # an installed libtpu logs its init errors on a host without TPU
+    with quiet_stderr():  # an installed libtpu logs its init errors on a host without TPU
       return jax.devices()
   from jax.experimental import topologies
   # Compiling touches no TPU: let several compiles (pytest workers, a trainer on this TPU
   # VM) load libtpu at once instead of failing on its lock file.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
-    with _quiet_stderr():
+    with quiet_stderr():
       desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
   except Exception as e:  # libtpu's error names the first thing it did not like
     if 'INVALID_ARGUMENT' not in str(e):
@@ -81,25 +83,6 @@ def topology_devices(topology: str) -> list[jax.Device]:
     raise ValueError(f'--topology {topology!r} is not a TPU topology ({str(e).strip()}). '
                      f'Valid forms: {TOPOLOGY_FORMS}.') from e
   return list(desc.devices)
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-  """Sends what C++ libraries write to stderr (fd 2) to the debug log instead."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile(mode='w+b') as sink:
-    os.dup2(sink.fileno(), 2)
-    try:
-      yield
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      sink.seek(0)
-      text = sink.read().decode(errors='replace').strip()
-      if text:
-        logging.debug('libtpu/XLA stderr:\n%s', text)
 
 
 # --- the step, from shapes ----------------------------------------------------------------
@@ -140,8 +123,12 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 
 # --- the report ---------------------------------------------------------------------------
 
-def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
-  """Compiles the step for `topology`; returns the report (a JSON-serialisable dict)."""
+def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bool = False
+            ) -> dict[str, Any]:
+  """Compiles the step for `topology`; returns the report (a JSON-serialisable dict).
+
+  With `depth_estimate`, a scanned step's time and FLOPs come from `depth_extrapolation`.
+  """
   devices = topology_devices(topology)
   kind = devices[0].device_kind
   chips = len(devices)
@@ -156,7 +143,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       'grad_accum': config.optim.grad_accum, 'grad_accum_mode': config.optim.grad_accum_mode}
   capacity = hbm_capacity(devices[0])
   try:
-    with _quiet_stderr():
+    with quiet_stderr():
       compiled = lowered.compile()
   except Exception as e:  # XLA refuses a program that cannot fit in HBM
     used = _out_of_memory(str(e))
@@ -187,6 +174,13 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
   compiler_calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)) - set(custom_calls))
   scatters = len(re.findall(r'(?<![\w-])scatter\(', hlo))  # not reduce-scatter
   peak = peak_flops(config, devices[0])
+  extrapolated = None
+  if depth_estimate and config.model.scan_layers and config.optim.grad_accum == 1:
+    extrapolated = depth_extrapolation(config, devices)
+    extrapolated['scanned_program'] = {'step_seconds': seconds, 'flops': compiled_flops}
+  if extrapolated:
+    compiled_flops, seconds = extrapolated['flops_per_chip'], extrapolated['step_seconds']
+    seconds = seconds if seconds is not None else cost.get('optimal_seconds')
   report['flops'] = {'compiled_per_chip': compiled_flops, 'analytic_per_chip': analytic,
                      'compiled_over_analytic': compiled_flops / analytic if analytic else None}
   valid_time = seconds is not None and seconds > 0
@@ -196,11 +190,45 @@ def analyse(config: ml_collections.ConfigDict, topology: str) -> dict[str, Any]:
       'peak_flops_per_chip': peak,
       'mfu': analytic / seconds / peak if valid_time and peak else None,
       'while_loops': loops,
-      'loops_counted_once': loops > 0,
+      'loops_counted_once': loops > 0 and not (extrapolated and extrapolated['step_seconds']),
+      'depth_extrapolation': extrapolated,
       'custom_calls': custom_calls, 'compiler_custom_calls': compiler_calls,
       'scatters': scatters}
   report['notes'] = notes(report)
   return report
+
+
+def depth_extrapolation(config: ml_collections.ConfigDict, devices: list[jax.Device]
+                        ) -> dict[str, Any]:
+  """Step time and FLOPs of the full-depth step from unrolled compiles at 1-2 layers a tower.
+
+  `cost_analysis()` counts a scanned stack's loop body once. A layer of a tower costs the
+  same wherever it sits, so cost is affine in the depths: c + a * vision.layers + b *
+  text.layers. Three unrolled compiles, (1, 1), (2, 1) and (1, 2) layers, fix c, a and b;
+  the estimate extends them to the config's depths. Each compile is the same step (mesh,
+  batch, remat, loss) with shallower towers, so it costs seconds, not the full unrolled
+  compile's minutes. The ring loss (`sigmoid_chunked`, a loop) is costed as the gathered
+  `sigmoid`: the same FLOPs. No time when the compiler gives none positive for one of them.
+  """
+  cfg = train.model_config(config)
+  costs = {}
+  for depths in ((1, 1), (2, 1), (1, 2)):
+    shallow = config.copy_and_resolve_references()
+    shallow.model.scan_layers = False
+    shallow.model.vision.layers, shallow.model.text.layers = depths
+    if shallow.loss.kind == 'sigmoid_chunked':  # the same FLOPs without the ring's loop
+      shallow.loss.kind = 'sigmoid'
+    with quiet_stderr():
+      cost = lower_train_step(shallow, devices)[0].compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+    costs[depths] = (float(cost.get('optimal_seconds') or 0.0), float(cost.get('flops', 0.0)))
+  extend = lambda i: (costs[1, 1][i] + (cfg.vision.layers - 1) * (costs[2, 1][i] - costs[1, 1][i])
+                      + (cfg.text.layers - 1) * (costs[1, 2][i] - costs[1, 1][i]))
+  timed = min(seconds for seconds, _ in costs.values()) > 0
+  return {'step_seconds': extend(0) if timed else None, 'flops_per_chip': extend(1),
+          'layers': [cfg.vision.layers, cfg.text.layers],
+          'compiles': {f'{v}x{t}': {'step_seconds': c[0], 'flops': c[1]}
+                       for (v, t), c in costs.items()}}
 
 
 # Custom calls that only annotate sharding or placement; anything else in the program as
@@ -233,7 +261,7 @@ def hbm_capacity(device: jax.Device) -> int | None:
     huge = jax.ShapeDtypeStruct((2**38,), jnp.float32,
                                 sharding=jax.sharding.SingleDeviceSharding(device))
     try:
-      with _quiet_stderr():
+      with quiet_stderr():
         jax.jit(lambda x: x * 2).lower(huge).compile()
     except Exception as e:
       used = _out_of_memory(str(e))
@@ -277,12 +305,20 @@ def notes(report: dict[str, Any]) -> list[str]:
   else:
     out.append('Step time, pairs/s and MFU are the compiler\'s estimate '
                '(cost_analysis()["optimal_seconds"]), not a measurement.')
+  if est['depth_extrapolation']:
+    layers = est['depth_extrapolation']['layers']
+    out.append('Scanned layers: step time and FLOPs are extrapolated from unrolled compiles of '
+               f'1 and 2 layers per tower to {layers[0]} vision and {layers[1]} text layers '
+               '(cost affine in depth); HBM is the scanned program\'s own.'
+               + (' The ring loss is costed as the gathered sigmoid (same FLOPs).'
+                  if report['loss'] == 'sigmoid_chunked' else ''))
   if est['loops_counted_once']:
     out.append(f'The program has {est["while_loops"]} while loop(s) (model.scan_layers, '
                'optim.grad_accum or a chunked loss): cost_analysis() counts a loop body once, '
                'so compiled FLOPs, step time and MFU are NOT corrected and are a fraction '
                'of the truth. For estimates compile with --config.model.scan_layers=False '
-               '(and grad_accum=1); the HBM figures are right either way.')
+               'or keep --depth_estimate (and grad_accum=1); the HBM figures are right '
+               'either way.')
   if est['custom_calls']:
     out.append(f'Custom calls ({", ".join(est["custom_calls"])}): their cost is not in the '
                'estimate.')
@@ -334,7 +370,8 @@ def format_report(report: dict[str, Any]) -> str:
                  + ((f'fits ({hbm["total_bytes"] / capacity:.0%})' if capacity else 'fits?')
                     if r['fits'] else 'DOES NOT FIT'))
     f, est = r['flops'], r['estimate']
-    lines.append(f'FLOPs per chip per step: compiled {f["compiled_per_chip"]:.4g}, analytic '
+    source = 'extrapolated' if est['depth_extrapolation'] else 'compiled'
+    lines.append(f'FLOPs per chip per step: {source} {f["compiled_per_chip"]:.4g}, analytic '
                  f'{f["analytic_per_chip"]:.4g} (ratio {f["compiled_over_analytic"]:.2f})')
     if est['step_seconds'] is not None and est['step_seconds'] <= 0:
       lines.append(f'Estimated step time: none (the compiler returned {est["step_seconds"]:.3g} s)')
@@ -368,7 +405,7 @@ def main(argv):
     # TPU this host has), before the first backend use.
     jax.config.update('jax_platforms', 'cpu')
   try:
-    report = analyse(_CONFIG.value, _TOPOLOGY.value)
+    report = analyse(_CONFIG.value, _TOPOLOGY.value, _DEPTH_ESTIMATE.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -9,8 +9,11 @@ so no JAX option is set in code. On Cloud TPU VMs and under SLURM,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 
 import jax
 
@@ -24,6 +27,52 @@ def initialize() -> None:
                                process_id=int(os.environ['CLIP_JAX_PROCESS_ID']))
   elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ:
     jax.distributed.initialize()
+  start_backend()
   if jax.process_count() > 1:
     logging.info('Process %d of %d, %d local devices of %d', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def start_backend() -> None:
+  """Starts JAX's backend with C++ start-up logs kept out of the user's terminal.
+
+  With libtpu installed (the test extra, `jax[tpu]`) on a host without a TPU, JAX probes
+  the TPU first and libtpu writes a screen of init errors (TPU_WORKER_HOSTNAMES ...) before
+  JAX falls back to CPU. Those lines go to the debug log; what the user sees is one warning
+  that says which backend runs and how to skip the probe.
+  """
+  if os.environ.get('JAX_PLATFORMS'):
+    jax.devices()
+    return
+  with quiet_stderr() as captured:
+    platform = jax.devices()[0].platform
+  if platform == 'cpu' and 'tpu' in captured.text.lower():
+    logging.warning('libtpu is installed but found no TPU: running on CPU. Set '
+                    'JAX_PLATFORMS=cpu to skip the TPU probe (its log is at debug level).')
+
+
+class _Captured:
+  text = ''
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+  """Sends what C++ libraries write to stderr (fd 2) to the debug log instead.
+
+  Yields an object whose `text` holds what was written, once the block has ended.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  captured = _Captured()
+  with tempfile.TemporaryFile(mode='w+b') as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield captured
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      sink.seek(0)
+      captured.text = sink.read().decode(errors='replace').strip()
+      if captured.text:
+        logging.debug('libtpu/XLA stderr:\n%s', captured.text)

@@ -59,14 +59,28 @@ def test_tiny_step_compiles_for_v5e_and_matches_the_analytic_flops():
   assert 'TPU_WORKER_HOSTNAMES' not in result.stderr  # libtpu's init noise stays hidden
 
 
-def test_scanned_layers_are_reported_as_counted_once():
-  """A scanned stack compiles to while loops: the report says its estimate is not corrected."""
-  report = aot.analyse(_config(**{**WIDE_TINY, 'model.scan_layers': True}), 'v5e:2x2')
+def test_a_scanned_step_is_costed_from_shallow_unrolled_compiles():
+  """cost_analysis() counts a scanned stack once; the depth extrapolation (1 and 2 layers
+  per tower, unrolled) gives the full step's FLOPs: within 10% of the analytic count, as an
+  unrolled compile does, where the scanned program's own count is about half of it."""
+  report = aot.analyse(_config(**{**WIDE_TINY, 'model.scan_layers': True}), 'v5e:2x2',
+                       depth_estimate=True)
   assert report['fits'] is True
   assert report['estimate']['while_loops'] > 0
-  assert report['estimate']['loops_counted_once'] is True
-  assert any('scan_layers=False' in note for note in report['notes'])
-  assert 'NOT corrected' in aot.format_report(report)
+  extrapolated = report['estimate']['depth_extrapolation']
+  assert set(extrapolated['compiles']) == {'1x1', '2x1', '1x2'}
+  assert 0.9 < report['flops']['compiled_over_analytic'] < 1.1, report['flops']
+  assert extrapolated['scanned_program']['flops'] < 0.8 * report['flops']['compiled_per_chip']
+
+
+def test_an_uncorrected_loop_is_said_to_be_counted_once():
+  """Without an extrapolated time (here: accumulation's loop), the notes say so."""
+  report = {'device_kind': 'TPU v5 lite', 'cores_per_device': 1, 'remat': 'none',
+            'loss': 'softmax',
+            'estimate': {'step_seconds': 0.1, 'loops_counted_once': True, 'while_loops': 1,
+                         'depth_extrapolation': None, 'custom_calls': [],
+                         'compiler_custom_calls': [], 'scatters': 0}}
+  assert any('NOT corrected' in note and 'depth_estimate' in note for note in aot.notes(report))
 
 
 @pytest.mark.parametrize('topology', ['v5x:2x2', 'tpu', 'v5e:3x7'])
@@ -90,3 +104,17 @@ def test_local_topology_compiles_for_this_machines_devices():
   assert report['mesh']['fsdp'] == 8
   assert report['fits'] is True and report['hbm']['total_bytes'] > 0
   assert report['flops']['compiled_per_chip'] > 0
+
+
+def test_the_binaries_keep_libtpus_probe_noise_from_users():
+  """Without JAX_PLATFORMS, an installed libtpu probes for a TPU and logs init errors; the
+  binaries' start-up (`distributed.initialize`) shows one warning instead and runs on CPU."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop('JAX_PLATFORMS', None)
+  code = ('import jax; from clip_jax import distributed; distributed.initialize(); '
+          'print(jax.devices()[0].platform)')
+  result = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
+                          text=True, timeout=300, env=env)
+  assert result.stdout.strip() == 'cpu'
+  assert 'TPU_WORKER_HOSTNAMES' not in result.stderr, result.stderr[-2000:]
+  assert 'libtpu is installed but found no TPU' in result.stderr
