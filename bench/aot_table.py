@@ -22,9 +22,9 @@ import sys
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
-from clip_jax import aot  # noqa: E402
-from configs import clip as clip_config  # noqa: E402
-from configs import siglip as siglip_config  # noqa: E402
+from clip_jax import aot
+from configs import clip as clip_config
+from configs import siglip as siglip_config
 
 MODELS = {'ViT-B-32': clip_config, 'ViT-B-16': clip_config, 'ViT-L-14': clip_config,
           'ViT-B-16-SigLIP': siglip_config, 'ViT-SO400M-14-SigLIP': siglip_config}
