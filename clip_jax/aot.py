@@ -383,7 +383,9 @@ def format_report(report: dict[str, Any]) -> str:
                       'TFLOP/s)' if est['mfu'] is not None else ''))
     lines.append(f'While loops: {est["while_loops"]}'
                  + (' (estimates count each body once: NOT corrected)'
-                    if est['loops_counted_once'] else ''))
+                    if est['loops_counted_once'] else '')
+                 + (' (time and FLOPs by depth extrapolation)'
+                    if est['depth_extrapolation'] else ''))
     lines.append('Custom calls (kernels, not in the estimate): '
                  + (', '.join(est['custom_calls']) or 'none')
                  + f'; added by the compiler: {", ".join(est["compiler_custom_calls"]) or "none"}')
