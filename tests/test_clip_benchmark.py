@@ -10,13 +10,19 @@ decode (PIL's draft) would show: it moves the retrieval recalls by up to 0.9 poi
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 
+import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import balanced_accuracy_score
 
+from clip_jax.eval import clip_benchmark, zeroshot
 from clip_jax.evaluate import evaluate, parse_args
 from clip_jax.export import export
 
@@ -127,13 +133,65 @@ def test_metrics_agree_with_the_clip_benchmark_cli(trained_demo, benchmark_root,
   results = evaluate(parse_args(['--workdir', str(trained_demo), '--clip_benchmark', *roots,
                                  '--batch_size', '64']))['clip_benchmark']
   shapes, flickr = results[roots[0]], results[roots[1]]
-  print(json.dumps({'ours': results, 'clip_benchmark': reference}, indent=2))
   assert shapes['num_images'] == 400 and shapes['num_classes'] == 40
   assert shapes['acc1'] > 3 / 40  # trained: well above chance
   for metric in ('acc1', 'acc5', 'mean_per_class_recall'):
-    assert abs(shapes[metric] - reference['shapes'][metric]) <= TOLERANCE, metric
+    ours, theirs = shapes[metric], reference['shapes'][metric]
+    assert abs(ours - theirs) <= TOLERANCE, f'{metric}: ours {ours}, clip_benchmark {theirs}'
   assert flickr['num_images'] >= 200 and flickr['num_texts'] == 2 * flickr['num_images']
   for k in (1, 5):
     for direction in ('image', 'text'):
       metric = f'{direction}_retrieval_recall@{k}'
-      assert abs(flickr[metric] - reference['flickr30k'][metric]) <= TOLERANCE, metric
+      ours, theirs = flickr[metric], reference['flickr30k'][metric]
+      assert abs(ours - theirs) <= TOLERANCE, f'{metric}: ours {ours}, clip_benchmark {theirs}'
+
+
+def test_missing_files_name_their_path(tmp_path):
+  """Checked before the checkpoint is loaded (here there is none)."""
+  root = tmp_path / 'cars'
+  split = root / 'test'
+  split.mkdir(parents=True)
+
+  def fails(error, message):
+    with pytest.raises(error, match=re.escape(message)):
+      evaluate(parse_args(['--checkpoint', str(tmp_path / 'absent'), '--clip_benchmark',
+                           str(root)]))
+
+  fails(FileNotFoundError, f'{split / "nshards.txt"} does not exist')
+  (split / 'nshards.txt').write_text('2\n')
+  _write_shards(tmp_path / 'shards', [('a', {'webp': b'x', 'cls': b'0'})])
+  (tmp_path / 'shards' / '0.tar').rename(split / '0.tar')
+  fails(FileNotFoundError, f'do not exist: {split / "1.tar"}')
+  (split / 'nshards.txt').write_text('1\n')
+  fails(FileNotFoundError, f'class names file {root / "classnames.txt"} does not exist')
+  (root / 'classnames.txt').write_text('sedan\n')
+  templates = root / 'zeroshot_classification_templates.txt'
+  fails(FileNotFoundError, f'templates file {templates} does not exist')
+  templates.write_text('a photo of a car.\n')
+  fails(ValueError, f'Every prompt template in {templates} must contain')
+  (root / 'dataset_type.txt').write_text('multilabel\n')
+  fails(ValueError, f"{root / 'dataset_type.txt'} says 'multilabel'")
+
+
+def test_samples_without_image_or_label_name_shard_and_key(tmp_path):
+  for files, message in (({'cls': b'1'}, 'has no image'), ({'png': b'x'}, 'has no integer'),
+                         ({'png': b'x', 'cls': b'cat'}, 'has no integer')):
+    _write_shards(tmp_path / 'test', [('k7', files)])
+    dataset = clip_benchmark.Dataset(str(tmp_path), 'classification',
+                                     (str(tmp_path / 'test' / '0.tar'),))
+    with pytest.raises(ValueError, match=re.escape(f'{tmp_path / "test" / "0.tar"}:k7 {message}')):
+      next(clip_benchmark.examples(dataset, 64, None))
+    shutil.rmtree(tmp_path / 'test')
+
+
+def test_mean_per_class_recall_is_sklearn_balanced_accuracy():
+  rng = np.random.default_rng(0)
+  labels = rng.choice(7, size=300, p=[0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05])
+  logits = rng.normal(size=(300, 9)) + 2 * np.eye(9)[labels]  # predictions include classes 7, 8
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # "y_pred contains classes not in y_true"
+    expected = balanced_accuracy_score(labels, logits.argmax(1))
+  assert zeroshot.accuracy(logits, labels)['mean_per_class_recall'] == pytest.approx(expected)
+  few = clip_benchmark.classification_metrics({**zeroshot.accuracy(logits[:, :3], labels % 3),
+                                               'num_images': 300, 'num_classes': 3})
+  assert few['acc5'] is None  # as clip_benchmark: no top-5 below five classes
