@@ -92,6 +92,12 @@ def benchmark_root(demo_data, tmp_path_factory):
   return root
 
 
+def _run(command, env=None):
+  done = subprocess.run(command, check=False, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, f'{command[:4]} failed:\n{done.stderr[-3000:]}'
+
+
 @pytest.fixture(scope='module')
 def numpy_before_2_4(tmp_path_factory):
   """A folder holding only numpy<2.4, put first on the CLI's PYTHONPATH.
@@ -103,8 +109,8 @@ def numpy_before_2_4(tmp_path_factory):
   are built for numpy 2.x, so one numpy wheel (~3 s) replaces a venv with its own torch.
   """
   target = tmp_path_factory.mktemp('numpy_before_2_4')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--target',
-                  str(target), 'numpy>=2,<2.4'], check=True, capture_output=True, timeout=300)
+  _run([sys.executable, '-m', 'pip', 'install', '--quiet', '--no-deps', '--target', str(target),
+        'numpy>=2,<2.4'])
   return target
 
 
@@ -115,14 +121,12 @@ def reference(trained_demo, benchmark_root, numpy_before_2_4, tmp_path_factory):
   model = export(str(trained_demo), str(out / 'exported'))
   env = dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(numpy_before_2_4))
   # `python -m clip_benchmark.cli` is the `clip_benchmark` console script, found without PATH.
-  subprocess.run([sys.executable, '-m', 'clip_benchmark.cli', 'eval',
-                  '--dataset', 'wds/shapes', 'wds/flickr30k',
-                  '--dataset_root', f'{benchmark_root}/{{dataset}}', '--split', 'test',
-                  '--model_type', 'open_clip', '--model', f'local-dir:{model}',
-                  '--pretrained', 'exported', '--no_amp', '--num_workers', '0',
-                  '--batch_size', '100', '--recall_k', '1', '5', '--quiet',
-                  '--output', f'{out}/{{dataset}}.json'],
-                 env=env, check=True, capture_output=True, timeout=300)
+  _run([sys.executable, '-m', 'clip_benchmark.cli', 'eval',
+        '--dataset', 'wds/shapes', 'wds/flickr30k',
+        '--dataset_root', f'{benchmark_root}/{{dataset}}', '--split', 'test',
+        '--model_type', 'open_clip', '--model', f'local-dir:{model}', '--pretrained', 'exported',
+        '--no_amp', '--num_workers', '0', '--batch_size', '100', '--recall_k', '1', '5',
+        '--quiet', '--output', f'{out}/{{dataset}}.json'], env=env)
   return {name: json.loads((out / f'{name}.json').read_text())['metrics']
           for name in ('shapes', 'flickr30k')}
 
