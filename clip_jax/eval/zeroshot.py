@@ -2,9 +2,9 @@
 
 Each class's prompts are encoded, L2-normalised, averaged and re-normalised (OpenAI's
 recipe); images are classified by cosine similarity: top-1, top-5 and the mean per-class
-recall. Datasets: an image
-folder (one subfolder per class), tar shards whose `.json` carries the class index, or a
-TFDS dataset through `tfds.data_source` (array_record, prepared locally).
+recall. Datasets: an image folder (one subfolder per class), tar shards whose `.json`
+carries the class index, or a TFDS dataset through `tfds.data_source` (array_record,
+prepared locally).
 
 An image folder's class i is its i-th subfolder in sorted order. A class-names file for it
 may list the folder names in any order (matched by name, `_` matching a space), give
