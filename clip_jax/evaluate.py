@@ -6,6 +6,7 @@
       --classnames classnames.txt
   python -m clip_jax.evaluate --checkpoint DIR --tfds imagenet_v2 --tfds_split test
   python -m clip_jax.evaluate --checkpoint DIR --retrieval_shards 'coco_val/{00000..00004}.tar'
+  python -m clip_jax.evaluate --checkpoint DIR --clip_benchmark wds_cars gs://b/wds_flickr30k
 
 `--ema` evaluates the EMA of the params (a run with `config.optim.ema_decay`).
 Prints a JSON summary and writes it to CHECKPOINT/eval_results.json (eval_results_ema.json
@@ -25,13 +26,14 @@ import numpy as np
 from clip_jax import sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.data.tokenizers import tokenizer_from_spec
-from clip_jax.eval import retrieval, zeroshot
+from clip_jax.eval import clip_benchmark, retrieval, zeroshot
 from clip_jax.eval.encoder import Encoder
 from clip_jax.models.functional import FunctionalModel
 
 
-def image_text_retrieval(encoder: Encoder, tokenizer, examples) -> dict[str, float]:
-  image_features, captions = encoder.image_stream(examples, desc='retrieval')
+def image_text_retrieval(encoder: Encoder, tokenizer, examples, total: int | None = None
+                         ) -> dict[str, float]:
+  image_features, captions = encoder.image_stream(examples, total, desc='retrieval')
   texts = [c for caps in captions for c in caps]
   owners = np.array([i for i, caps in enumerate(captions) for _ in caps])
   if not len(texts):
@@ -41,7 +43,23 @@ def image_text_retrieval(encoder: Encoder, tokenizer, examples) -> dict[str, flo
           'num_images': len(captions), 'num_texts': len(texts)}
 
 
+def benchmark_metrics(encoder: Encoder, tokenizer, dataset: clip_benchmark.Dataset, size: int,
+                      preprocess) -> dict:
+  """Zero-shot classification or retrieval of a CLIP_benchmark dataset, under its names."""
+  examples = clip_benchmark.examples(dataset, size, preprocess)
+  total = clip_benchmark.count(dataset)
+  if dataset.kind == 'retrieval':
+    return clip_benchmark.retrieval_metrics(image_text_retrieval(encoder, tokenizer, examples,
+                                                                 total))
+  return clip_benchmark.classification_metrics(zeroshot.run(
+      encoder, tokenizer, dataset.classnames, dataset.templates, examples, total))
+
+
 def evaluate(args) -> dict:
+  if not (args.image_folder or args.zeroshot_shards or args.tfds or args.retrieval_shards
+          or args.clip_benchmark):
+    raise ValueError('Nothing to evaluate: pass --image_folder, --zeroshot_shards, --tfds, '
+                     '--retrieval_shards or --clip_benchmark.')
   if args.zeroshot_shards and not (args.classnames or args.imagenet_classnames):
     raise ValueError('--zeroshot_shards needs --classnames FILE (or --imagenet_classnames).')
   class_lines = (list(enumerate(zeroshot.imagenet_classnames(), 1)) if args.imagenet_classnames
@@ -53,6 +71,8 @@ def evaluate(args) -> dict:
   if args.image_folder:  # class folders and their names are checked before any work
     folders, items = zeroshot.folder_dataset(args.image_folder)
     folder_names = zeroshot.folder_classnames(folders, class_lines, source, args.image_folder)
+  benchmarks = [clip_benchmark.open_dataset(root, args.clip_benchmark_split)
+                for root in args.clip_benchmark or ()]
   checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
   cfg, params = load_params(checkpoint, ema=args.ema)
   templates = zeroshot.load_templates(args.templates)
@@ -76,9 +96,9 @@ def evaluate(args) -> dict:
   if args.retrieval_shards:
     results['retrieval'] = image_text_retrieval(
         encoder, tokenizer, retrieval.retrieval_examples(args.retrieval_shards, size, pre))
-  if len(results) == 1:
-    raise ValueError('Nothing to evaluate: pass --image_folder, --zeroshot_shards, --tfds or '
-                     '--retrieval_shards.')
+  if benchmarks:
+    results['clip_benchmark'] = {
+        b.root: benchmark_metrics(encoder, tokenizer, b, size, pre) for b in benchmarks}
   if jax.process_index() == 0:
     name = 'eval_results_ema.json' if args.ema else 'eval_results.json'
     (checkpoint / name).write_text(json.dumps(results, indent=2))
@@ -98,6 +118,11 @@ def parse_args(argv=None):
   parser.add_argument('--tfds_split', default='validation')
   parser.add_argument('--tfds_data_dir', default=None)
   parser.add_argument('--retrieval_shards', help='tar shards with one or more captions each')
+  parser.add_argument('--clip_benchmark', nargs='+', metavar='DIR',
+                      help="datasets in CLIP_benchmark's webdataset layout (clip-benchmark/wds_*; "
+                      'local or gs://), each with its own class names and templates')
+  parser.add_argument('--clip_benchmark_split', default='test',
+                      help='the split folder of --clip_benchmark datasets')
   names = parser.add_mutually_exclusive_group()
   names.add_argument('--classnames',
                      help='file with one class name per line (folder and shards; TFDS uses its '

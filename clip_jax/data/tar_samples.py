@@ -105,11 +105,12 @@ def _groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]
     yield key, members
 
 
-def read_shard(path: str, caption_key: str = 'caption', skip: int = 0) -> Iterator[Record]:
-  """Yields the records of one tar shard in order; problems become Skip records.
+def read_groups(path: str, skip: int = 0) -> Iterator[tuple[str, dict[str, bytes]] | Skip]:
+  """(key, {extension: bytes}) of each sample of one tar shard in order; problems are Skips.
 
-  Every key group yields exactly one record, so the first `skip` records are passed over
-  from the tar headers alone, without reading or decoding their data (fast resume).
+  Every key group yields exactly one item, so the first `skip` groups are passed over from
+  the tar headers alone, without reading their data (fast resume). Readers of other
+  layouts (CLIP_benchmark's `.cls` labels) assemble the files themselves.
   """
   try:
     fileobj = epath.Path(path).open('rb')
@@ -132,10 +133,28 @@ def read_shard(path: str, caption_key: str = 'caption', skip: int = 0) -> Iterat
         if oversized:
           yield Skip('oversized_member', f'{path}:{oversized[0]}')
           continue
-        files = {split_key(m.name)[1]: _read_member(tar, m) for m in members}
-        yield assemble(key, path, files, caption_key)
+        yield key, {split_key(m.name)[1]: _read_member(tar, m) for m in members}
     except (tarfile.ReadError, OSError, EOFError):
       yield Skip('truncated_shard', path)
+
+
+def read_shard(path: str, caption_key: str = 'caption', skip: int = 0) -> Iterator[Record]:
+  """Yields the records of one tar shard in order; problems become Skip records.
+
+  Every key group yields exactly one record (see `read_groups`, which `skip` is passed to).
+  """
+  for group in read_groups(path, skip):
+    if isinstance(group, Skip):
+      yield group
+    else:
+      key, files = group
+      yield assemble(key, path, files, caption_key)
+
+
+def count_groups(path: str) -> int:
+  """How many key groups (samples) one shard holds, from its tar headers alone."""
+  with epath.Path(path).open('rb') as fileobj, tarfile.open(fileobj=fileobj, mode='r:') as tar:
+    return sum(1 for _ in _groups(tar))
 
 
 def read_samples(spec: str, caption_key: str = 'caption') -> Iterator[RawSample]:

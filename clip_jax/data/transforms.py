@@ -56,14 +56,15 @@ def make_preprocess(cfg: PreprocessConfig, size: int) -> Callable[[Image.Image],
   return preprocess
 
 
-def decode_image(data: bytes, min_size: int) -> Image.Image:
+def decode_image(data: bytes, min_size: int | None) -> Image.Image:
   """Decodes image bytes to RGB; JPEGs decode at reduced scale when still >= min_size.
 
   PIL's `draft` lets libjpeg skip DCT work (1/2, 1/4, 1/8 scale), the pipeline's floor.
-  Raises on corrupt or truncated data.
+  Its downscaling is not a bicubic resize, so `min_size=None` decodes at full scale: the
+  pixels PIL/torchvision evaluators (clip_benchmark) see. Raises on corrupt or truncated data.
   """
   image = Image.open(io.BytesIO(data))
-  if image.format == 'JPEG':
+  if image.format == 'JPEG' and min_size is not None:
     image.draft('RGB', (min_size, min_size))
   image.load()
   return image.convert('RGB')

@@ -1,9 +1,10 @@
 """Zero-shot classification: class names x prompt templates -> a text classifier.
 
 Each class's prompts are encoded, L2-normalised, averaged and re-normalised (OpenAI's
-recipe); images are classified by cosine similarity, top-1 and top-5. Datasets: an image
-folder (one subfolder per class), tar shards whose `.json` carries the class index, or a
-TFDS dataset through `tfds.data_source` (array_record, prepared locally).
+recipe); images are classified by cosine similarity: top-1, top-5 and the mean per-class
+recall. Datasets: an image folder (one subfolder per class), tar shards whose `.json`
+carries the class index, or a TFDS dataset through `tfds.data_source` (array_record,
+prepared locally).
 
 An image folder's class i is its i-th subfolder in sorted order. A class-names file for it
 may list the folder names in any order (matched by name, `_` matching a space), give
@@ -77,7 +78,15 @@ def build_classifier(encode_text: Callable[[np.ndarray], np.ndarray], tokenizer,
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   top1, top5 = correct_counts(logits, labels)
-  return {'top1': top1 / len(labels), 'top5': top5 / len(labels)}
+  return {'top1': top1 / len(labels), 'top5': top5 / len(labels),
+          'mean_per_class_recall': mean_per_class_recall(logits.argmax(1), labels)}
+
+
+def mean_per_class_recall(predictions: np.ndarray, labels: np.ndarray) -> float:
+  """Top-1 of each class present in `labels`, averaged: unlike top-1, an unbalanced
+  dataset's big classes do not dominate (sklearn's balanced accuracy, CLIP_benchmark's)."""
+  labels = np.asarray(labels)
+  return float(np.mean([(predictions[labels == c] == c).mean() for c in np.unique(labels)]))
 
 
 def correct_counts(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
