@@ -192,7 +192,7 @@ def write_part(part: Part, features: dict[str, list[np.ndarray]], rows: list[dic
   for kind, data in payload.items():
     _temp(part.files[kind]).write_bytes(data)
   for kind in payload:  # dicts keep order: the metadata parquet is renamed last
-    _temp(part.files[kind]).rename(part.files[kind])
+    _temp(part.files[kind]).replace(part.files[kind])
 
 
 class Embedder:
