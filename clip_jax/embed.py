@@ -286,12 +286,12 @@ def embed(args) -> dict:
     while not on_all_processes((chunk := next(batches, None)) is None):
       bar.update(count := embedder.step(chunk or []))
       embedded += count
-  totals = _total(np.array([embedded, *(skipped[r] for r in SKIP_REASONS)], np.int64))
   seconds = time.perf_counter() - start
-  return {'out': str(out), 'parts': len(parts), 'parts_embedded': len(pending),
-          'samples': int(totals[0]), 'seconds': round(seconds, 2),
-          'samples_per_s': round(int(totals[0]) / max(seconds, 1e-9), 1),
-          'skipped': {r: int(c) for r, c in zip(SKIP_REASONS, totals[1:]) if c}}
+  totals = _total(np.array([len(pending), embedded, *(skipped[r] for r in SKIP_REASONS)]))
+  return {'out': str(out), 'parts': len(parts), 'parts_embedded': int(totals[0]),
+          'samples': int(totals[1]), 'seconds': round(seconds, 2),
+          'samples_per_s': round(int(totals[1]) / max(seconds, 1e-9), 1),
+          'skipped': {r: int(c) for r, c in zip(SKIP_REASONS, totals[2:]) if c}}
 
 
 def parse_args(argv=None):

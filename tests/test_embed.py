@@ -4,6 +4,9 @@ resume after an interruption, refusal of a folder made by another model, faiss r
 import io
 import json
 import os
+import pathlib
+import subprocess
+import sys
 import tarfile
 
 import faiss
@@ -16,12 +19,13 @@ from PIL import Image
 
 import clip_jax
 from clip_jax import embed as embed_module
-from clip_jax.checkpoint import save_model
+from clip_jax.checkpoint import load_params, save_model
 from clip_jax.data.tar_samples import read_samples
 from clip_jax.data.transforms import decode_image
 from clip_jax.embed import embed, parse_args
 from clip_jax.export import export
-from clip_jax.models.functional import get_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _add(tar, name, data):
@@ -107,7 +111,6 @@ def test_rows_equal_the_python_api(embedded, trained_demo, shards):
       tokenizer([s.caption for s in samples]), normalize=True), atol=2e-3)
 
 
-@pytest.mark.slow
 def test_open_clip_on_the_exported_model_agrees(embedded, trained_demo, shards, tmp_path):
   """OpenCLIP's own transform on the same JPEG bytes, and its own tokenizer."""
   out, _ = embedded
@@ -182,9 +185,37 @@ def test_a_folder_of_another_run_is_refused(embedded, trained_demo, shards, tmp_
   out, _ = embedded
   checkpoint = trained_demo
   flags = ['--modalities', 'image'] if change == 'modalities' else []
-  if change == 'model':
-    model = clip_jax.create_model('tiny', **{'vision.image_size': 64})
-    checkpoint = save_model(tmp_path / 'other', model.cfg, get_params(model))
+  if change == 'model':  # the same architecture, one parameter changed
+    cfg, params = load_params(trained_demo)
+    params['logit_scale'] = params['logit_scale'] + 1
+    checkpoint = save_model(tmp_path / 'other', cfg, params)
   name = 'modalities' if change == 'modalities' else 'fingerprint'
   with pytest.raises(ValueError, match=f'holds parts of another run \\({name} differs'):
     _run(checkpoint, shards, out, *flags)
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_parts_and_agree(embedded, trained_demo, shards, tmp_path):
+  """Two jax.distributed processes (2 CPU devices each): process 0 embeds parts 0 and 2
+  (305 samples), process 1 part 1 (100), in lockstep; the result equals one process's."""
+  out = tmp_path / 'out'
+  port = str(20000 + os.getpid() % 20000)
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'clip_jax.embed', '--checkpoint', str(trained_demo),
+       '--shards', f'{shards}/*.tar', '--out', str(out), '--batch_size', '64'],
+      env=dict(os.environ, PYTHONPATH=str(ROOT), CLIP_JAX_COORDINATOR=f'127.0.0.1:{port}',
+               CLIP_JAX_NUM_PROCESSES='2', CLIP_JAX_PROCESS_ID=str(i), JAX_NUM_CPU_DEVICES='2',
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', XLA_FLAGS=''),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  summary = json.loads(logs[0][logs[0].index('{\n'):])
+  assert summary['parts_embedded'] == 3 and summary['samples'] == 405
+  assert summary['skipped'] == {'missing_caption': 1, 'bad_image': 1}
+  single, _ = embedded
+  for kind, folder in (('metadata', 'metadata'), ('npy', 'img_emb'), ('npy', 'text_emb')):
+    ours, theirs = _read(out, kind, folder), _read(single, kind, folder)
+    if kind == 'metadata':
+      pd.testing.assert_frame_equal(ours, theirs)
+    else:
+      np.testing.assert_allclose(ours, theirs, atol=2e-3)
