@@ -49,6 +49,7 @@ from clip_jax.models.functional import FunctionalModel
 
 MODALITIES = ('image', 'text')
 FOLDERS = {'image': 'img_emb', 'text': 'text_emb', 'metadata': 'metadata'}
+SUFFIX = {'image': '.npy', 'text': '.npy', 'metadata': '.parquet'}
 INFO_NAME = 'embed_info.json'
 # What must match for a rerun to add parts to an existing folder (checkpoint is a record).
 IDENTITY = ('fingerprint', 'modalities', 'embed_dim', 'tokenizer', 'parts')
@@ -77,10 +78,9 @@ def plan_parts(spec: str, shards_per_part: int, out: epath.Path,
   shards = sorted({s for source in parse_spec(spec) for s in source.shards})
   groups = [tuple(shards[i:i + shards_per_part]) for i in range(0, len(shards), shards_per_part)]
   width = len(str(len(groups)))  # clip-retrieval: int(log10(count)) + 1 digits
-  def files(i):
-    return {kind: out / FOLDERS[kind] / f'{FOLDERS[kind]}_{i:0{width}d}'
-            f'{".parquet" if kind == "metadata" else ".npy"}' for kind in (*modalities, 'metadata')}
-  return [Part(i, group, files(i)) for i, group in enumerate(groups)]
+  kinds = (*modalities, 'metadata')  # the metadata parquet last: it is renamed last
+  return [Part(i, group, {kind: out / FOLDERS[kind] / f'{FOLDERS[kind]}_{i:0{width}d}{SUFFIX[kind]}'
+                          for kind in kinds}) for i, group in enumerate(groups)]
 
 
 def _temp(path: epath.Path) -> epath.Path:
@@ -199,7 +199,7 @@ class Embedder:
   """Features of one chunk of samples per modality, and the parts they complete."""
 
   def __init__(self, encoder: Encoder, tokenizer, cfg, modalities: tuple[str, ...],
-               skipped: collections.Counter):
+               skipped: collections.Counter, pool: concurrent.futures.Executor):
     self.encoder, self.tokenizer, self.modalities = encoder, tokenizer, modalities
     self.size, self.preprocess = cfg.vision.image_size, cfg.preprocess
     self.skipped = skipped
@@ -207,7 +207,7 @@ class Embedder:
     self.features: dict[int, dict[str, list[np.ndarray]]] = collections.defaultdict(
         lambda: collections.defaultdict(list))
     self.rows: dict[int, list[dict]] = collections.defaultdict(list)
-    self._pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count())  # PIL frees the GIL
+    self._pool = pool  # decodes images; PIL frees the GIL
 
   def _pixels(self, sample: RawSample) -> np.ndarray | Skip:
     try:
@@ -215,27 +215,30 @@ class Embedder:
     except Exception:  # PIL raises many types for corrupt data, as in training
       return Skip('bad_image', f'{sample.shard}:{sample.key}')
 
+  def _decoded(self, samples: list) -> tuple[list, np.ndarray]:
+    """The samples whose image decodes, and their uint8 pixels; bad images are counted."""
+    pixels = list(self._pool.map(self._pixels, [s for _, s in samples]))
+    for bad in (p for p in pixels if isinstance(p, Skip)):
+      self.skipped[bad.reason] += 1
+    good = [(s, p) for s, p in zip(samples, pixels) if not isinstance(p, Skip)]
+    return ([s for s, _ in good], np.stack([p for _, p in good]) if good
+            else np.zeros((0, self.size, self.size, 3), np.uint8))
+
   def step(self, chunk: list) -> int:
     """Embeds a chunk (a collective: every process calls it, maybe with an empty chunk),
     writes the parts it completes and returns how many samples it embedded."""
     samples = [item for item in chunk if not isinstance(item, PartEnd)]
+    features = {}
     if 'image' in self.modalities:
-      pixels = list(self._pool.map(self._pixels, [s for _, s in samples]))
-      for bad in (p for p in pixels if isinstance(p, Skip)):
-        self.skipped[bad.reason] += 1
-      samples = [s for s, p in zip(samples, pixels) if not isinstance(p, Skip)]
-      images = [p for p in pixels if not isinstance(p, Skip)]
-      image_features = self.encoder.local_images(
-          np.stack(images) if images else np.zeros((0, self.size, self.size, 3), np.uint8))
+      samples, images = self._decoded(samples)
+      features['image'] = self.encoder.local_images(images)
     if 'text' in self.modalities:
-      text_features = self.encoder.local_texts(self.tokenizer([s.caption for _, s in samples]))
+      features['text'] = self.encoder.local_texts(
+          self.tokenizer([s.caption for _, s in samples]))
     owners = np.array([part.index for part, _ in samples])
     for index in dict.fromkeys(owners.tolist()):
-      rows = owners == index
-      if 'image' in self.modalities:
-        self.features[index]['image'].append(image_features[rows])
-      if 'text' in self.modalities:
-        self.features[index]['text'].append(text_features[rows])
+      for kind, values in features.items():
+        self.features[index][kind].append(values[owners == index])
     for part, sample in samples:
       self.rows[part.index].append({'image_path': sample.key, 'key': sample.key,
                                     'caption': sample.caption, 'url': url_of(sample),
@@ -279,10 +282,11 @@ def embed(args) -> dict:
   skipped = collections.Counter()
   tokenizer = (tokenizer_from_spec(tokenizer_spec, cfg.text.context_length)
                if 'text' in modalities else None)
-  embedder = Embedder(encoder, tokenizer, cfg, modalities, skipped)
   batches = chunks(stream(pending), encoder.batch_size // jax.process_count(), skipped)
   start, embedded = time.perf_counter(), 0
-  with tqdm(desc='embed', unit='sample', disable=jax.process_index() != 0) as bar:
+  with (concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool,
+        tqdm(desc='embed', unit='sample', disable=jax.process_index() != 0) as bar):
+    embedder = Embedder(encoder, tokenizer, cfg, modalities, skipped, pool)
     while not on_all_processes((chunk := next(batches, None)) is None):
       bar.update(count := embedder.step(chunk or []))
       embedded += count
