@@ -75,6 +75,8 @@ class PartEnd:
 def plan_parts(spec: str, shards_per_part: int, out: epath.Path,
                modalities: tuple[str, ...]) -> list[Part]:
   """The sorted shards of `spec` in groups of `shards_per_part`, one Part per group."""
+  if shards_per_part < 1:
+    raise ValueError(f'--shards_per_part must be positive, got {shards_per_part}')
   shards = sorted({s for source in parse_spec(spec) for s in source.shards})
   groups = [tuple(shards[i:i + shards_per_part]) for i in range(0, len(shards), shards_per_part)]
   width = len(str(len(groups)))  # clip-retrieval: int(log10(count)) + 1 digits
