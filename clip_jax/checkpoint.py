@@ -149,7 +149,7 @@ class TrainCheckpoints:
         error = None
       except Exception as e:  # orbax and tensorstore raise many types for a bad file
         error = e
-      if _on_all_processes(error is None):
+      if on_all_processes(error is None):
         for bad_step, bad_error in failures:
           self._move_aside(bad_step, bad_error)
         return step, restored, data_restored
@@ -204,7 +204,7 @@ class TrainCheckpoints:
       source.rename(target)
     logging.warning('CHECKPOINT %s DOES NOT RESTORE (%r); moved it to %s and resumed from an '
                     'older one.', source, error, target)
-    _on_all_processes(True)  # the rename is done before anyone lists the steps again
+    on_all_processes(True)  # the rename is done before anyone lists the steps again
     self.manager.reload()
 
   def close(self) -> None:
@@ -212,7 +212,7 @@ class TrainCheckpoints:
     self.manager.close()
 
 
-def _on_all_processes(ok: bool) -> bool:
+def on_all_processes(ok: bool) -> bool:
   """True when `ok` holds on every process (a collective: all processes must call it)."""
   if jax.process_count() == 1:
     return ok

@@ -37,8 +37,9 @@ class Encoder:
     self._image = jax.jit(lambda p, x: model.bind(p).encode_image(
         normalize_on_device(x, preprocess).astype(model.cfg.dtype), normalize=True),
                           out_shardings=self._in)
-    self._text = jax.jit(lambda p, t: model.bind(p).encode_text(t, normalize=True),
-                         out_shardings=replicated)
+    text = lambda p, t: model.bind(p).encode_text(t, normalize=True)
+    self._text = jax.jit(text, out_shardings=replicated)
+    self._local_text = jax.jit(text, out_shardings=self._in)
 
   def _run(self, fn, x: np.ndarray) -> np.ndarray:
     """`fn` on rows `x` (the same on every process) padded to a batch; replicated output."""
@@ -52,6 +53,26 @@ class Encoder:
     return np.concatenate([self._run(self._text, tokens[i:i + self.batch_size])
                            for i in range(0, len(tokens), self.batch_size)])
 
+  def _local(self, fn, rows: np.ndarray, row_shape: tuple[int, ...]) -> np.ndarray:
+    """`fn` on this process's rows (at most `batch_size / process_count`, zero padded).
+
+    A collective: every process calls it at the same step, with its own rows (possibly
+    none), and gets back the features of those rows only.
+    """
+    batch = np.zeros((self.batch_size // jax.process_count(), *row_shape), rows.dtype)
+    batch[:len(rows)] = rows
+    features = fn(self.params, jax.make_array_from_process_local_data(self._in, batch))
+    local = multihost_utils.global_array_to_host_local_array(features, self._mesh, self._in.spec)
+    return np.asarray(local)[:len(rows)]
+
+  def local_images(self, images: np.ndarray) -> np.ndarray:
+    """[n, D] features of this process's uint8 NHWC images (a collective, see `_local`)."""
+    return self._local(self._image, images, self._image_shape)
+
+  def local_texts(self, tokens: np.ndarray) -> np.ndarray:
+    """[n, D] features of this process's token rows (a collective, see `_local`)."""
+    return self._local(self._local_text, tokens, tokens.shape[1:])
+
   def local_image_batches(self, examples: Iterable[tuple[np.ndarray, Any]], most: int,
                           desc: str = 'images') -> Iterator[tuple[np.ndarray, list]]:
     """(features, targets) of this process's (image, target) pairs, batch by batch.
@@ -63,18 +84,11 @@ class Encoder:
     """
     local = self.batch_size // jax.process_count()
     chunks = _chunks(examples, local)
-    spec = self._in.spec
     for _ in tqdm(range(-(-most // local)), desc=desc, unit='batch',
                   disable=jax.process_index() != 0):
       images, targets = next(chunks, ([], []))
-      batch = np.zeros((local, *self._image_shape), np.uint8)
-      if images:
-        batch[:len(images)] = np.stack(images)
-      features = self._image(self.params,
-                             jax.make_array_from_process_local_data(self._in, batch))
-      local_features = multihost_utils.global_array_to_host_local_array(features, self._mesh,
-                                                                         spec)
-      yield np.asarray(local_features)[:len(images)], targets
+      rows = np.stack(images) if images else np.zeros((0, *self._image_shape), np.uint8)
+      yield self.local_images(rows), targets
 
   def image_stream(self, examples: Iterable[tuple[np.ndarray, Any]], total: int | None = None,
                    desc: str = 'images') -> tuple[np.ndarray, list]:
