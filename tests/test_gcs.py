@@ -51,12 +51,13 @@ def _gcs_env(url):
 @pytest.fixture(scope='module')
 def gcs(demo_data):
   """(url, gcsfs filesystem) of an in-memory emulator whose bucket holds the demo data."""
-  import gcsfs
+  # The plain client: gcsfs's default one asks a gRPC service for each bucket's layout.
+  from gcsfs.core import GCSFileSystem
   port = _free_port()
-  server = subprocess.Popen([sys.executable, '-m', 'gcp_storage_emulator', 'start', '--host',
+  server = subprocess.Popen([sys.executable, '-m', 'tests.gcs_emulator', 'start', '--host',
                              '127.0.0.1', '--port', str(port), '--in-memory',
                              '--default-bucket', BUCKET],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f'http://127.0.0.1:{port}'
   for _ in range(100):
     try:
@@ -64,7 +65,7 @@ def gcs(demo_data):
       break
     except OSError:
       time.sleep(0.1)
-  fs = gcsfs.GCSFileSystem(endpoint_url=url, token='anon')
+  fs = GCSFileSystem(endpoint_url=url, token='anon')
   fs.put([str(p) for p in sorted((demo_data / 'train').glob('*.tar'))[:3]], f'{BUCKET}/train/')
   fs.put([str(p) for p in sorted((demo_data / 'eval').glob('*.tar'))[:1]], f'{BUCKET}/eval/')
   fs.put(str(demo_data / 'classnames.txt'), f'{BUCKET}/classnames.txt')
