@@ -25,7 +25,6 @@ from clip_jax.models.config import CLIPConfig
 
 Params = dict[str, Any]
 CHECKPOINTS_SUBDIR = 'checkpoints'
-COMMIT_SUCCESS_FILE = 'commit_success.txt'  # orbax's mark of a finished save on gs://
 
 
 def save_model(path: str | epath.Path, cfg: CLIPConfig, params: Params) -> epath.Path:
@@ -62,13 +61,10 @@ def absolute(path: str | epath.Path) -> epath.Path:
 
 
 def _finalized(step_dir: epath.Path) -> bool:
-  """Whether a step directory holds a whole checkpoint. Locally orbax writes a temporary
-  directory and renames it into place; on gs://, which cannot rename, it writes into the
-  step directory itself and adds `commit_success.txt` last, so a run killed mid-save leaves
-  a step directory without it."""
-  if not (step_dir / 'params').exists():
-    return False
-  return not str(step_dir).startswith('gs://') or (step_dir / COMMIT_SUCCESS_FILE).exists()
+  """Whether a step directory holds a whole checkpoint: locally orbax renames a finished
+  one into place, but on gs://, which cannot rename, it writes in place and adds
+  `commit_success.txt` last, so a run killed mid-save leaves an unfinished step there."""
+  return (step_dir / 'params').exists() and ocp.step.is_checkpoint_finalized(step_dir)
 
 
 def load_model_config(path: str | epath.Path) -> CLIPConfig:
