@@ -29,7 +29,7 @@ CHECKPOINTS_SUBDIR = 'checkpoints'
 
 def save_model(path: str | epath.Path, cfg: CLIPConfig, params: Params) -> epath.Path:
   """Writes params + model config; refuses to overwrite an existing checkpoint."""
-  path = epath.Path(path).absolute()
+  path = absolute(path)
   if path.exists():
     raise FileExistsError(f'Checkpoint directory {path} already exists; choose a new --out.')
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -40,17 +40,31 @@ def save_model(path: str | epath.Path, cfg: CLIPConfig, params: Params) -> epath
 
 def resolve_checkpoint(path: str | epath.Path) -> epath.Path:
   """A checkpoint dir as is; a workdir (or its `checkpoints/`) -> its latest step."""
-  path = epath.Path(path).absolute()
+  path = absolute(path)
   if (path / 'params').exists() and (path / 'model_config').exists():
     return path
   for steps_dir in (path / CHECKPOINTS_SUBDIR, path):
     if steps_dir.is_dir():
-      steps = [p for p in steps_dir.iterdir() if p.name.isdigit() and (p / 'params').exists()]
+      steps = [p for p in steps_dir.iterdir() if p.name.isdigit() and _finalized(p)]
       if steps:
         return max(steps, key=lambda p: int(p.name))
   raise FileNotFoundError(
       f'{path} holds no clip_jax checkpoint: expected {path}/params and {path}/model_config, '
       f'or a training workdir with {path}/{CHECKPOINTS_SUBDIR}/<step>/.')
+
+
+def absolute(path: str | epath.Path) -> epath.Path:
+  """A local path made absolute (orbax wants one); `gs://...` as is (`epath`'s `absolute()`
+  would prefix it with the working directory)."""
+  path = epath.Path(path)
+  return path if path.is_absolute() else path.absolute()
+
+
+def _finalized(step_dir: epath.Path) -> bool:
+  """Whether a step directory holds a whole checkpoint: locally orbax renames a finished
+  one into place, but on gs://, which cannot rename, it writes in place and adds
+  `commit_success.txt` last, so a run killed mid-save leaves an unfinished step there."""
+  return (step_dir / 'params').exists() and ocp.step.is_checkpoint_finalized(step_dir)
 
 
 def load_model_config(path: str | epath.Path) -> CLIPConfig:

@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 500
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  c.tensorboard = True               # False: metrics.jsonl and the console only
   c.max_bad_steps = 10               # non-finite steps in a row before stopping
   c.peak_flops_per_device = 0.0      # for MFU on devices metrics.py does not know
   c.init_from = ''                   # clip_jax checkpoint (imported or exported) to start from

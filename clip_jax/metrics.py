@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,39 +69,91 @@ def peak_flops_per_device(override: float = 0.0,
 
 
 class MetricLogger:
-  """Writes scalars to TensorBoard, metrics.jsonl and the console (process 0 only)."""
+  """Writes scalars to TensorBoard, metrics.jsonl and the console (process 0 only).
 
-  def __init__(self, workdir: str):
+  `tensorboard=False` leaves TensorBoard out: its event files are written by TensorFlow's
+  own file system, which cannot be pointed at a GCS emulator (README, "gs://").
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0
     self.workdir = epath.Path(workdir)
     self.writer = None
     if self.enabled:
-      _hide_gpus_from_tensorflow()
-      from clu import metric_writers
-      # TensorBoard only: the trainer writes its own console line (or progress bar), so
-      # clu's LoggingWriter would print every scalar a second time.
-      self.writer = metric_writers.SummaryWriter(str(self.workdir / 'tensorboard'))
-      self.jsonl = (self.workdir / 'metrics.jsonl').open('a')
+      if tensorboard:
+        _hide_gpus_from_tensorflow()
+        from clu import metric_writers
+        # TensorBoard only: the trainer writes its own console line (or progress bar), so
+        # clu's LoggingWriter would print every scalar a second time.
+        self.writer = metric_writers.SummaryWriter(str(self.workdir / 'tensorboard'))
+      self.jsonl = JsonlLog(self.workdir / 'metrics.jsonl')
 
   def write_config(self, config: Any, param_overview: str) -> None:
     if not self.enabled:
       return
     (self.workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     logging.info('Parameters:\n%s', param_overview)
-    self.writer.write_texts(0, {'config': f'```\n{config}\n```'})
+    if self.writer:
+      self.writer.write_texts(0, {'config': f'```\n{config}\n```'})
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items() if v is not None}
-    self.writer.write_scalars(step, scalars)
+    if self.writer:
+      self.writer.write_scalars(step, scalars)
     self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self.jsonl.flush()
+
+  def flush(self) -> None:
+    """Stores every line written so far (called with each checkpoint save)."""
+    if self.enabled:
+      self.jsonl.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self.writer.close()
+      if self.writer:
+        self.writer.close()
       self.jsonl.close()
+
+
+class JsonlLog:
+  """A text file that grows by lines, on local disks and on object stores (gs://).
+
+  Locally each line is appended and flushed. An object store cannot append and allows about
+  one write per second to an object, so there the whole text is kept and rewritten at most
+  every `UPLOAD_SECONDS`, at each `flush()` (a checkpoint: a resumed run finds every line up
+  to its step) and at `close()`.
+  """
+  UPLOAD_SECONDS = 30.0
+
+  def __init__(self, path: epath.Path):
+    self.path = path
+    self.remote = '://' in str(path)
+    if self.remote:
+      self.text = path.read_text() if path.exists() else ''
+      self.uploaded = time.monotonic()
+    else:
+      self.file = path.open('a')
+
+  def write(self, line: str) -> None:
+    if not self.remote:
+      self.file.write(line)
+      self.file.flush()
+      return
+    self.text += line
+    if time.monotonic() - self.uploaded > self.UPLOAD_SECONDS:
+      self.flush()
+
+  def flush(self) -> None:
+    if self.remote:
+      self.path.write_text(self.text)
+      self.uploaded = time.monotonic()
+
+  def close(self) -> None:
+    if self.remote:
+      self.flush()
+    else:
+      self.file.close()
 
 
 def _hide_gpus_from_tensorflow() -> None:

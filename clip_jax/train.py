@@ -441,7 +441,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     teacher, teacher_params = distill.load(config.distill.teacher, mesh, rules,
                                            config.model.dtype)
     logging.info('Distilling from %s (weight %g)', config.distill.teacher, config.distill.weight)
-  logger = MetricLogger(workdir)
+  logger = MetricLogger(workdir, config.tensorboard)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
   step_args = (config, model, tx, mesh, shardings, sharding.batch_sharding(mesh), teacher)
@@ -576,6 +576,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
 
 def save_checkpoint(run: Run, step: int, force: bool) -> None:
   if force or run.checkpoints.should_save(step):
+    run.logger.flush()  # on gs:// metrics.jsonl is uploaded now, not line by line
     run.checkpoints.save(step, run.state, run.loader, force=force)
 
 

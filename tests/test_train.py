@@ -54,8 +54,12 @@ def _overrides(steps, *extra):
 
 def _metrics(workdir):
   """step -> last logged record for that step (a resumed run re-logs replayed steps)."""
+  return _parse_metrics((pathlib.Path(workdir) / 'metrics.jsonl').read_text())
+
+
+def _parse_metrics(text):
   records = {}
-  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+  for line in text.splitlines():
     record = json.loads(line)
     records.setdefault(record['step'], {}).update(record)
   return records
