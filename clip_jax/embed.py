@@ -9,8 +9,8 @@ rows) and `OUT/metadata/metadata_{i}.parquet` (image_path, key, caption, url, sh
 in the same order. `i` is zero padded to the digits of the part count, as clip-retrieval's
 inference writes it, so the files sort in part order for its `index` step.
 
-A part's files are written to `.tmp` names and renamed into place, the parquet last: a
-part is done when its parquet exists, and a rerun skips it. `OUT/embed_info.json` records
+A part's files are written whole (locally: `.tmp` names renamed into place), the parquet
+last: a part is done when its parquet exists, and a rerun skips it. `OUT/embed_info.json` records
 the model (a fingerprint of its config and params), the modalities and the shard groups;
 a rerun with another of these is refused. With several processes, process p embeds parts
 i with i % process_count == p, all in lockstep over the device mesh.
@@ -80,13 +80,27 @@ def plan_parts(spec: str, shards_per_part: int, out: epath.Path,
   shards = sorted({s for source in parse_spec(spec) for s in source.shards})
   groups = [tuple(shards[i:i + shards_per_part]) for i in range(0, len(shards), shards_per_part)]
   width = len(str(len(groups)))  # clip-retrieval: int(log10(count)) + 1 digits
-  kinds = (*modalities, 'metadata')  # the metadata parquet last: it is renamed last
+  kinds = (*modalities, 'metadata')  # the metadata parquet last: it marks the part done
   return [Part(i, group, {kind: out / FOLDERS[kind] / f'{FOLDERS[kind]}_{i:0{width}d}{SUFFIX[kind]}'
                           for kind in kinds}) for i, group in enumerate(groups)]
 
 
 def _temp(path: epath.Path) -> epath.Path:
   return path.parent / f'{path.name}.tmp'
+
+
+def write_whole(path: epath.Path, data: bytes) -> None:
+  """Writes `path` so that no reader ever sees it half-written.
+
+  Locally: a temp file renamed into place. On an object store (gs://) an object becomes
+  visible only once its upload has completed, and a rename is a copy plus a delete of the
+  whole object: the object is written directly.
+  """
+  if '://' in str(path):
+    path.write_bytes(data)
+  else:
+    _temp(path).write_bytes(data)
+    _temp(path).replace(path)
 
 
 def pending_parts(parts: list[Part]) -> list[Part]:
@@ -124,8 +138,7 @@ def check_info(out: epath.Path, info: dict) -> None:
             f'it was made from {old.get("checkpoint")}). Use a new --out or empty this one.')
   elif jax.process_index() == 0:
     out.mkdir(parents=True, exist_ok=True)
-    _temp(path).write_text(json.dumps(info, indent=2))
-    _temp(path).rename(path)
+    write_whole(path, json.dumps(info, indent=2).encode())
 
 
 def stream(parts: list[Part]) -> Iterator[tuple[Part, RawSample] | Skip | PartEnd]:
@@ -178,7 +191,8 @@ def _parquet_bytes(rows: list[dict]) -> bytes:
 
 
 def write_part(part: Part, features: dict[str, list[np.ndarray]], rows: list[dict]) -> None:
-  """Writes a part atomically: temp files renamed into place, the metadata parquet last.
+  """Writes a part's files whole (`write_whole`), the metadata parquet last: a part is done
+  when its parquet exists.
 
   A part without samples writes only its (empty) parquet, and drops any embedding file of
   an earlier attempt, since autofaiss has no use for zero-row arrays.
@@ -191,10 +205,8 @@ def write_part(part: Part, features: dict[str, list[np.ndarray]], rows: list[dic
       payload[kind] = _npy_bytes(np.concatenate(features[kind]))
     elif path.exists():
       path.unlink()
-  for kind, data in payload.items():
-    _temp(part.files[kind]).write_bytes(data)
-  for kind in payload:  # dicts keep order: the metadata parquet is renamed last
-    _temp(part.files[kind]).replace(part.files[kind])
+  for kind, data in payload.items():  # dicts keep order: the metadata parquet last
+    write_whole(part.files[kind], data)
 
 
 class Embedder:

@@ -1,4 +1,4 @@
-"""gs:// end to end against a local GCS emulator: shards, checkpoints, metrics, export.
+"""gs:// end to end against a local GCS emulator: shards, checkpoints, metrics, export, embed.
 
 Every client clip_jax writes through is pointed at the emulator by the environment of the
 subprocesses (`_gcs_env`): etils.epath through gcsfs, orbax's arrays through tensorstore.
@@ -128,3 +128,14 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   cfg, params = load_params(straight)
   for key, value in params_to_open_clip(cfg, params).items():
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+  # Embeddings from gs:// shards and checkpoint into gs://, as a local run of the straight one.
+  embed = [sys.executable, '-m', 'clip_jax.embed', '--shards', f'gs://{BUCKET}/eval/*.tar']
+  _run([*embed, '--checkpoint', f'gs://{workdir}', '--out', f'gs://{BUCKET}/emb'], env)
+  _run([*embed, '--checkpoint', str(straight), '--out', str(tmp_path / 'emb')], env)
+  for name in ('img_emb/img_emb_0.npy', 'text_emb/text_emb_0.npy'):
+    local = np.load(tmp_path / 'emb' / name)
+    assert len(local) > 0
+    np.testing.assert_array_equal(np.load(fs.open(f'{BUCKET}/emb/{name}')), local, err_msg=name)
+  assert fs.cat(f'{BUCKET}/emb/metadata/metadata_0.parquet') == (
+      tmp_path / 'emb' / 'metadata' / 'metadata_0.parquet').read_bytes()
