@@ -57,6 +57,9 @@ class _Logger:
   def write(self, step, scalars):
     self.records.setdefault(step, {}).update(scalars)
 
+  def flush(self):
+    pass
+
 
 class _Preemption:
   requested = False
