@@ -1,4 +1,5 @@
-"""gs:// end to end against a local GCS emulator: shards, checkpoints, metrics, export, embed.
+"""gs:// end to end against a local GCS emulator: shards, checkpoints, metrics, export,
+evaluation results, embed.
 
 Every client clip_jax writes through is pointed at the emulator by the environment of the
 subprocesses (`_gcs_env`): etils.epath through gcsfs, orbax's arrays through tensorstore.
@@ -6,6 +7,7 @@ TensorFlow's own GCS client has no endpoint setting, so TensorBoard is off here 
 "Google Cloud Storage").
 """
 
+import json
 import signal
 import socket
 import subprocess
@@ -128,6 +130,18 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   cfg, params = load_params(straight)
   for key, value in params_to_open_clip(cfg, params).items():
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+  # The evaluator reads gs:// shards and class names and writes its results into gs://.
+  evaluate = [sys.executable, '-m', 'clip_jax.evaluate', '--templates', 'simple',
+              '--zeroshot_shards', f'gs://{BUCKET}/eval/*.tar',
+              '--classnames', f'gs://{BUCKET}/classnames.txt']
+  _run([*evaluate, '--workdir', f'gs://{workdir}'], env)
+  _run([*evaluate, '--workdir', str(straight)], env)
+  fs.invalidate_cache()
+  results = fs.glob(f'{workdir}/checkpoints/{total}/eval_results.json')
+  assert results, fs.ls(f'{workdir}/checkpoints/{total}')
+  local = next(straight.glob(f'checkpoints/{total}/eval_results.json')).read_text()
+  assert json.loads(fs.cat(results[0]))['zeroshot_shards'] == json.loads(local)['zeroshot_shards']
 
   # Embeddings from gs:// shards and checkpoint into gs://, as a local run of the straight one.
   embed = [sys.executable, '-m', 'clip_jax.embed', '--shards', f'gs://{BUCKET}/eval/*.tar']
