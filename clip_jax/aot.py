@@ -178,9 +178,9 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
   if depth_estimate and config.model.scan_layers and config.optim.grad_accum == 1:
     extrapolated = depth_extrapolation(config, devices)
     extrapolated['scanned_program'] = {'step_seconds': seconds, 'flops': compiled_flops}
-  if extrapolated:
-    compiled_flops, seconds = extrapolated['flops_per_chip'], extrapolated['step_seconds']
-    seconds = seconds if seconds is not None else cost.get('optimal_seconds')
+    compiled_flops = extrapolated['flops_per_chip']
+    if extrapolated['step_seconds'] is not None:  # else the program's own (non-positive) time
+      seconds = extrapolated['step_seconds']
   report['flops'] = {'compiled_per_chip': compiled_flops, 'analytic_per_chip': analytic,
                      'compiled_over_analytic': compiled_flops / analytic if analytic else None}
   valid_time = seconds is not None and seconds > 0

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 
+from clip_jax.distributed import on_all_processes
 from clip_jax.models.config import CLIPConfig
 
 Params = dict[str, Any]
@@ -224,10 +224,3 @@ class TrainCheckpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def on_all_processes(ok: bool) -> bool:
-  """True when `ok` holds on every process (a collective: all processes must call it)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(multihost_utils.process_allgather(np.asarray(ok)).all())

@@ -16,6 +16,8 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def initialize() -> None:
@@ -31,6 +33,20 @@ def initialize() -> None:
   if jax.process_count() > 1:
     logging.info('Process %d of %d, %d local devices of %d', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def on_all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective: all processes must call it)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.asarray(ok)).all())
+
+
+def sum_over_processes(counts: np.ndarray) -> np.ndarray:
+  """A vector of counts summed over all processes (a collective)."""
+  if jax.process_count() == 1:
+    return counts
+  return multihost_utils.process_allgather(counts).sum(0)
 
 
 def start_backend() -> None:

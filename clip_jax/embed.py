@@ -35,11 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from etils import epath
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from clip_jax import distributed, sharding
-from clip_jax.checkpoint import load_params, on_all_processes, resolve_checkpoint
+from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.data.specs import parse_spec
 from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, Skip, read_shard
 from clip_jax.data.tokenizers import tokenizer_from_spec
@@ -263,13 +262,6 @@ class Embedder:
     return len(samples)
 
 
-def _total(counts: np.ndarray) -> np.ndarray:
-  """Sums a vector of counts over all processes (a collective)."""
-  if jax.process_count() == 1:
-    return counts
-  return multihost_utils.process_allgather(counts).sum(0)
-
-
 def parse_modalities(text: str) -> tuple[str, ...]:
   """'text,image' -> ('image', 'text'): one order whatever the flag's, for the record."""
   names = set(text.split(','))
@@ -301,11 +293,12 @@ def embed(args) -> dict:
   with (concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool,
         tqdm(desc='embed', unit='sample', disable=jax.process_index() != 0) as bar):
     embedder = Embedder(encoder, tokenizer, cfg, modalities, skipped, pool)
-    while not on_all_processes((chunk := next(batches, None)) is None):
+    while not distributed.on_all_processes((chunk := next(batches, None)) is None):
       bar.update(count := embedder.step(chunk or []))
       embedded += count
   seconds = time.perf_counter() - start
-  totals = _total(np.array([len(pending), embedded, *(skipped[r] for r in SKIP_REASONS)]))
+  totals = distributed.sum_over_processes(
+      np.array([len(pending), embedded, *(skipped[r] for r in SKIP_REASONS)]))
   return {'out': str(out), 'parts': len(parts), 'parts_embedded': int(totals[0]),
           'samples': int(totals[1]), 'seconds': round(seconds, 2),
           'samples_per_s': round(int(totals[1]) / max(seconds, 1e-9), 1),

@@ -331,8 +331,7 @@ class ZeroShotEval:
     for features, labels in self.encoder.local_image_batches(examples, most, desc='zero-shot'):
       if labels:
         hits += zeroshot.correct_counts(features @ classifier.T, labels)
-    if jax.process_count() > 1:
-      hits = multihost_utils.process_allgather(hits).sum(0)
+    hits = distributed.sum_over_processes(hits)
     return {'zeroshot_top1': hits[0] / self.total, 'zeroshot_top5': hits[1] / self.total}
 
 
