@@ -101,11 +101,15 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   this pin the scanned stack ran (and kept its residuals) on the whole global batch on
   every device. No-op outside `jax.sharding.use_abstract_mesh` (single-device eval, tests).
   """
+  axes = context_batch_axes(x.shape[0])
+  return jax.lax.with_sharding_constraint(x, P(axes)) if axes else x
+
+
+def context_batch_axes(batch: int) -> tuple[str, ...]:
+  """The batch axes (size > 1) of the mesh in context that can split `batch` rows; () if none."""
   mesh = jax.sharding.get_abstract_mesh()
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return x
-  return jax.lax.with_sharding_constraint(x, P(axes))
+  return axes if axes and batch % math.prod(mesh.shape[a] for a in axes) == 0 else ()
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -69,8 +69,7 @@ def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
                for k, v in config.model[tower].items() if v is not None}
   overrides.update({k: config.model[k] for k in ('init_logit_scale', 'init_logit_bias')
                     if config.model[k] is not None})
-  overrides.update(dtype=config.model.dtype, scan_layers=config.model.scan_layers,
-                   remat=config.model.remat)
+  overrides.update({k: config.model[k] for k in ('dtype', 'scan_layers', 'remat', 'attention')})
   return get_config(config.model.name, **overrides)
 
 

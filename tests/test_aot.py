@@ -108,3 +108,14 @@ def test_the_binaries_keep_libtpus_probe_noise_from_users():
   assert result.stdout.strip() == 'cpu'
   assert 'TPU_WORKER_HOSTNAMES' not in result.stderr, result.stderr[-2000:]
   assert 'libtpu is installed but found no TPU' in result.stderr
+
+
+def test_the_splash_attention_kernel_compiles_for_tpu():
+  """`model.attention='splash'` puts the Pallas kernel in the TPU program (the scanned tiny
+  step on v5e:2x2; padded tiles, causal text), and the report says the estimate omits it."""
+  config = _config(**WIDE_TINY, **{'model.attention': 'splash'})
+  report = aot.analyse(config, 'v5e:2x2')
+  assert report['fits'] is True
+  assert 'tpu_custom_call' in report['estimate']['custom_calls']
+  assert any('tpu_custom_call' in note and 'not in the estimate' in note
+             for note in report['notes'])

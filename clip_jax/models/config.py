@@ -24,6 +24,7 @@ VISION_POOLS = ('tok', 'gap', 'map')
 TEXT_POOLS = ('argmax', 'last', 'first', 'mean')
 REMAT_POLICIES = ('none', 'minimal', 'save_attn', 'minimal_offloaded', 'full', 'dots',
                   'dots_no_batch')
+ATTENTIONS = ('xla', 'splash')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,8 @@ class CLIPConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = True
   remat: str = 'none'
+  # 'xla' (any backend) or 'splash' (the Pallas flash attention kernel; TPU only).
+  attention: str = 'xla'
 
   def replace(self, **overrides: Any) -> CLIPConfig:
     """Returns a copy with top-level or nested (`vision.layers=2`) fields replaced.
@@ -154,6 +157,7 @@ class CLIPConfig:
         (t.proj or t.width == self.embed_dim, 'text.proj=False needs text.width == embed_dim'),
         (0 <= v.patch_dropout < 1, 'vision.patch_dropout must be in [0, 1)'),
         (self.remat in REMAT_POLICIES, f'remat must be one of {REMAT_POLICIES}'),
+        (self.attention in ATTENTIONS, f'attention must be one of {ATTENTIONS}'),
     ]
     errors = [msg for ok, msg in checks if not ok]
     if errors:

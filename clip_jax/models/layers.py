@@ -17,14 +17,16 @@ and bf16. The block's matmul outputs carry names (`checkpoint_name`: `qkv`, `att
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
-from clip_jax.sharding import constrain_batch
+from clip_jax.sharding import constrain_batch, context_batch_axes
 
 Initializer = Callable[..., jax.Array]
 
@@ -123,18 +125,31 @@ class MLP(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with q, k, v packed on their own kernel axis."""
+  """Multi-head self-attention with q, k, v packed on their own kernel axis.
 
-  def __init__(self, dim: int, heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  `impl` (the model's `attention` option): 'xla' (`dot_product_attention`) or 'splash'
+  (`splash_attention` in programs compiled for TPU, `dot_product_attention` elsewhere, so
+  a model trained with it evaluates and exports on any machine).
+  """
+
+  def __init__(self, dim: int, heads: int, *, impl: str = 'xla', dtype, param_dtype,
+               rngs: nnx.Rngs):
     head_dim = dim // heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.qkv = Dense((dim,), (3, heads, head_dim), ('embed', None, 'heads', 'kv'), **kw)
     self.out = Dense((heads, head_dim), (dim,), ('heads', 'kv', 'embed'), **kw)
+    self.impl = impl
 
   def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
     qkv = checkpoint_name(self.qkv(x), 'qkv')  # [B, T, 3, H, D]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y = checkpoint_name(dot_product_attention(q, k, v, causal=causal), 'attn')
+    if self.impl == 'splash':  # the kernel where the program is compiled for TPU
+      y = jax.lax.platform_dependent(
+          q, k, v, tpu=functools.partial(splash_attention, causal=causal),
+          default=functools.partial(dot_product_attention, causal=causal))
+    else:
+      y = dot_product_attention(q, k, v, causal=causal)
+    y = checkpoint_name(y, 'attn')
     return checkpoint_name(self.out(y), 'attn_out')
 
 
@@ -161,6 +176,49 @@ def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
   return recomputed(attend)(q, k, v)
 
 
+def splash_attention(q, k, v, *, causal: bool = False, interpret: bool = False) -> jax.Array:
+  """`dot_product_attention` by the Pallas splash (flash) attention kernel for TPU.
+
+  The kernel never writes the [B, H, T, T] logits to HBM, in the forward or the backward
+  pass. It tiles the sequence by 128, so T is padded up (197 -> 256 for ViT-B-16, 77 ->
+  128 for the text tower) and the padding masked out by segment ids (real tokens see only
+  real tokens). A Pallas call is opaque to GSPMD: it runs per device under `shard_map`
+  over the batch axes (and `tensor` for the heads) of the mesh in context. `interpret`
+  runs the kernel in Python on any backend (the CPU tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  def attend(q, k, v):  # [B, T, H, D] on one device
+    _, t, heads, head_dim = q.shape
+    padded = -(-t // 128) * 128
+    block = next(size for size in (512, 256, 128) if padded % size == 0)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block, block_kv_dkv=block,
+                          block_q_dq=block, block_kv_dq=block)
+    mask = (sm.CausalMask if causal else sm.FullMask)((padded, padded))
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([mask] * heads), block_sizes=sizes,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+    ids = (jnp.arange(padded) >= t).astype(jnp.int32)
+    segments = sk.SegmentIds(q=ids, kv=ids) if padded != t else None
+    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)  # the kernel does not scale
+    to_heads_first = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0))
+                                       ).transpose(0, 2, 1, 3)
+    y = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(
+        *map(to_heads_first, (q, k, v)))
+    return y.transpose(0, 2, 1, 3)[:, :t]
+
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = context_batch_axes(q.shape[0])
+  if batch or 'tensor' in mesh.axis_names:
+    heads = 'tensor' if ('tensor' in mesh.axis_names
+                         and q.shape[2] % mesh.shape['tensor'] == 0) else None
+    spec = P(batch or None, None, heads, None)
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                           check_vma=False)
+  # Keeps q, k, v for the backward pass, not the kernel's padded copies and output.
+  return recomputed(attend)(q, k, v)
+
+
 class LayerScale(nnx.Module):
   def __init__(self, dim: int, init: float, *, param_dtype, rngs: nnx.Rngs):
     self.gamma = param(rngs, jax.nn.initializers.constant(init), (dim,), ('embed',), param_dtype)
@@ -173,10 +231,11 @@ class Block(nnx.Module):
   """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x)) (optional LayerScale)."""
 
   def __init__(self, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
-               ls_init: float | None, dtype, param_dtype, rngs: nnx.Rngs):
+               ls_init: float | None, attention: str = 'xla', dtype, param_dtype,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln_1 = LayerNorm(dim, eps=eps, **kw)
-    self.attn = Attention(dim, heads, **kw)
+    self.attn = Attention(dim, heads, impl=attention, **kw)
     self.ln_2 = LayerNorm(dim, eps=eps, **kw)
     self.mlp = MLP(dim, mlp_dim, act, **kw)
     if ls_init is not None:
@@ -223,14 +282,14 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, layers: int, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
-               ls_init: float | None, scan: bool, remat: str, dtype, param_dtype,
-               rngs: nnx.Rngs):
+               ls_init: float | None, scan: bool, remat: str, attention: str = 'xla', dtype,
+               param_dtype, rngs: nnx.Rngs):
 
     @nnx.split_rngs(splits=layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_blocks(rngs: nnx.Rngs) -> Block:
-      return Block(dim, heads, mlp_dim, act=act, eps=eps, ls_init=ls_init, dtype=dtype,
-                   param_dtype=param_dtype, rngs=rngs)
+      return Block(dim, heads, mlp_dim, act=act, eps=eps, ls_init=ls_init, attention=attention,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
     self.layers = layers

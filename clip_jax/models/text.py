@@ -16,8 +16,8 @@ from clip_jax.models.layers import Dense, LayerNorm, Transformer, param
 
 class TextTransformer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, embed_dim: int, *, scan: bool, remat: str, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, embed_dim: int, *, scan: bool, remat: str,
+               attention: str = 'xla', dtype, param_dtype, rngs: nnx.Rngs):
     d = cfg.width
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg = cfg
@@ -28,7 +28,7 @@ class TextTransformer(nnx.Module):
                            (None, 'embed'), param_dtype)
     self.transformer = Transformer(cfg.layers, d, cfg.heads, cfg.mlp_dim, act=cfg.act,
                                    eps=cfg.norm_eps, ls_init=cfg.ls_init, scan=scan, remat=remat,
-                                   **kw)
+                                   attention=attention, **kw)
     self.ln_final = LayerNorm(d, eps=cfg.norm_eps, **kw)
     self.proj = (Dense((d,), (embed_dim,), ('embed', 'proj'), use_bias=cfg.proj_bias, **kw,
                        kernel_init=jax.nn.initializers.normal(d ** -0.5))

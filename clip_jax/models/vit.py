@@ -55,8 +55,8 @@ class MAPHead(nnx.Module):
 
 class VisionTransformer(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, embed_dim: int, *, scan: bool, remat: str, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: VisionConfig, embed_dim: int, *, scan: bool, remat: str,
+               attention: str = 'xla', dtype, param_dtype, rngs: nnx.Rngs):
     d, p = cfg.width, cfg.patch_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg = cfg
@@ -72,7 +72,7 @@ class VisionTransformer(nnx.Module):
     self.ln_pre = LayerNorm(d, eps=cfg.norm_eps, **kw) if cfg.ln_pre else None
     self.transformer = Transformer(cfg.layers, d, cfg.heads, cfg.mlp_dim, act=cfg.act,
                                    eps=cfg.norm_eps, ls_init=cfg.ls_init, scan=scan, remat=remat,
-                                   **kw)
+                                   attention=attention, **kw)
     self.ln_post = LayerNorm(d, eps=cfg.norm_eps, **kw)
     self.map_head = MAPHead(cfg, **kw) if cfg.pool == 'map' else None
     self.proj = (param(rngs, jax.nn.initializers.normal(scale), (d, embed_dim), ('embed', 'proj'),

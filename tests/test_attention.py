@@ -1,0 +1,74 @@
+"""The splash (Pallas flash) attention path against the XLA one.
+
+The kernel runs in Pallas' interpreter here (CPU); tests/test_aot.py compiles it for TPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import clip_jax
+from clip_jax import sharding
+from clip_jax.models.functional import get_params, model_from_params
+from clip_jax.models.layers import dot_product_attention, splash_attention
+from tests.jax_reference import jax_features, random_inputs
+
+
+def _qkv(batch, tokens, heads=2, head_dim=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal((batch, tokens, heads, head_dim)), jnp.float32)
+               for _ in range(3))
+
+
+def _value_and_grads(attend, q, k, v, causal):
+  loss = lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, causal=causal)))
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize(('tokens', 'causal'), [(50, False), (77, True), (128, False)],
+                         ids=['padded', 'padded_causal', 'whole_tiles'])
+def test_splash_equals_xla_attention_forward_and_backward(tokens, causal):
+  """float32: padding to 128-token tiles is masked out (and the causal mask kept)."""
+  q, k, v = _qkv(2, tokens)
+  np.testing.assert_allclose(splash_attention(q, k, v, causal=causal, interpret=True),
+                             dot_product_attention(q, k, v, causal=causal), rtol=0, atol=2e-6)
+  splash = lambda *a, causal: splash_attention(*a, causal=causal, interpret=True)
+  value, grads = _value_and_grads(splash, q, k, v, causal)
+  ref_value, ref_grads = _value_and_grads(dot_product_attention, q, k, v, causal)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, ref, rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
+
+
+def test_splash_runs_per_device_on_a_mesh():
+  """Under a mesh (as in the train step) the kernel runs under shard_map over the batch
+  axes and heads over `tensor`: 8 devices give the single-device numbers."""
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  q, k, v = _qkv(8, 40, heads=4)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp'), None,
+                                                                      'tensor', None))
+  q, k, v = (jax.device_put(x, spec) for x in (q, k, v))
+
+  @jax.jit
+  def sharded(q, k, v):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return splash_attention(q, k, v, interpret=True)
+
+  np.testing.assert_allclose(sharded(q, k, v), dot_product_attention(q, k, v), rtol=0,
+                             atol=2e-6)
+
+
+def test_a_splash_model_computes_the_xla_numbers_off_tpu():
+  """`attention='splash'` uses the kernel only where the program is compiled for TPU: the
+  same weights give bit-identical features on CPU, so checkpoints evaluate anywhere."""
+  base = clip_jax.create_model('tiny')
+  splash = model_from_params(base.cfg.replace(attention='splash'), get_params(base))
+  images, tokens = random_inputs(32, 32, 49408, batch=2)
+  for a, b in zip(jax_features(base, images, tokens), jax_features(splash, images, tokens)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_an_unknown_attention_is_a_config_error():
+  with pytest.raises(ValueError, match='attention must be one of'):
+    clip_jax.create_model('tiny', attention='flash')
