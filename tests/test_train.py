@@ -21,8 +21,8 @@ from clip_jax.checkpoint import load_params, resolve_checkpoint, save_model
 from clip_jax.config_base import base_config
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.functional import get_params
+from tests.conftest import JAX_CACHE_ENV, ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
 
 
@@ -33,7 +33,7 @@ def demo_dir(demo_data):
 
 def _env(devices=8, **extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **JAX_CACHE_ENV)
   env.update(extra)
   return env
 
