@@ -43,6 +43,14 @@ def trained_demo(demo_data, tmp_path_factory):
                   '--config', f'{ROOT / "configs" / "demo.py"}:data_dir={demo_data}',
                   '--workdir', str(workdir), '--config.total_steps=120', '--config.batch_size=64',
                   '--config.model.name=tiny', '--config.model.vision.image_size=64',
-                  '--config.eval.zeroshot_shards=', '--config.checkpoint_every=1000'],
+                  '--config.eval.zeroshot_shards=', '--config.checkpoint_every=1000',
+                  '--config.tensorboard=False'],
                  env=env, check=True, capture_output=True, timeout=900)
   return workdir
+
+
+def pytest_collection_modifyitems(items):
+  """Slow tests first (stable otherwise): `-n 2` deals the first tests out in turn, so the
+  minutes-long end-to-end runs start at once on both workers and the quick tests fill in
+  behind them, instead of one long test starting last and running alone."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)

@@ -44,8 +44,10 @@ def _demo_config(demo_dir):
 
 
 def _train_cmd(workdir, *overrides, config):
+  """The train binary's command line. TensorBoard is off unless an override turns it on: its
+  writer imports TensorFlow (~4 s a process); test_demo_config_learns checks it."""
   return [sys.executable, '-m', 'clip_jax.train', '--config', config, '--workdir', str(workdir),
-          *overrides]
+          '--config.tensorboard=False', *overrides]
 
 
 def _overrides(steps, *extra):
@@ -86,8 +88,9 @@ def _run(cmd, env, timeout=600):
 def test_demo_config_learns(demo_dir, tmp_path):
   workdir = tmp_path / 'run'
   _run(_train_cmd(workdir, *_overrides(150, '--config.eval_every=150',
-                                            '--config.log_every=10'),
+                                            '--config.log_every=10', '--config.tensorboard=True'),
                   config=_demo_config(demo_dir)), _env())
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   metrics = _metrics(workdir)
   assert metrics[150]['loss'] < 0.6 * metrics[10]['loss']
   assert metrics[150]['zeroshot_top1'] > 4 * (1 / 40)  # chance is 2.5%
