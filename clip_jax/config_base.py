@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'          # compute dtype: 'bfloat16' on accelerators
   c.model.scan_layers = True
   c.model.remat = 'none'
-  c.model.attention = 'xla'          # 'splash': the Pallas flash kernel on TPU (README "Memory")
+  c.model.attention = 'xla'          # 'splash': Pallas flash kernel on TPU (README: Attention)
 
   # The input pipeline's keys and defaults come from `PipelineConfig` (data/pipeline.py).
   c.data = ml_collections.ConfigDict(data_defaults())

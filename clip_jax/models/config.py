@@ -118,7 +118,7 @@ class CLIPConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = True
   remat: str = 'none'
-  # 'xla' (any backend) or 'splash' (the Pallas flash attention kernel; TPU only).
+  # 'xla', or 'splash': the Pallas flash attention kernel where compiled for TPU, XLA elsewhere.
   attention: str = 'xla'
 
   def replace(self, **overrides: Any) -> CLIPConfig:
