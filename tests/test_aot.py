@@ -41,6 +41,7 @@ def _cli(*args):
                         env=env)
 
 
+@pytest.mark.slow
 def test_tiny_step_compiles_for_v5e_and_matches_the_analytic_flops():
   """The CLI's JSON for the (scanned) tiny model on v5e:2x2: fits, HBM, and FLOPs within 10%
   of the analytic count by depth extrapolation from unrolled compiles of 1 and 2 layers per
@@ -110,6 +111,7 @@ def test_the_binaries_keep_libtpus_probe_noise_from_users():
   assert 'libtpu is installed but found no TPU' in result.stderr
 
 
+@pytest.mark.slow
 def test_the_splash_attention_kernel_compiles_for_tpu():
   """`model.attention='splash'` puts the Pallas kernel in the TPU program (the scanned tiny
   step on v5e:2x2; padded tiles, causal text), and the report says the estimate omits it."""
