@@ -126,8 +126,11 @@ class TrainCheckpoints:
   def __init__(self, workdir: str, model_cfg: CLIPConfig, every: int, keep: int):
     self.directory = epath.Path(workdir) / CHECKPOINTS_SUBDIR
     self.model_cfg = model_cfg
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
-                                           enable_async_checkpointing=True, create=True)
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(every),
+                                                     policies.PreemptionCheckpointingPolicy()]),
+        max_to_keep=keep, enable_async_checkpointing=True, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
