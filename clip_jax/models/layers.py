@@ -49,6 +49,18 @@ def recomputed(fn: Callable) -> Callable:
   return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
 
 
+def dense_of(prepare: Callable[[jax.Array], jax.Array], dense: Dense, x: jax.Array) -> jax.Array:
+  """`dense(prepare(x))` keeping `x`, not `prepare(x)`, for the backward pass.
+
+  A matmul's weight gradient needs its input: after a LayerNorm or an activation, JAX
+  would store that output per layer beside the norm's or activation's own input (a second
+  [B, T, 4*width] tensor after the GELU). Recomputing the cheap `prepare` from `x` instead
+  costs no matmul: the dense output is not needed by its own backward, so it is not
+  recomputed.
+  """
+  return recomputed(lambda x: dense(prepare(x)))(x)
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   """OpenCLIP's activations: exact GELU, QuickGELU (x*sigmoid(1.702x)), tanh GELU."""
   if name == 'gelu':
@@ -119,9 +131,11 @@ class MLP(nnx.Module):
     self.fc2 = Dense((hidden,), (dim,), ('mlp', 'embed'), **kw)
     self.act = act
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = checkpoint_name(self.fc1(x), 'mlp_hidden')
-    return self.fc2(recomputed(activation(self.act))(hidden))
+  def __call__(self, x: jax.Array, norm: Callable[[jax.Array], jax.Array] = lambda x: x
+               ) -> jax.Array:
+    """fc2(act(fc1(norm(x)))), storing neither `norm(x)` nor `act(...)` (`dense_of`)."""
+    hidden = checkpoint_name(dense_of(norm, self.fc1, x), 'mlp_hidden')
+    return dense_of(activation(self.act), self.fc2, hidden)
 
 
 class Attention(nnx.Module):
@@ -140,8 +154,10 @@ class Attention(nnx.Module):
     self.out = Dense((heads, head_dim), (dim,), ('heads', 'kv', 'embed'), **kw)
     self.impl = impl
 
-  def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
-    qkv = checkpoint_name(self.qkv(x), 'qkv')  # [B, T, 3, H, D]
+  def __call__(self, x: jax.Array, *, causal: bool,
+               norm: Callable[[jax.Array], jax.Array] = lambda x: x) -> jax.Array:
+    """Attention over `norm(x)`, storing `x`, not `norm(x)` (`dense_of`)."""
+    qkv = checkpoint_name(dense_of(norm, self.qkv, x), 'qkv')  # [B, T, 3, H, D]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.impl == 'splash':  # the kernel where the program is compiled for TPU
       y = jax.lax.platform_dependent(
@@ -245,9 +261,9 @@ class Block(nnx.Module):
       self.ls_1 = self.ls_2 = None
 
   def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
-    h = self.attn(self.ln_1(x), causal=causal)
+    h = self.attn(x, causal=causal, norm=self.ln_1)
     x = x + (self.ls_1(h) if self.ls_1 is not None else h)
-    h = self.mlp(self.ln_2(x))
+    h = self.mlp(x, norm=self.ln_2)
     return x + (self.ls_2(h) if self.ls_2 is not None else h)
 
 

@@ -49,7 +49,7 @@ class MAPHead(nnx.Module):
     q = self.q(latent)
     kv = self.kv(x)
     y = self.out(dot_product_attention(q, kv[:, :, 0], kv[:, :, 1]))
-    y = y + self.mlp(self.norm(y))
+    y = y + self.mlp(y, norm=self.norm)
     return y[:, 0]
 
 
