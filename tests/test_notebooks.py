@@ -15,6 +15,8 @@ COLABS = pathlib.Path(__file__).resolve().parents[1] / 'colabs'
 def _execute(name, monkeypatch, **env):
   # The kernel must import this checkout's clip_jax (never the notebook's network install).
   monkeypatch.setenv('PYTHONPATH', str(COLABS.parent))
+  # One JAX device, as on Colab (the test session's 8 fake ones slow the kernel's steps).
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
   for key, value in env.items():
     monkeypatch.setenv(key, str(value))
   notebook = nbformat.read(COLABS / f'{name}.ipynb', as_version=4)

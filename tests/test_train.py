@@ -89,7 +89,7 @@ def test_demo_config_learns(demo_dir, tmp_path):
   workdir = tmp_path / 'run'
   _run(_train_cmd(workdir, *_overrides(150, '--config.eval_every=150',
                                             '--config.log_every=10', '--config.tensorboard=True'),
-                  config=_demo_config(demo_dir)), _env())
+                  config=_demo_config(demo_dir)), _env(1))  # one device, as the Quickstart runs
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   metrics = _metrics(workdir)
   assert metrics[150]['loss'] < 0.6 * metrics[10]['loss']
