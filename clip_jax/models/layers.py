@@ -11,8 +11,10 @@ Memory of the backward pass: LayerNorm, the activation and the attention core
 flash attention does for the attention weights. Under `lax.scan` (`scan_layers=True`)
 XLA cannot rematerialise across the loop, so without this each layer stored LayerNorm's
 float32 copies, the GELU's intermediates and the [B, H, T, T] attention weights in float32
-and bf16. The block's matmul outputs carry names (`checkpoint_name`: `qkv`, `attn`,
-`attn_out`, `mlp_hidden`) that the `remat` policies below save or recompute.
+and bf16. The matmuls after a LayerNorm or the activation likewise keep the LayerNorm's
+or activation's input, not its output (`dense_of`). The block's matmul outputs carry
+names (`checkpoint_name`: `qkv`, `attn`, `attn_out`, `mlp_hidden`) that the `remat`
+policies below save or recompute.
 """
 
 from __future__ import annotations
