@@ -6,9 +6,12 @@
 Each round times `--steps` steps of (a) clip_jax's jitted train step (the trainer's own
 `make_train_step`: softmax loss, AdamW, global-norm clip) on one device and (b) OpenCLIP's
 step (`ClipLoss`, `torch.optim.AdamW`, `clip_grad_norm_`, the order of its `train_one_epoch`)
-on the same device kind, after one warm-up step each. Reports the median pairs/s of each
-and the ratio. `--dtype bfloat16` uses bf16 compute in clip_jax and `torch.autocast(bf16)` in
-OpenCLIP (GPU runs). Needs torch and open_clip (the test extra); never used by tests.
+on the same device kind, after one warm-up step each. Reports the median pairs/s of each,
+the ratio, and each step's FLOP/s (clip_jax's compiled FLOP count, the same count for both)
+as a share of the fastest square matmul either library runs on this device: a ratio only
+means something beside how close the reference already is to the machine's limit.
+`--dtype bfloat16` uses bf16 compute in clip_jax and `torch.autocast(bf16)` in OpenCLIP
+(GPU runs). Needs torch and open_clip (the test extra); never used by tests.
 """
 
 import argparse
@@ -40,13 +43,15 @@ def clip_jax_step(args):
   batch = {'image': rng.integers(0, 255, (args.batch_size, size, size, 3), dtype=np.uint8),
            'text': rng.integers(1, 49407, (args.batch_size, context)).astype(np.int32)}
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  step = step.lower(state, batch).compile()
+  flops = step.cost_analysis()['flops']
   holder = {'state': state}
 
   def run():
     holder['state'], metrics = step(holder['state'], batch)
     jax.block_until_ready(metrics['loss'])
 
-  return run
+  return run, flops
 
 
 def open_clip_step(args):
@@ -77,6 +82,25 @@ def open_clip_step(args):
   return run
 
 
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of the faster of jax's and torch's [n, n] x [n, n] matmul on this device."""
+  a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+  x = jax.numpy.asarray(a, dtype)
+  t = torch.from_numpy(a).to('cuda' if torch.cuda.is_available() else 'cpu',
+                             getattr(torch, dtype))
+  matmul = jax.jit(lambda x: x @ x)
+  runs = {'jax': lambda: matmul(x).block_until_ready(),
+          'torch': lambda: (t @ t, torch.cuda.synchronize() if t.is_cuda else None)}
+  best = 0.0
+  for run in runs.values():
+    run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+      run()
+    best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
+  return best
+
+
 def pairs_per_second(run, steps: int, batch_size: int) -> float:
   start = time.perf_counter()
   for _ in range(steps):
@@ -92,7 +116,8 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--steps', type=int, default=3)
   args = parser.parse_args()
-  steps = {'clip_jax': clip_jax_step(args), 'open_clip': open_clip_step(args)}
+  clip_jax_run, flops = clip_jax_step(args)
+  steps = {'clip_jax': clip_jax_run, 'open_clip': open_clip_step(args)}
   for run in steps.values():
     run()  # compile / warm up
   rates = {name: [] for name in steps}
@@ -103,6 +128,11 @@ def main():
   ours, theirs = (statistics.median(rates[k]) for k in ('clip_jax', 'open_clip'))
   print(f'{args.model} batch {args.batch_size} {args.dtype} on {jax.devices()[0].device_kind}: '
         f'clip_jax {ours:.2f} pairs/s, OpenCLIP {theirs:.2f} pairs/s, ratio {ours / theirs:.2f}')
+  peak = matmul_peak(args.dtype)
+  for name, rate in (('clip_jax', ours), ('OpenCLIP', theirs)):
+    achieved = flops / args.batch_size * rate
+    print(f'{name}: {achieved / 1e9:.0f} GFLOP/s = {achieved / peak:.0%} of the '
+          f'matmul peak ({peak / 1e9:.0f} GFLOP/s; {flops / 1e9:.0f} GFLOP per step)')
 
 
 if __name__ == '__main__':
