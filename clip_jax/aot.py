@@ -153,12 +153,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
                   compile_error=str(e).strip().splitlines()[0][:500])
     return report
 
-  mem = compiled.memory_analysis()
-  hbm = {'argument_bytes': mem.argument_size_in_bytes, 'output_bytes': mem.output_size_in_bytes,
-         'alias_bytes': mem.alias_size_in_bytes, 'temp_bytes': mem.temp_size_in_bytes,
-         'code_bytes': mem.generated_code_size_in_bytes}
-  hbm['total_bytes'] = (hbm['argument_bytes'] + hbm['output_bytes'] - hbm['alias_bytes']
-                        + hbm['temp_bytes'] + hbm['code_bytes'])
+  hbm = hbm_use(compiled.memory_analysis(), devices[0].platform)
   hbm['capacity_bytes'] = capacity
   report['hbm'] = hbm
   report['fits'] = capacity is None or hbm['total_bytes'] <= capacity
@@ -279,6 +274,28 @@ def peak_flops(config: ml_collections.ConfigDict, device: jax.Device) -> float |
   return peak
 
 
+def hbm_use(mem, platform: str) -> dict[str, int]:
+  """Bytes per chip from `memory_analysis()`; on TPU the total is the compiler's own peak.
+
+  `temp_size_in_bytes` over-counts a program with a `lax.scan` by about its stacked
+  residuals: for 4 scanned ViT-B-16 layers on one v5p chip, arguments + outputs +
+  temporaries make 3.4 GB where the compiler's buffer assignment allocates 2.3 GB in all,
+  and a scanned program whose sum reached 110 GiB compiled for a 95 GiB chip. Unrolled,
+  the three agree within 2%. `peak_memory_in_bytes`, the compiler's heap simulation
+  (arguments and outputs included), is 2.2 GB there and stays within ~7% of the
+  allocation. The CPU compiler's peak counts only arguments and outputs: elsewhere the sum
+  stands.
+  """
+  hbm = {'argument_bytes': mem.argument_size_in_bytes, 'output_bytes': mem.output_size_in_bytes,
+         'alias_bytes': mem.alias_size_in_bytes, 'temp_bytes': mem.temp_size_in_bytes,
+         'peak_bytes': mem.peak_memory_in_bytes if platform == 'tpu' else 0,
+         'code_bytes': mem.generated_code_size_in_bytes}
+  buffers = hbm['peak_bytes'] or (hbm['argument_bytes'] + hbm['output_bytes']
+                                  - hbm['alias_bytes'] + hbm['temp_bytes'])
+  hbm['total_bytes'] = buffers + hbm['code_bytes']
+  return hbm
+
+
 def _out_of_memory(message: str) -> tuple[int, int | None] | None:
   """(bytes needed, bytes available) from XLA's out-of-memory error; None for other errors."""
   if 'RESOURCE_EXHAUSTED' not in message and 'Ran out of memory' not in message:
@@ -364,7 +381,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f'  outputs      {gib(hbm["output_bytes"]):>12}  ({gib(hbm["alias_bytes"])} '
                  'reuse donated arguments)')
     lines.append(f'  temporaries  {gib(hbm["temp_bytes"]):>12}  (activations, gradients, '
-                 'workspace)')
+                 'workspace; over-counted under scan)')
+    if hbm['peak_bytes']:
+      lines.append(f'  peak         {gib(hbm["peak_bytes"]):>12}  (all buffers at once, the '
+                   "compiler's heap simulation)")
     lines.append(f'  program      {gib(hbm["code_bytes"]):>12}  (compiled code)')
     lines.append(f'  total        {gib(hbm["total_bytes"]):>12}  of {cap}: '
                  + ((f'fits ({hbm["total_bytes"] / capacity:.0%})' if capacity else 'fits?')

@@ -11,6 +11,7 @@ import pytest
 
 from clip_jax import aot
 from clip_jax.config_base import base_config
+from tests.test_memory import scanned_stack_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,8 @@ def _config(**overrides):
   return config
 
 
-def _cli(*args):
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _cli(*args, **env_vars):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), **env_vars)
   env.pop('JAX_PLATFORMS', None)  # the tool keeps the host on CPU itself
   env.pop('XLA_FLAGS', None)
   return subprocess.run([sys.executable, '-m', 'clip_jax.aot', '--config',
@@ -64,6 +65,19 @@ def test_tiny_step_compiles_for_v5e_and_matches_the_analytic_flops():
   assert 'TPU_WORKER_HOSTNAMES' not in result.stderr  # libtpu's init noise stays hidden
 
 
+@pytest.mark.slow
+def test_a_scanned_program_the_compiler_fits_is_reported_as_fitting():
+  """`memory_analysis()`'s temporaries over-count a scanned program by about its stacked
+  residuals: here arguments + outputs + temporaries exceed a v5e chip's HBM, yet the TPU
+  compiler accepts the program, and the tool's total (the compiler's peak) is under it."""
+  device = aot.topology_devices('v5e:2x2')[0]
+  memory = scanned_stack_memory(8, 1536, 197, 256, remat='save_attn', device=device)
+  hbm = aot.hbm_use(memory, device.platform)
+  summed = hbm['argument_bytes'] + hbm['output_bytes'] - hbm['alias_bytes'] + hbm['temp_bytes']
+  assert hbm['total_bytes'] == hbm['peak_bytes'] + hbm['code_bytes']
+  assert hbm['total_bytes'] < aot.hbm_capacity(device) < summed, hbm
+
+
 def test_an_uncorrected_loop_is_said_to_be_counted_once():
   """Without an extrapolated time (here: accumulation's loop), the notes say so."""
   report = {'device_kind': 'TPU v5 lite', 'cores_per_device': 1, 'remat': 'none',
@@ -87,6 +101,14 @@ def test_a_step_that_cannot_fit_exits_non_zero_naming_the_knobs():
   assert 'DOES NOT FIT' in result.stdout
   for knob in ('--config.batch_size', '--config.model.remat', '--config.mesh.fsdp'):
     assert knob in result.stderr
+
+
+def test_libtpu_ending_the_process_still_shows_why():
+  """libtpu exits at once on a flag it does not know: with LIBTPU_INIT_ARGS set the tool hides
+  none of libtpu's output, so the message reaches the user instead of a silent exit 1."""
+  result = _cli('--topology', 'v5e:2x2', LIBTPU_INIT_ARGS='--no_such_libtpu_flag=1')
+  assert result.returncode != 0
+  assert "Unknown command line flag 'no_such_libtpu_flag'" in result.stderr, result.stderr
 
 
 def test_local_topology_compiles_for_this_machines_devices():

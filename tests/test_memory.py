@@ -45,10 +45,12 @@ def test_remat_policies_keep_less_the_more_they_recompute():
   assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
 
 
-def _scanned_stack_temp_bytes(layers_count: int, batch: int, tokens: int, width: int) -> int:
-  """Temp memory of the gradient of a scanned bf16 stack of `layers_count` blocks (CPU)."""
-  stack = layers.Transformer(layers_count, width, 4, 4 * width, act='gelu', eps=1e-5,
-                             ls_init=None, scan=True, remat='none', dtype=jnp.bfloat16,
+def scanned_stack_memory(layers_count: int, batch: int, tokens: int, width: int, *,
+                         remat: str = 'none', device: jax.Device | None = None):
+  """`memory_analysis()` of the gradient of a scanned bf16 stack of `layers_count` blocks,
+  compiled for `device` (a TPU topology's, say) or this machine's default device."""
+  stack = layers.Transformer(layers_count, width, width // 64, 4 * width, act='gelu', eps=1e-5,
+                             ls_init=None, scan=True, remat=remat, dtype=jnp.bfloat16,
                              param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(stack)
 
@@ -56,9 +58,11 @@ def _scanned_stack_temp_bytes(layers_count: int, batch: int, tokens: int, width:
     y = nnx.merge(graphdef, state)(x, causal=False)
     return jnp.mean(jnp.square(y.astype(jnp.float32)))
 
-  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-  x = jax.ShapeDtypeStruct((batch, tokens, width), jnp.bfloat16)
-  return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis().temp_size_in_bytes
+  on = (jax.sharding.NamedSharding(jax.sharding.Mesh([device], ('data',)),
+                                   jax.sharding.PartitionSpec()) if device else None)
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on), state)
+  x = jax.ShapeDtypeStruct((batch, tokens, width), jnp.bfloat16, sharding=on)
+  return jax.jit(jax.grad(loss)).lower(shapes, x).compile().memory_analysis()
 
 
 def test_a_scanned_layer_keeps_neither_layernorm_nor_activation_outputs():
@@ -70,6 +74,6 @@ def test_a_scanned_layer_keeps_neither_layernorm_nor_activation_outputs():
   128 pairs); 20.5 now.
   """
   batch, tokens, width = 16, 64, 256
-  per_layer = (_scanned_stack_temp_bytes(6, batch, tokens, width)
-               - _scanned_stack_temp_bytes(2, batch, tokens, width)) / 4
+  temp = lambda depth: scanned_stack_memory(depth, batch, tokens, width).temp_size_in_bytes
+  per_layer = (temp(6) - temp(2)) / 4
   assert per_layer <= 24 * batch * tokens * width * 2, per_layer / (batch * tokens * width * 2)
