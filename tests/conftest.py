@@ -8,8 +8,6 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -36,16 +34,12 @@ def demo_data(tmp_path_factory):
 @pytest.fixture(scope='session')
 def trained_demo(demo_data, tmp_path_factory):
   """A tiny model (`tiny` at 64 px) trained for 120 steps on the demo data by the train binary."""
+  from tests.test_train import _demo_config, _env, _run, _train_cmd  # the train tests' own
   workdir = tmp_path_factory.mktemp('trained_demo')
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             **JAX_CACHE_ENV)
-  subprocess.run([sys.executable, '-m', 'clip_jax.train',
-                  '--config', f'{ROOT / "configs" / "demo.py"}:data_dir={demo_data}',
-                  '--workdir', str(workdir), '--config.total_steps=120', '--config.batch_size=64',
+  _run(_train_cmd(workdir, '--config.total_steps=120', '--config.batch_size=64',
                   '--config.model.name=tiny', '--config.model.vision.image_size=64',
                   '--config.eval.zeroshot_shards=', '--config.checkpoint_every=1000',
-                  '--config.tensorboard=False'],
-                 env=env, check=True, capture_output=True, timeout=900)
+                  config=_demo_config(demo_data)), _env(1), timeout=900)
   return workdir
 
 

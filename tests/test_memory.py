@@ -6,7 +6,9 @@ what the TPU compiler does (bench/RESULTS.md): before the fix the scanned step n
 2.4x the memory of the unrolled one here (740 vs 306 MiB; each device ran the layer loop
 on the global batch and stored every float32 intermediate), ViT-B-16 on v5p 4.7x. Unlike
 the TPU compiler, the CPU one gives unrolled layers the same memory at every policy, so
-with remat the bound is loose here; bench/RESULTS.md has the TPU ratios (1.03-1.12x).
+with remat the bound is loose here. The CPU compiler reports no real peak, so these are
+summed figures (`aot.hbm_use`), which over-count a scanned program; bench/RESULTS.md has
+the TPU compiler's peaks (scanned 0.54-0.97x of unrolled).
 """
 
 import functools
@@ -70,8 +72,10 @@ def test_a_scanned_layer_keeps_neither_layernorm_nor_activation_outputs():
 
   Autodiff needs 10 per layer (input, q, k, v, attention output, residual, the 4-wide MLP
   hidden). Before `layers.dense_of` the matmuls after the LayerNorms and the GELU kept those
-  outputs too: 38 units here on CPU (ViT-B-16 on v5p: 16 units, 11.70 vs 7.85 GiB per chip at
-  128 pairs); 20.5 now.
+  outputs too: 38 units here on CPU (ViT-B-16 on v5p: 9.62 vs 6.37 GiB per chip at 128
+  pairs by the compiler's peak); 20.5 now. These are the CPU compiler's temporaries (it gives
+  no peak), which on TPU over-count a scanned stack: the bound tracks the change, not the
+  true size.
   """
   batch, tokens, width = 16, 64, 256
   temp = lambda depth: scanned_stack_memory(depth, batch, tokens, width).temp_size_in_bytes
