@@ -98,6 +98,26 @@ def test_demo_config_learns(demo_dir, tmp_path):
   assert resolve_checkpoint(workdir).name == '150'
 
 
+def _children(pid: int) -> list[int]:
+  """The processes `pid` started (Linux /proc)."""
+  return [int(child) for task in pathlib.Path(f'/proc/{pid}/task').iterdir()
+          for child in (task / 'children').read_text().split()]
+
+
+def _assert_exit(pids: list[int], within: float) -> None:
+  """Waits up to `within` seconds for `pids` to exit (a zombie has exited)."""
+  def alive(pid):
+    try:
+      state = pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[0]
+    except FileNotFoundError:
+      return False
+    return state != 'Z'
+  deadline = time.monotonic() + within
+  while any(map(alive, pids)) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert not any(map(alive, pids)), [pid for pid in pids if alive(pid)]
+
+
 @pytest.mark.slow
 def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
   """With patch dropout, the run with the most state to resume: its dropout keys come from
@@ -115,8 +135,11 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
                              env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   _wait_for_step(workdir, 8)
+  workers = _children(process.pid)
+  assert workers, 'the trainer runs its data pipeline in worker processes'
   process.send_signal(signal.SIGKILL)
   process.wait()
+  _assert_exit(workers, within=10)  # grain's workers do not outlive the killed trainer
   killed_at = max(_metrics(workdir))
   assert killed_at < 24, 'the run finished before it could be killed'
   _run(_train_cmd(workdir, *common, config=_demo_config(demo_dir)), _env())

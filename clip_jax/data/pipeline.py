@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -226,8 +229,24 @@ def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: in
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
-                                                     per_worker_buffer_size=cfg.worker_buffer))
+                                                     per_worker_buffer_size=cfg.worker_buffer),
+                        worker_init_fn=exit_with_parent)
   return ds
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """Run in each `mp_prefetch` worker: the worker exits once the process that started it
+  is gone. A trainer killed outright (SIGKILL, the OOM killer) cannot stop its workers, and
+  grain's then lived on, holding their memory, until the machine went down."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1)
+    os._exit(0)
+
+  threading.Thread(target=watch, daemon=True, name='exit-with-parent').start()
 
 
 class Loader:
