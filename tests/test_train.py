@@ -1,5 +1,6 @@
 """The train binary end to end: learning, exact resume, preemption, multi-host, FSDP."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -99,9 +100,12 @@ def test_demo_config_learns(demo_dir, tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-  """The processes `pid` started (Linux /proc)."""
-  return [int(child) for task in pathlib.Path(f'/proc/{pid}/task').iterdir()
-          for child in (task / 'children').read_text().split()]
+  """The processes `pid` started (Linux /proc; a thread may end while its list is read)."""
+  children = []
+  for task in pathlib.Path(f'/proc/{pid}/task').iterdir():
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+      children += [int(child) for child in (task / 'children').read_text().split()]
+  return children
 
 
 def _assert_exit(pids: list[int], within: float) -> None:
