@@ -1,4 +1,4 @@
-"""The splash (Pallas flash) attention path against the XLA one.
+"""The XLA attention path against PyTorch's, and the splash (Pallas flash) path against it.
 
 The kernel runs in Pallas' interpreter here (CPU); tests/test_aot.py compiles it for TPU.
 """
@@ -19,6 +19,39 @@ def _qkv(batch, tokens, heads=2, head_dim=8, seed=0):
   rng = np.random.default_rng(seed)
   return tuple(jnp.asarray(rng.standard_normal((batch, tokens, heads, head_dim)), jnp.float32)
                for _ in range(3))
+
+
+def _torch_value_and_grads(q, k, v, dy, causal):
+  """y and the q, k, v gradients for cotangent `dy` from torch's own attention (autograd)."""
+  import torch
+  q, k, v = (torch.tensor(np.asarray(x, np.float32)).transpose(1, 2).requires_grad_()
+             for x in (q, k, v))  # torch's layout: [B, H, T, D]
+  y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+  y.backward(torch.tensor(np.asarray(dy, np.float32)).transpose(1, 2))
+  return [x.detach().transpose(1, 2).numpy() for x in (y, q.grad, k.grad, v.grad)]
+
+
+@pytest.mark.parametrize(('q_tokens', 'causal'), [(50, False), (50, True), (1, False)],
+                         ids=['bidirectional', 'causal', 'one_query'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_xla_attention_and_its_hand_written_gradient_equal_torch(q_tokens, causal, dtype):
+  """`dot_product_attention`'s custom VJP (the weights rebuilt from the log-sum-exp, the
+  softmax row term from dy.y) gives torch's autograd gradients: to float32 rounding, and in
+  bf16 (the training dtype: bf16 logits and matmuls) to bf16's. One query is the MAP head."""
+  q, k, v = _qkv(2, 50, heads=3, head_dim=16, seed=1)
+  q = q[:, :q_tokens]
+  dy = _qkv(2, q_tokens, heads=3, head_dim=16, seed=2)[0]
+  ours = jax.vjp(lambda *a: dot_product_attention(*a, causal=causal),
+                 *(x.astype(dtype) for x in (q, k, v)))
+  # The reference sees the same (bf16-rounded) inputs, in float32.
+  rounded = [np.asarray(x.astype(dtype), np.float32) for x in (q, k, v, dy)]
+  expected = _torch_value_and_grads(*rounded, causal)
+  actual = [ours[0], *ours[1](dy.astype(dtype))]
+  tolerance = 2e-6 if dtype == 'float32' else 2e-2
+  for name, a, e in zip(('y', 'dq', 'dk', 'dv'), actual, expected):
+    assert a.dtype == jnp.dtype(dtype), name
+    np.testing.assert_allclose(np.asarray(a, np.float32), e, rtol=0,
+                               atol=tolerance * float(np.abs(e).max()), err_msg=name)
 
 
 def _value_and_grads(attend, q, k, v, causal):

@@ -6,9 +6,10 @@ rules from the config; leading stacked-layer axes are implicit (`layers`).
 
 Matmuls run in the compute dtype; LayerNorm statistics and attention softmax in float32.
 
-Memory of the backward pass: LayerNorm, the activation and the attention core
-(`recomputed`) keep only their inputs for the backward pass and recompute the rest, as
-flash attention does for the attention weights. Under `lax.scan` (`scan_layers=True`)
+Memory of the backward pass: LayerNorm and the activation (`recomputed`) keep only their
+inputs for the backward pass and recompute the rest; the attention core keeps its inputs,
+its output and the softmax's log-sum-exp and rebuilds the weights (`dot_product_attention`,
+flash attention's backward pass). Under `lax.scan` (`scan_layers=True`)
 XLA cannot rematerialise across the loop, so without this each layer stored LayerNorm's
 float32 copies, the GELU's intermediates and the [B, H, T, T] attention weights in float32
 and bf16. The matmuls after a LayerNorm or the activation likewise keep the LayerNorm's
@@ -173,26 +174,60 @@ class Attention(nnx.Module):
 
 
 def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
-  """Softmax attention over [B, T, H, D] inputs.
+  """Softmax attention over [B, T, H, D] inputs, with flash attention's backward pass.
 
   The q.k logits come out of the matmul in the compute dtype (bf16 in training, as under
-  torch autocast), the softmax runs in float32 and its weights return to the compute dtype
-  for the weights.v matmul; float32 inputs (the parity tests) stay float32 throughout.
-  `jax.nn.dot_product_attention` (XLA) makes float32 logits instead: the [B, H, T, T]
-  tensor then crosses HBM at twice the bytes, and the TPU compiler estimates a ViT-B-16
-  block (128 x 197 tokens, one v5p chip) at 5.36 ms that way against 4.63 ms here. The
-  weights are recomputed in the backward pass rather than stored (one extra q.k matmul,
-  <1% of a ViT's FLOPs).
+  torch autocast), are scaled and softmaxed in float32, and the weights return to the
+  compute dtype for the weights.v matmul; float32 inputs (the parity tests) stay float32
+  throughout. `jax.nn.dot_product_attention` (XLA) makes float32 logits instead: the
+  [B, H, T, T] tensor then crosses HBM at twice the bytes (the TPU compiler estimated a
+  ViT-B-16 block at 5.36 ms that way against 4.63 ms).
+
+  The gradient is written by hand (`jax.custom_vjp`), as flash attention computes it: the
+  forward pass keeps q, k, v, the output and each row's float32 log-sum-exp, never the
+  [B, H, T, T] weights. The backward pass rebuilds the weights from one q.k matmul and the
+  log-sum-exp (elementwise: no max or sum over the rows again), and takes the softmax's
+  row term sum_k(dweights * weights) as sum_d(dy * y) over [B, T, H, D] instead of over
+  the 3x larger (ViT-B-16) weights. Autodiff of the same function recomputed the whole
+  softmax and made that reduction: ViT-B-16's estimated step 78.1 -> 75.4 ms (bench/RESULTS.md).
   """
-  def attend(q, k, v):
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
-    logits = logits.astype(jnp.float32)
-    if causal:
-      t = q.shape[1]
-      logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
-  return recomputed(attend)(q, k, v)
+  return _attention(q, k, v, causal)
+
+
+def _scaled_logits(q, k, causal: bool) -> jax.Array:
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  if causal:
+    t = q.shape[1]
+    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(jnp.float32).min)
+  return logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, causal: bool) -> jax.Array:
+  return _attention_forward(q, k, v, causal)[0]
+
+
+def _attention_forward(q, k, v, causal: bool):
+  logits = _scaled_logits(q, k, causal)
+  # Named as the output is: the remat policies that keep `attn` keep both, and the backward
+  # pass then recomputes no softmax statistics.
+  log_sum_exp = checkpoint_name(jax.nn.logsumexp(logits, axis=-1, keepdims=True), 'attn')
+  y = jnp.einsum('bhqk,bkhd->bqhd', jnp.exp(logits - log_sum_exp).astype(v.dtype), v)
+  return y, (q, k, v, y, log_sum_exp)
+
+
+def _attention_backward(causal: bool, residuals, dy):
+  q, k, v, y, log_sum_exp = residuals
+  weights = jnp.exp(_scaled_logits(q, k, causal) - log_sum_exp)
+  dv = jnp.einsum('bhqk,bqhd->bkhd', weights.astype(v.dtype), dy)
+  dweights = jnp.einsum('bqhd,bkhd->bhqk', dy, v).astype(jnp.float32)
+  row_term = jnp.einsum('bqhd,bqhd->bhq', dy.astype(jnp.float32), y.astype(jnp.float32))
+  dlogits = (weights * (dweights - row_term[..., None]) * q.shape[-1] ** -0.5).astype(q.dtype)
+  return (jnp.einsum('bhqk,bkhd->bqhd', dlogits, k), jnp.einsum('bhqk,bqhd->bkhd', dlogits, q),
+          dv)
+
+
+_attention.defvjp(_attention_forward, _attention_backward)
 
 
 def splash_attention(q, k, v, *, causal: bool = False, interpret: bool = False) -> jax.Array:
