@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from jax.extend import core as jax_core
 
 from clip_jax import aot
 from clip_jax.config_base import base_config
@@ -45,6 +46,30 @@ def test_remat_policies_keep_less_the_more_they_recompute():
   """Scanned (where XLA cannot rematerialise by itself): none > minimal > save_attn > full."""
   sizes = [_step_bytes(True, remat) for remat in ('none', 'minimal', 'save_attn', 'full')]
   assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
+
+
+def _matmuls(jaxpr: jax_core.Jaxpr) -> int:
+  return (sum(eqn.primitive.name == 'dot_general' for eqn in jaxpr.eqns)
+          + sum(map(_matmuls, jax_core.subjaxprs(jaxpr))))
+
+
+def test_remat_policies_recompute_only_the_matmuls_they_do_not_keep():
+  """Matmuls in a scanned layer's gradient (the loop body, traced once): 6 forward and 14
+  backward without remat (attention's hand-written backward: q.k again, dv, dweights, the
+  dy.y row term, dq, dk). `minimal` keeps every matmul output, so it recomputes none;
+  `save_attn` recomputes the MLP's first; `full` the forward's 5 whose outputs the backward
+  reads. The attention's residuals must carry the `attn` name where its backward reads them:
+  named only on the module's output, `minimal` recomputed the attention forward (+2)."""
+  def count(remat):
+    stack = layers.Transformer(2, 64, 4, 256, act='gelu', eps=1e-5, ls_init=None, scan=True,
+                               remat=remat, dtype=jnp.float32, param_dtype=jnp.float32,
+                               rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(stack)
+    loss = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x, causal=False))
+    return _matmuls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(state, jnp.ones((2, 9, 64))
+                                                                   ).jaxpr)
+  assert {remat: count(remat) for remat in ('none', 'minimal', 'save_attn', 'full')} == {
+      'none': 20, 'minimal': 20, 'save_attn': 21, 'full': 25}
 
 
 def scanned_stack_memory(layers_count: int, batch: int, tokens: int, width: int, *,

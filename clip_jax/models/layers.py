@@ -209,10 +209,12 @@ def _attention(q, k, v, causal: bool) -> jax.Array:
 
 def _attention_forward(q, k, v, causal: bool):
   logits = _scaled_logits(q, k, causal)
-  # Named as the output is: the remat policies that keep `attn` keep both, and the backward
-  # pass then recomputes no softmax statistics.
-  log_sum_exp = checkpoint_name(jax.nn.logsumexp(logits, axis=-1, keepdims=True), 'attn')
+  log_sum_exp = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
   y = jnp.einsum('bhqk,bkhd->bqhd', jnp.exp(logits - log_sum_exp).astype(v.dtype), v)
+  # Both residuals named `attn` here, where the backward pass reads them: a remat policy that
+  # keeps `attn` then recomputes neither the softmax statistics nor the output (named only
+  # outside, the output was kept, and recomputed for this rule all the same).
+  y, log_sum_exp = checkpoint_name((y, log_sum_exp), 'attn')
   return y, (q, k, v, y, log_sum_exp)
 
 
