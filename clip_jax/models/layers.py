@@ -211,10 +211,13 @@ def _attention_forward(q, k, v, causal: bool):
   logits = _scaled_logits(q, k, causal)
   log_sum_exp = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
   y = jnp.einsum('bhqk,bkhd->bqhd', jnp.exp(logits - log_sum_exp).astype(v.dtype), v)
-  # Both residuals named `attn` here, where the backward pass reads them: a remat policy that
-  # keeps `attn` then recomputes neither the softmax statistics nor the output (named only
-  # outside, the output was kept, and recomputed for this rule all the same).
-  y, log_sum_exp = checkpoint_name((y, log_sum_exp), 'attn')
+  # Named here, where the backward pass reads it: a remat policy that keeps `attn` then does
+  # not recompute the output (named only outside, it was kept and recomputed all the same).
+  # The log-sum-exp is left to such a policy to recompute: its q.k matmul merges with the
+  # backward pass's own. Saved across the remat boundary, its layout (batch minor) made XLA
+  # copy the [B, H, T, T] logits to match it, forward and backward (ViT-B-16's estimated
+  # step +10% under `minimal`).
+  y = checkpoint_name(y, 'attn')
   return y, (q, k, v, y, log_sum_exp)
 
 
