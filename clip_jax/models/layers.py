@@ -164,12 +164,11 @@ class Attention(nnx.Module):
     qkv = checkpoint_name(dense_of(norm, self.qkv, x), 'qkv')  # [B, T, 3, H, D]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.impl == 'splash':  # the kernel where the program is compiled for TPU
-      y = jax.lax.platform_dependent(
+      y = checkpoint_name(jax.lax.platform_dependent(
           q, k, v, tpu=functools.partial(splash_attention, causal=causal),
-          default=functools.partial(dot_product_attention, causal=causal))
-    else:
+          default=functools.partial(dot_product_attention, causal=causal)), 'attn')
+    else:  # named `attn` inside, once: a second name here made remat keep two copies
       y = dot_product_attention(q, k, v, causal=causal)
-    y = checkpoint_name(y, 'attn')
     return checkpoint_name(self.out(y), 'attn_out')
 
 
