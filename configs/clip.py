@@ -15,8 +15,8 @@ from clip_jax.config_base import base_config
 
 # model: (lr, warmup, remat). remat: the least recompute that fits 256 pairs/chip on v5p
 # (`python -m clip_jax.aot ... --topology v5p:2x2x1`, bench/RESULTS.md): `none` for all,
-# scanned B-32 12.6, B-16 22.9, L-14 70.5 of 95.7 GiB. Smaller chips or more pairs per
-# chip: `minimal` (L-14 49.3 GiB), then `full`.
+# scanned B-16 12.2 GiB by the compiler's peak; B-32 12.6 and L-14 70.5 summed (upper
+# bounds), of 95.7 GiB. Smaller chips or more pairs per chip: `save_attn`, then `full`.
 RECIPES = {
     'ViT-B-32': (5e-4, 2000, 'none'),
     'ViT-B-16': (5e-4, 2000, 'none'),
