@@ -47,9 +47,14 @@ def test_scanned_layers_need_at_most_10_percent_more_memory_than_unrolled(remat)
 
 
 def test_remat_policies_keep_less_the_more_they_recompute():
-  """Scanned (where XLA cannot rematerialise by itself): none > minimal > save_attn > full."""
-  sizes = [_step_bytes(True, remat) for remat in ('none', 'minimal', 'save_attn', 'full')]
-  assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
+  """Scanned (where XLA cannot rematerialise by itself): none ~ minimal > save_attn > full.
+
+  `minimal` keeps what `none` keeps but the softmax's log-sum-exp (1/16 of a [B, T, width]
+  unit at 4 heads of 16), so the two differ only by where temporaries fall: within 1%."""
+  none, minimal, save_attn, full = (_step_bytes(True, remat)
+                                    for remat in ('none', 'minimal', 'save_attn', 'full'))
+  assert abs(minimal - none) <= 0.01 * none, (none, minimal)
+  assert full < save_attn < min(none, minimal), (none, minimal, save_attn, full)
 
 
 def _matmuls(jaxpr: jax_core.Jaxpr) -> int:

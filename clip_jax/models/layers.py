@@ -208,8 +208,15 @@ def _attention(q, k, v, causal: bool) -> jax.Array:
 
 def _attention_forward(q, k, v, causal: bool):
   logits = _scaled_logits(q, k, causal)
-  log_sum_exp = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-  y = jnp.einsum('bhqk,bkhd->bqhd', jnp.exp(logits - log_sum_exp).astype(v.dtype), v)
+  # Softmax as max, exp, sum, divide, the log-sum-exp its by-product. `jax.nn.logsumexp`
+  # and then exp(logits - log_sum_exp) cost the same where T is 197 (ViT-B-16) but at 257
+  # (ViT-L-14), unrolled, XLA laid the logits out batch-minor and copied them to and fro
+  # (4 [B, H, T, T] copies a layer: est. step +9%, bench/RESULTS.md).
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  exp_logits = jnp.exp(logits - row_max)
+  row_sum = jnp.sum(exp_logits, axis=-1, keepdims=True)
+  y = jnp.einsum('bhqk,bkhd->bqhd', (exp_logits / row_sum).astype(v.dtype), v)
+  log_sum_exp = row_max + jnp.log(row_sum)
   # Named here, where the backward pass reads it: a remat policy that keeps `attn` then does
   # not recompute the output (named only outside, it was kept and recomputed all the same).
   # The log-sum-exp is left to such a policy to recompute: its q.k matmul merges with the
