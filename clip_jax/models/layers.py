@@ -188,7 +188,8 @@ def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
   log-sum-exp (elementwise: no max or sum over the rows again), and takes the softmax's
   row term sum_k(dweights * weights) as sum_d(dy * y) over [B, T, H, D] instead of over
   the 3x larger (ViT-B-16) weights. Autodiff of the same function recomputed the whole
-  softmax and made that reduction: ViT-B-16's estimated step 78.1 -> 75.4 ms (bench/RESULTS.md).
+  softmax and made that reduction: est. step ViT-B-16 81.3 -> 76.6 ms, ViT-L-14 280.6 -> 262.6
+  ms (v5p, bench/RESULTS.md).
   """
   return _attention(q, k, v, causal)
 
@@ -209,7 +210,7 @@ def _attention(q, k, v, causal: bool) -> jax.Array:
 def _attention_forward(q, k, v, causal: bool):
   logits = _scaled_logits(q, k, causal)
   # Softmax as max, exp, sum, divide, the log-sum-exp its by-product. `jax.nn.logsumexp`
-  # and then exp(logits - log_sum_exp) cost the same where T is 197 (ViT-B-16) but at 257
+  # and then exp(logits - log_sum_exp) cost about the same at T = 197 (ViT-B-16), but at 257
   # (ViT-L-14), unrolled, XLA laid the logits out batch-minor and copied them to and fro
   # (4 [B, H, T, T] copies a layer: est. step +9%, bench/RESULTS.md).
   row_max = jnp.max(logits, axis=-1, keepdims=True)
