@@ -49,6 +49,23 @@ def test_scan_and_loop_give_the_same_numbers(overrides):
     np.testing.assert_array_equal(scan_feats[1], loop_feats[1])
 
 
+def test_layers_per_scan_iteration_keep_loss_and_gradients():
+  """`scan_unroll=2` over 3 layers (one iteration of 2, and the remainder): same loss and
+  gradients as one layer per iteration, up to float32 rounding of XLA's other fusions."""
+  layers = {'vision.layers': 3, 'text.layers': 3}
+  base = clip_jax.create_model('tiny', **layers)
+  params = get_params(base)
+  unrolled = model_from_params(base.cfg.replace(**{'vision.scan_unroll': 2,
+                                                   'text.scan_unroll': 2}), params)
+  assert unrolled.visual.transformer.unroll == unrolled.text.transformer.unroll == 2
+  images, tokens = random_inputs(32, 32, 49408, batch=4)
+  (loss, grads), (unrolled_loss, unrolled_grads) = (_loss_and_grads(m, images, tokens)
+                                                    for m in (base, unrolled))
+  np.testing.assert_allclose(float(unrolled_loss), float(loss), rtol=1e-6)
+  for g, ug in zip(jax.tree.leaves(grads), jax.tree.leaves(unrolled_grads)):
+    np.testing.assert_allclose(np.asarray(ug), np.asarray(g), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize('scan', [True, False], ids=['scan', 'loop'])
 @pytest.mark.parametrize('policy', [p for p in REMAT_POLICIES if p != 'none'])
 def test_remat_keeps_loss_and_gradients(policy, scan):

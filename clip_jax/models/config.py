@@ -49,6 +49,8 @@ class VisionConfig:
   norm_eps: float = 1e-5
   ls_init: float | None = None
   patch_dropout: float = 0.0
+  # Execution option, as in TextConfig: layers per iteration of the scanned loop.
+  scan_unroll: int = 1
   # Set for towers that OpenCLIP builds from a timm trunk (the SigLIP family).
   timm_model_name: str | None = None
 
@@ -87,6 +89,10 @@ class TextConfig:
   tokenizer: str = 'clip'
   # OpenCLIP's hub tokenizer name, written to the exported config only.
   hf_tokenizer_name: str | None = None
+  # Execution option (the numbers do not change): layers per iteration of the loop that
+  # `scan_layers` makes (`jax.lax.scan`'s `unroll`). XLA schedules and fuses across the
+  # layers of one iteration; `clip_jax.aot` costs a scanned layer by compiling 1 and 2.
+  scan_unroll: int = 1
 
   @property
   def head_dim(self) -> int:
@@ -156,6 +162,7 @@ class CLIPConfig:
         (v.proj or v.width == self.embed_dim, 'vision.proj=False needs vision.width == embed_dim'),
         (t.proj or t.width == self.embed_dim, 'text.proj=False needs text.width == embed_dim'),
         (0 <= v.patch_dropout < 1, 'vision.patch_dropout must be in [0, 1)'),
+        (v.scan_unroll >= 1 and t.scan_unroll >= 1, 'scan_unroll must be >= 1'),
         (self.remat in REMAT_POLICIES, f'remat must be one of {REMAT_POLICIES}'),
         (self.attention in ATTENTIONS, f'attention must be one of {ATTENTIONS}'),
     ]

@@ -342,14 +342,15 @@ class Transformer(nnx.Module):
 
   One parameter layout for both execution modes keeps checkpoints and the OpenCLIP
   converter independent of `scan_layers`: `scan_layers=False` fully unrolls the same scan
-  (bigger program, more room for XLA to fuse across layers). `remat` wraps each layer in
+  (bigger program, more room for XLA to fuse across layers); `unroll` layers per iteration
+  of the scanned loop are the middle ground. `remat` wraps each layer in
   `jax.checkpoint` with the named policy. Each layer's input and output are pinned to the
   batch axes of the mesh (`sharding.constrain_batch`), which GSPMD lost inside the scan.
   """
 
   def __init__(self, layers: int, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
-               ls_init: float | None, scan: bool, remat: str, attention: str = 'xla', dtype,
-               param_dtype, rngs: nnx.Rngs):
+               ls_init: float | None, scan: bool, remat: str, attention: str = 'xla',
+               unroll: int = 1, dtype, param_dtype, rngs: nnx.Rngs):
 
     @nnx.split_rngs(splits=layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -360,6 +361,7 @@ class Transformer(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.layers = layers
     self.scan = scan
+    self.unroll = unroll
     self.remat = remat
 
   def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
@@ -371,5 +373,5 @@ class Transformer(nnx.Module):
 
     if self.remat != 'none':
       layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-    x, _ = jax.lax.scan(layer, x, state, unroll=1 if self.scan else self.layers)
+    x, _ = jax.lax.scan(layer, x, state, unroll=self.unroll if self.scan else self.layers)
     return x

@@ -28,7 +28,7 @@ class TextTransformer(nnx.Module):
                            (None, 'embed'), param_dtype)
     self.transformer = Transformer(cfg.layers, d, cfg.heads, cfg.mlp_dim, act=cfg.act,
                                    eps=cfg.norm_eps, ls_init=cfg.ls_init, scan=scan, remat=remat,
-                                   attention=attention, **kw)
+                                   attention=attention, unroll=cfg.scan_unroll, **kw)
     self.ln_final = LayerNorm(d, eps=cfg.norm_eps, **kw)
     self.proj = (Dense((d,), (embed_dim,), ('embed', 'proj'), use_bias=cfg.proj_bias, **kw,
                        kernel_init=jax.nn.initializers.normal(d ** -0.5))

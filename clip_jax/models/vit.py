@@ -72,7 +72,7 @@ class VisionTransformer(nnx.Module):
     self.ln_pre = LayerNorm(d, eps=cfg.norm_eps, **kw) if cfg.ln_pre else None
     self.transformer = Transformer(cfg.layers, d, cfg.heads, cfg.mlp_dim, act=cfg.act,
                                    eps=cfg.norm_eps, ls_init=cfg.ls_init, scan=scan, remat=remat,
-                                   attention=attention, **kw)
+                                   attention=attention, unroll=cfg.scan_unroll, **kw)
     self.ln_post = LayerNorm(d, eps=cfg.norm_eps, **kw)
     self.map_head = MAPHead(cfg, **kw) if cfg.pool == 'map' else None
     self.proj = (param(rngs, jax.nn.initializers.normal(scale), (d, embed_dim), ('embed', 'proj'),
