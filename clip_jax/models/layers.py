@@ -188,8 +188,8 @@ def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
   log-sum-exp (elementwise: no max or sum over the rows again), and takes the softmax's
   row term sum_k(dweights * weights) as sum_d(dy * y) over [B, T, H, D] instead of over
   the 3x larger (ViT-B-16) weights. Autodiff of the same function recomputed the whole
-  softmax and made that reduction: est. step ViT-B-16 81.3 -> 76.6 ms, ViT-L-14 280.6 -> 262.6
-  ms (v5p, bench/RESULTS.md).
+  softmax and made that reduction: unrolled est. step ViT-B-16 81.3 -> 76.6 ms, ViT-L-14
+  280.6 -> 262.6 ms (v5p, bench/RESULTS.md).
   """
   return _attention(q, k, v, causal)
 
