@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import clip_jax
+from clip_jax.convert.open_clip_config import model_cfg
 from clip_jax.models.config import REMAT_POLICIES
 from clip_jax.models.functional import get_params, model_from_params
 from tests.jax_reference import jax_features, random_inputs
@@ -64,6 +65,13 @@ def test_layers_per_scan_iteration_keep_loss_and_gradients():
   np.testing.assert_allclose(float(unrolled_loss), float(loss), rtol=1e-6)
   for g, ug in zip(jax.tree.leaves(grads), jax.tree.leaves(unrolled_grads)):
     np.testing.assert_allclose(np.asarray(ug), np.asarray(g), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['ViT-B-16', 'ViT-B-16-SigLIP'])
+def test_execution_options_stay_out_of_the_exported_open_clip_config(name):
+  cfg = clip_jax.get_config(name)
+  fast = cfg.replace(**{'vision.scan_unroll': 2, 'text.scan_unroll': 2, 'scan_layers': False})
+  assert model_cfg(fast) == model_cfg(cfg)
 
 
 @pytest.mark.parametrize('scan', [True, False], ids=['scan', 'loop'])

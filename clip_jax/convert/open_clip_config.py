@@ -63,7 +63,8 @@ def _patch_dropout(v: VisionConfig) -> dict[str, Any]:
 
 def _timm_vision(cfg: CLIPConfig) -> dict[str, Any]:
   from clip_jax.models.presets import PRESETS
-  v = dataclasses.replace(cfg.vision, patch_dropout=0.0)  # training only: timm takes it apart
+  # Training and execution options only: timm takes them apart.
+  v = dataclasses.replace(cfg.vision, patch_dropout=0.0, scan_unroll=1)
   reference = next((p.vision for p in PRESETS.values() if p.vision == v), None)
   if reference is None:
     known = [p.vision for p in PRESETS.values() if p.vision.timm_model_name == v.timm_model_name]
