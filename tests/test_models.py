@@ -83,9 +83,11 @@ def test_remat_keeps_loss_and_gradients(policy, scan):
   loss, grads = _loss_and_grads(base, images, tokens)
   remat = model_from_params(base.cfg.replace(remat=policy), params)
   remat_loss, remat_grads = _loss_and_grads(remat, images, tokens)
-  assert float(remat_loss) == float(loss)
+  # The recomputed forward pass is fused apart from the rest: float32 rounding only.
+  np.testing.assert_allclose(float(remat_loss), float(loss), rtol=1e-6)
   for g, rg in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
-    np.testing.assert_allclose(np.asarray(rg), np.asarray(g), rtol=1e-4, atol=1e-6)
+    g = np.asarray(g)  # a few small entries are sums of larger terms: scale by the largest
+    np.testing.assert_allclose(np.asarray(rg), g, rtol=1e-4, atol=1e-4 * np.abs(g).max())
 
 
 def test_bf16_compute_stays_close_to_fp32():
