@@ -165,6 +165,7 @@ def test_unknown_preset_lists_close_matches():
     ({'text.pool': 'cls'}, 'text.pool must be one of'),
     ({'vision.class_token': False}, "vision.pool='tok' needs vision.class_token=True"),
     ({'remat': 'some'}, 'remat must be one of'),
+    ({'text.scan_unroll': 0}, 'text.scan_unroll must be >= 1'),
 ])
 def test_impossible_configs_fail_with_the_field_name(overrides, message):
   with pytest.raises(ValueError, match=message):

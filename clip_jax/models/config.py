@@ -162,7 +162,8 @@ class CLIPConfig:
         (v.proj or v.width == self.embed_dim, 'vision.proj=False needs vision.width == embed_dim'),
         (t.proj or t.width == self.embed_dim, 'text.proj=False needs text.width == embed_dim'),
         (0 <= v.patch_dropout < 1, 'vision.patch_dropout must be in [0, 1)'),
-        (v.scan_unroll >= 1 and t.scan_unroll >= 1, 'scan_unroll must be >= 1'),
+        (v.scan_unroll >= 1, 'vision.scan_unroll must be >= 1'),
+        (t.scan_unroll >= 1, 'text.scan_unroll must be >= 1'),
         (self.remat in REMAT_POLICIES, f'remat must be one of {REMAT_POLICIES}'),
         (self.attention in ATTENTIONS, f'attention must be one of {ATTENTIONS}'),
     ]
