@@ -1,0 +1,114 @@
+"""What every command-line tool does with a user's mistake: one line on stderr, exit status 2.
+
+A user error is a bad flag, file, key or value: the library raises it as one of
+`USER_ERRORS` with a message that names what to change. The binaries' `main` functions are
+wrapped in `user_errors`, so such an error ends the process with `error: MESSAGE` instead of
+a traceback; tracebacks are kept for bugs (any other exception type).
+`CLIP_JAX_TRACEBACK=1` shows the traceback of a user error too.
+
+absl binaries (`train`, `aot`) also parse `--config` and `--config.KEY=VALUE` flags:
+`absl_flags_parser` turns a bad flag or config key into the same one line, naming the full
+key path and the nearest valid key (`optim.lrr: did you mean optim.lr?`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+    PermissionError)
+EXIT_USER_ERROR = 2
+
+
+def fail(message: str) -> NoReturn:
+  """Ends the process as a user error: `error: message` on stderr, exit status 2."""
+  first, *rest = str(message).strip().splitlines() or ['']
+  print(f'error: {first}' + (f' ({" ".join(r.strip() for r in rest)})' if rest else ''),
+        file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def user_errors(main: Callable[..., Any]) -> Callable[..., Any]:
+  """Decorates a binary's `main`: a `USER_ERRORS` exception becomes one line and exit 2."""
+
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except USER_ERRORS as e:
+      if os.environ.get('CLIP_JAX_TRACEBACK'):
+        raise
+      fail(_message(e))
+
+  return wrapped
+
+
+def _message(e: BaseException) -> str:
+  # FileNotFoundError from open() carries (errno, strerror, filename): say the file.
+  if isinstance(e, OSError) and e.filename and e.strerror:
+    return f'{e.filename}: {e.strerror}'
+  return str(e)
+
+
+def absl_flags_parser(argv: list[str]) -> list[str]:
+  """`app.run(main, flags_parser=absl_flags_parser)`: flag and config-key errors as one line.
+
+  ml_collections reports an unknown `--config.KEY` as an unknown flag or as a nested
+  KeyError/AttributeError; here it names the key path as typed and the closest valid path.
+  """
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as e:
+    key, valid = _bad_config_key(argv, flags.FLAGS)
+    if key is not None:
+      fail(_unknown_key_message(key, valid))
+    if isinstance(e, flags.Error):
+      fail(f'{e} (--help lists the flags)')
+    raise
+  except USER_ERRORS as e:  # a config file's get_config rejected its :ARGS
+    if os.environ.get('CLIP_JAX_TRACEBACK'):
+      raise
+    fail(_message(e))
+
+
+def _bad_config_key(argv: list[str], flag_values) -> tuple[str | None, list[str]]:
+  """The first `--config.KEY=...` whose KEY the loaded config does not have, and its keys."""
+  config = flag_values['config'].value if 'config' in flag_values else None
+  if config is None:
+    return None, []
+  valid = flatten_keys(config)
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if key not in valid:
+        return key, valid
+  return None, valid
+
+
+def flatten_keys(config: Any, prefix: str = '') -> list[str]:
+  """Every leaf and node key of a ConfigDict as a dotted path (`optim.lr`, `model.vision`)."""
+  keys = []
+  for name, value in config.items():
+    path = f'{prefix}{name}'
+    keys.append(path)
+    if hasattr(value, 'items') and not isinstance(value, dict):
+      keys.extend(flatten_keys(value, f'{path}.'))
+  return keys
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+  if close:
+    return f'--config.{key}: no such key; did you mean {close[0]}?'
+  parent = key.rpartition('.')[0]
+  siblings = sorted(k.rpartition('.')[2] for k in valid
+                    if k.rpartition('.')[0] == parent and k != parent)
+  return f'--config.{key}: no such key; {parent or "the config"} has: {", ".join(siblings)}'
