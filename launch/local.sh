@@ -8,6 +8,9 @@
 # On CPU each process gets DEVICES_PER_PROC fake devices; on a GPU host each process gets
 # DEVICES_PER_PROC GPUs (CUDA_VISIBLE_DEVICES). Process 0 prints to the console; the others
 # log to ${CLIP_JAX_LOG_DIR:-/tmp}/clip_jax_proc_N.log. Exits non-zero if any process fails.
+#
+# Python: $PYTHON when set, else this checkout's .venv/bin/python when it exists (the
+# Quickstart's venv), else python3 from PATH.
 set -euo pipefail
 
 usage() { echo "usage: $0 NPROC DEVICES_PER_PROC -- TRAIN_ARGS..." >&2; exit 2; }
@@ -18,7 +21,14 @@ nproc="$1"; devices="$2"; shift 3
 port="${CLIP_JAX_PORT:-$((20000 + RANDOM % 20000))}"
 log_dir="${CLIP_JAX_LOG_DIR:-/tmp}"
 mkdir -p "$log_dir"
-python="${PYTHON:-python3}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ -n "${PYTHON:-}" ]]; then
+  python="$PYTHON"
+elif [[ -x "${repo}/.venv/bin/python" ]]; then
+  python="${repo}/.venv/bin/python"
+else
+  python=python3
+fi
 platform="${JAX_PLATFORMS:-cpu}"
 pids=()
 

@@ -5,9 +5,15 @@
 #   launch/tpu_vm.sh [--dry_run] create|setup|train|logs|ssh|delete [TRAIN_ARGS...]
 #
 # Settings (environment): TPU_NAME, TPU_ZONE, TPU_TYPE (e.g. v4-32), TPU_VERSION
-# (runtime, default tpu-ubuntu2204-base), TPU_MODE (on_demand | spot | queued),
-# TPU_PROJECT (optional), BUCKET (gs:// workdir root), REPO_URL / REPO_REF (default: this
-# checkout's origin and HEAD). --dry_run prints the gcloud commands instead of running them.
+# (runtime, default tpu-ubuntu2204-base), TPU_MODE (on_demand | spot | queued, default
+# on_demand), TPU_SPOT (queued only: 1 asks for spot capacity, default 0), TPU_PROJECT
+# (optional), BUCKET (gs:// workdir root), REPO_URL / REPO_REF (default: this checkout's
+# origin and HEAD). --dry_run prints the gcloud commands instead of running them.
+#
+# `setup` clones REPO_URL on every worker and checks out REPO_REF, so REPO_REF must be
+# pushed: when it is a local commit that no branch of origin contains, setup stops and says
+# so (push it, or set REPO_REF to a pushed branch, tag or commit). Uncommitted changes are
+# never deployed; setup warns about them.
 #
 #   TPU_NAME=clip TPU_ZONE=us-central2-b TPU_TYPE=v4-32 BUCKET=gs://my-bucket \
 #     launch/tpu_vm.sh create && launch/tpu_vm.sh setup && \
@@ -23,13 +29,35 @@ command="${1:-}"; shift || true
 TPU_TYPE="${TPU_TYPE:-v4-8}"
 TPU_VERSION="${TPU_VERSION:-tpu-ubuntu2204-base}"
 TPU_MODE="${TPU_MODE:-on_demand}"
-REPO_URL="${REPO_URL:-$(git -C "$(dirname "$0")/.." remote get-url origin 2>/dev/null || echo https://github.com/clip-jax/clip_jax)}"
-REPO_REF="${REPO_REF:-$(git -C "$(dirname "$0")/.." rev-parse HEAD 2>/dev/null || echo main)}"
+TPU_SPOT="${TPU_SPOT:-0}"
+repo="$(dirname "$0")/.."
+origin_url="$(git -C "$repo" remote get-url origin 2>/dev/null || true)"
+REPO_URL="${REPO_URL:-${origin_url:-https://github.com/clip-jax/clip_jax}}"
+REPO_REF="${REPO_REF:-$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo main)}"
 project_flag=()
 [[ -n "${TPU_PROJECT:-}" ]] && project_flag=(--project "$TPU_PROJECT")
 
 run() {
   if [[ $dry_run -eq 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+# The workers can only check out what origin has: a local commit that no remote-tracking
+# branch of origin contains (as of the last fetch or push) stops setup with a message.
+check_ref_is_pushed() {
+  [[ -n "$origin_url" && "$REPO_URL" == "$origin_url" ]] || return 0  # another repo: unknown
+  local commit branches
+  commit="$(git -C "$repo" rev-parse --verify -q "${REPO_REF}^{commit}" 2>/dev/null)" || return 0
+  branches="$(git -C "$repo" branch -r --contains "$commit" 2>/dev/null || true)"
+  if [[ $'\n'"$branches" != *$'\n  origin/'* ]]; then
+    echo "error: REPO_REF ${REPO_REF} (${commit:0:12}) is not pushed: no branch of origin" \
+      "contains it, so the workers cannot check it out. Push it (git push), or set REPO_REF" \
+      "to a pushed branch, tag or commit." >&2
+    exit 2
+  fi
+  if [[ -n "$(git -C "$repo" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+    echo "warning: this checkout has uncommitted changes; the workers get ${REPO_REF}" \
+      "without them." >&2
+  fi
 }
 
 on_all_workers() {
@@ -44,12 +72,20 @@ case "$command" in
                    "${project_flag[@]}" --accelerator-type "$TPU_TYPE" --version "$TPU_VERSION" ;;
       spot) run gcloud compute tpus tpu-vm create "$TPU_NAME" --zone "$TPU_ZONE" \
               "${project_flag[@]}" --accelerator-type "$TPU_TYPE" --version "$TPU_VERSION" --spot ;;
-      queued) run gcloud compute tpus queued-resources create "$TPU_NAME" --zone "$TPU_ZONE" \
-                "${project_flag[@]}" --node-id "$TPU_NAME" --accelerator-type "$TPU_TYPE" \
-                --runtime-version "$TPU_VERSION" --spot ;;
+      queued)
+        spot_flag=()
+        case "$TPU_SPOT" in
+          1) spot_flag=(--spot) ;;
+          0) ;;
+          *) echo "TPU_SPOT must be 0 or 1" >&2; exit 2 ;;
+        esac
+        run gcloud compute tpus queued-resources create "$TPU_NAME" --zone "$TPU_ZONE" \
+          "${project_flag[@]}" --node-id "$TPU_NAME" --accelerator-type "$TPU_TYPE" \
+          --runtime-version "$TPU_VERSION" "${spot_flag[@]}" ;;
       *) echo "TPU_MODE must be on_demand, spot or queued" >&2; exit 2 ;;
     esac ;;
   setup)
+    check_ref_is_pushed
     on_all_workers "set -e; rm -rf clip_jax && git clone -q $REPO_URL clip_jax && \
 cd clip_jax && git checkout -q $REPO_REF && python3 -m venv .venv && \
 .venv/bin/pip install -q -U 'jax[tpu]' -e ." ;;
