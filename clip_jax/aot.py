@@ -22,7 +22,6 @@ calls (Pallas kernels, ...) are not costed.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -33,14 +32,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from flax import nnx
+from ml_collections import config_flags
 
-from clip_jax import distill, optim, sharding, train
-from clip_jax.checkpoint import load_model_config
+from clip_jax import cli, run_config, sharding, step
 from clip_jax.distributed import quiet_stderr
 from clip_jax.metrics import peak_flops_per_device, train_flops_per_sample
+from clip_jax.models.config import CLIPConfig
 
-_CONFIG = train._CONFIG  # the trainer's own --config flag (same file, ARGS and overrides)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Training config file, as the trainer takes it (ARGS and overrides).',
+    lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
     'topology', None, "TPU topology to compile for, e.g. 'v5p:4x4x4', 'v5e:2x2', or 'local' "
     "(this machine's devices).")
@@ -90,37 +91,11 @@ def topology_devices(topology: str) -> list[jax.Device]:
 # --- the step, from shapes ----------------------------------------------------------------
 
 def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device]):
-  """The trainer's jitted step for `devices`, lowered on abstract state and batch."""
-  train.check_config(config, len(devices))
-  cfg = train.model_config(config)
-  distill.check(config, cfg)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model, param_shardings, init_fn = train.build_model(cfg, mesh, rules, config.seed)
-  params = with_shardings(jax.eval_shape(init_fn), param_shardings)
-  tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  ema = config.optim.ema_decay > 0
-  shardings = train.state_shardings(params, param_shardings, tx, mesh, ema)
-  state = with_shardings(jax.eval_shape(functools.partial(
-      train.create_state, tx=tx, mesh=mesh, param_shardings=param_shardings, ema=ema), params),
-      shardings)
-  batch_sharding = sharding.batch_sharding(mesh)
-  b, size, context = config.batch_size, cfg.vision.image_size, cfg.text.context_length
-  batch = {'image': jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=batch_sharding),
-           'text': jax.ShapeDtypeStruct((b, context), jnp.int32, sharding=batch_sharding)}
-  teacher, teacher_params = None, ()
-  if config.distill.teacher:  # its model config only: the params are shapes, as the student's
-    teacher = distill.Teacher.create(load_model_config(config.distill.teacher), mesh, rules,
-                                     config.model.dtype)
-    teacher_params = (with_shardings(nnx.to_pure_dict(teacher.model.template),
-                                     teacher.shardings),)
-  step = train.make_train_step(config, model, tx, mesh, shardings, batch_sharding, teacher)
-  return step.lower(state, batch, *teacher_params), cfg
-
-
-def with_shardings(shapes: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, shardings)
+  """The trainer's jitted step for `devices` (`clip_jax.step`, abstract: shapes only),
+  lowered; and the resolved run."""
+  run = run_config.resolve(config, len(devices), data=False)
+  program = step.build(run, sharding.make_mesh(run.mesh, devices), abstract=True)
+  return program.lower(run.step.batch_size), run
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -134,7 +109,8 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
   devices = topology_devices(topology)
   kind = devices[0].device_kind
   chips = len(devices)
-  lowered, cfg = lower_train_step(config, devices)
+  lowered, run = lower_train_step(config, devices)
+  cfg = run.model
   report: dict[str, Any] = {
       'topology': topology, 'device_kind': kind, 'chips': chips,
       'cores_per_device': getattr(devices[0], 'num_cores', None),
@@ -144,6 +120,9 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
       'batch_size': config.batch_size, 'batch_per_chip': config.batch_size / chips,
       'grad_accum': config.optim.grad_accum, 'grad_accum_mode': config.optim.grad_accum_mode}
   capacity = hbm_capacity(devices[0])
+  scanned = depth_estimate and config.model.scan_layers and config.optim.grad_accum == 1
+  progress(f'compile 1 of {4 if scanned else 1}: the {config.model.name} step for {topology} '
+           f'({chips} x {kind})')
   try:
     with quiet_stderr():
       compiled = lowered.compile()
@@ -172,8 +151,9 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
   scatters = len(re.findall(r'(?<![\w-])scatter\(', hlo))  # not reduce-scatter
   peak = peak_flops(config, devices[0])
   extrapolated = None
-  if depth_estimate and config.model.scan_layers and config.optim.grad_accum == 1:
-    extrapolated = depth_extrapolation(config, devices, (float(seconds or 0.0), compiled_flops))
+  if scanned:
+    extrapolated = depth_extrapolation(config, cfg, devices,
+                                       (float(seconds or 0.0), compiled_flops))
     extrapolated['scanned_program'] = {'step_seconds': seconds, 'flops': compiled_flops}
     compiled_flops = extrapolated['flops_per_chip']
     if extrapolated['step_seconds'] is not None:  # else the program's own (non-positive) time
@@ -195,8 +175,9 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
   return report
 
 
-def depth_extrapolation(config: ml_collections.ConfigDict, devices: list[jax.Device],
-                        scanned: tuple[float, float]) -> dict[str, Any]:
+def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
+                        devices: list[jax.Device], scanned: tuple[float, float]
+                        ) -> dict[str, Any]:
   """Step time and FLOPs of the full-depth scanned step, from the loop bodies' own cost.
 
   `cost_analysis()` counts a loop body once: the scanned program (`scanned`: its time and
@@ -212,14 +193,15 @@ def depth_extrapolation(config: ml_collections.ConfigDict, devices: list[jax.Dev
   (`sigmoid_chunked`, a loop) is costed as the gathered `sigmoid`: the same FLOPs. No time
   when the compiler gives none positive for one of them.
   """
-  cfg = train.model_config(config)
   costs = {}
-  for unrolls in ((1, 1), (2, 1), (1, 2)):
+  for i, unrolls in enumerate(((1, 1), (2, 1), (1, 2))):
     shallow = config.copy_and_resolve_references()
     shallow.model.vision.layers = shallow.model.text.layers = 4  # 2 iterations at unroll 2
     shallow.model.vision.scan_unroll, shallow.model.text.scan_unroll = unrolls
     if shallow.loss.kind == 'sigmoid_chunked':  # the same FLOPs without the ring's loop
       shallow.loss.kind = 'sigmoid'
+    progress(f'compile {i + 2} of 4: 4 layers per tower, {unrolls[0]} vision and {unrolls[1]} '
+             'text layer(s) per loop iteration (for the depth estimate)')
     with quiet_stderr():
       cost = lower_train_step(shallow, devices)[0].compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
@@ -424,21 +406,26 @@ def format_report(report: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
+def progress(message: str) -> None:
+  """Where the tool is, on stderr (compiles take seconds to minutes each)."""
+  print(f'aot: {message}', file=sys.stderr, flush=True)
+
+
 # --- the binary ---------------------------------------------------------------------------
 
+@cli.user_errors
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise ValueError(f'unexpected arguments {" ".join(argv[1:])!r}')
+  if _CONFIG.value is None:
+    raise ValueError('--config is required, e.g. --config configs/clip.py:model=ViT-B-16')
   if _TOPOLOGY.value is None:
-    raise app.UsageError(f'--topology is required: {TOPOLOGY_FORMS}.')
+    raise ValueError(f'--topology is required: {TOPOLOGY_FORMS}.')
   if _TOPOLOGY.value != 'local' and not os.environ.get('JAX_PLATFORMS'):
     # The host's own backend only traces: keep JAX off libtpu's TPU detection (and off any
     # TPU this host has), before the first backend use.
     jax.config.update('jax_platforms', 'cpu')
-  try:
-    report = analyse(_CONFIG.value, _TOPOLOGY.value, _DEPTH_ESTIMATE.value)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  report = analyse(_CONFIG.value, _TOPOLOGY.value, _DEPTH_ESTIMATE.value)
   print(json.dumps(report, indent=2) if _JSON.value else format_report(report))
   if not report['fits']:
     print(f'error: the step does not fit in HBM on {_TOPOLOGY.value}. Knobs: {KNOBS}.',
@@ -447,5 +434,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser)

@@ -71,12 +71,30 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
     if key is not None:
       fail(_unknown_key_message(key, valid))
     if isinstance(e, flags.Error):
+      cause = _config_file_error(e)
+      if cause is not None:  # a config file's get_config rejected its :ARGS
+        fail(f'--config {_flag_value(argv, "config")}: {_message(cause)}')
       fail(f'{e} (--help lists the flags)')
     raise
-  except USER_ERRORS as e:  # a config file's get_config rejected its :ARGS
-    if os.environ.get('CLIP_JAX_TRACEBACK'):
-      raise
-    fail(_message(e))
+
+
+def _config_file_error(e: BaseException) -> BaseException | None:
+  """The user error a config file's `get_config` raised, under the wrappers: absl wraps
+  ml_collections' re-raise, which carries the original's traceback as text."""
+  while e is not None:
+    if isinstance(e, USER_ERRORS) and not str(e).startswith('Error whilst parsing config'):
+      return e
+    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+  return None
+
+
+def _flag_value(argv: list[str], name: str) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
 
 
 def _bad_config_key(argv: list[str], flag_values) -> tuple[str | None, list[str]]:

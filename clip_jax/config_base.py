@@ -1,17 +1,23 @@
-"""Every training config key with its default; `configs/*.py` start from `base_config()`.
+"""What a config file builds on: every training key with its default (`base_config`), and
+the one parser of a config file's `:ARGS` (`parse_arg`).
 
-The trainer locks the config, so a misspelt `--config.KEY=VALUE` fails at once.
+`configs/*.py` start from `base_config()`. The trainer locks the config, so a misspelt
+`--config.KEY=VALUE` fails at once (`clip_jax.cli` names the closest key); `parse_arg`
+does the same for `configs/NAME.py:KEY=VALUE,...`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from typing import Any
 
 import ml_collections
 
 from clip_jax import sharding
 from clip_jax.data.pipeline import data_defaults
 from clip_jax.models.config import TextConfig, VisionConfig, field_type
+from clip_jax.optim import OptimConfig
 
 
 def _overrides(klass) -> ml_collections.ConfigDict:
@@ -61,21 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.kind = 'softmax'            # 'softmax' | 'sigmoid' | 'sigmoid_chunked'
   c.loss.chunk_size = 0
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 5e-4
-  c.optim.warmup_steps = 100
-  c.optim.schedule = 'cosine'        # 'cosine' | 'constant' | 'constant_cooldown'
-  c.optim.end_lr_ratio = 0.0
-  c.optim.cooldown_steps = 0
-  c.optim.weight_decay = 0.2
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.98
-  c.optim.eps = 1e-6
-  c.optim.clip_norm = 1.0
-  c.optim.grad_accum = 1             # micro-batches per step (clip_jax/accumulate.py)
-  c.optim.grad_accum_mode = 'cache'  # 'cache': negatives over the global batch | 'micro'
-  c.optim.freeze = ''                # regex on parameter paths, e.g. '^visual/' (LiT)
-  c.optim.ema_decay = 0.0            # >0: keep an EMA of the params (e.g. 0.9999); 0 = off
+  # The optimizer's keys and defaults come from `OptimConfig` (optim.py).
+  c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))
 
   c.distill = ml_collections.ConfigDict()
   c.distill.teacher = ''             # clip_jax checkpoint or workdir of a frozen teacher
@@ -89,3 +82,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.classnames = ''             # one class name per line
   c.eval.templates = ['a photo of a {}.']
   return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """A config file's `:ARGS` (`KEY=VALUE,...`) over `defaults`, as big_vision's `parse_arg`.
+
+  Each value takes its default's type (`9e9` is accepted for an int: a sample budget);
+  a key not in `defaults` fails naming the valid ones, so a typo is never silently dropped.
+  """
+  args = dict(defaults)
+  for item in arg.split(',') if arg else []:
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      close = difflib.get_close_matches(key, defaults, n=1)
+      hint = f'did you mean {close[0]}? ' if close and sep else ''
+      raise ValueError(f':ARGS {item!r} is not KEY=VALUE with a known KEY; {hint}valid keys: '
+                       f'{", ".join(sorted(defaults))}')
+    args[key] = _typed(key, value, defaults[key])
+  return ml_collections.ConfigDict(args)
+
+
+def _typed(key: str, value: str, default: Any) -> Any:
+  try:
+    if isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(value)
+      return value.lower() in ('true', '1')
+    if isinstance(default, int):
+      number = float(value)
+      if number != int(number):
+        raise ValueError(value)
+      return int(number)
+    if isinstance(default, float):
+      return float(value)
+  except ValueError:
+    raise ValueError(f':ARGS {key}={value!r} is not a {type(default).__name__} '
+                     f'(default {default!r})') from None
+  return value

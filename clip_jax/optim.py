@@ -9,6 +9,7 @@ scale, so it does decay its positional and token embeddings.) Parameters whose
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -18,7 +19,27 @@ import optax
 SCHEDULES = ('cosine', 'constant', 'constant_cooldown')
 
 
-def schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """The `config.optim` section: every key with its default (`config_base` builds the
+  section from these fields, `run_config.resolve` checks it into this frozen form)."""
+  lr: float = 5e-4
+  warmup_steps: int = 100
+  schedule: str = 'cosine'        # 'cosine' | 'constant' | 'constant_cooldown'
+  end_lr_ratio: float = 0.0
+  cooldown_steps: int = 0
+  weight_decay: float = 0.2
+  b1: float = 0.9
+  b2: float = 0.98
+  eps: float = 1e-6
+  clip_norm: float = 1.0
+  grad_accum: int = 1             # micro-batches per step (clip_jax/accumulate.py)
+  grad_accum_mode: str = 'cache'  # 'cache': negatives over the global batch | 'micro'
+  freeze: str = ''                # regex on parameter paths, e.g. '^visual/' (LiT)
+  ema_decay: float = 0.0          # >0: keep an EMA of the params (e.g. 0.9999); 0 = off
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   """Linear warmup, then cosine to `end_lr_ratio` x lr, constant, or constant + linear cooldown."""
   warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
   rest = max(total_steps - cfg.warmup_steps, 1)
@@ -64,7 +85,8 @@ def stop_frozen(params: Any, freeze: str) -> Any:
                       params, freeze_labels(params, freeze))
 
 
-def make_optimizer(cfg: Any, total_steps: int, params: dict) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, params: dict
+                   ) -> optax.GradientTransformation:
   adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm else adamw

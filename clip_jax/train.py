@@ -3,18 +3,18 @@ r"""Trains a CLIP or SigLIP model from a config.
   python -m clip_jax.train --config configs/demo.py --workdir /tmp/demo_run \
       [--config.total_steps=2000] [--config.batch_size=256]
 
-Read top to bottom: config checks -> model, optimizer and data (`setup`, which returns
-the `Run` the loop needs) -> the jitted step -> the loop (`train_loop`: step, then the
-named periodic parts: profile, log, evaluate, checkpoint). Preemption (SIGTERM) saves a
-checkpoint at the next step and exits cleanly; restarting the same command resumes
-exactly where the run stopped.
+Read top to bottom: config checks (`validate`: the config resolved once) -> model,
+optimizer, state and jitted step (`clip_jax.step`, shared with the aot tool and the
+benchmarks) and data (`setup`, which returns the `Run` the loop needs) -> the loop
+(`train_loop`: step, then the named periodic parts: profile, log, evaluate, checkpoint).
+Preemption (SIGTERM) saves a checkpoint at the next step and exits cleanly; restarting the
+same command resumes exactly where the run stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import signal
 import sys
@@ -23,33 +23,26 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
 from clu import parameter_overview
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from clip_jax import accumulate, distill, distributed, optim, sharding
 from clip_jax import checkpoint as ckpt
-from clip_jax.data.pipeline import Loader, PipelineConfig
+from clip_jax import cli, distributed, optim, run_config, sharding
+from clip_jax import step as step_lib
+from clip_jax.data.pipeline import Loader
 from clip_jax.data.specs import parse_spec
-from clip_jax.data.tokenizers import tokenizer_from_spec
-from clip_jax.data.transforms import normalize_on_device
 from clip_jax.eval import zeroshot
 from clip_jax.eval.encoder import Encoder
-from clip_jax.losses import KINDS, contrastive_loss, distillation_loss
 from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_per_sample
-from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
-from clip_jax.models.config import CLIPConfig
 from clip_jax.models.functional import FunctionalModel
-from clip_jax.models.pos_embed import fit_pos_embeds
-from clip_jax.models.presets import get_config
+from clip_jax.run_config import RunConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -62,62 +55,15 @@ StepFn = Callable[[State, dict], tuple[State, dict]]
 
 # --- config -------------------------------------------------------------------------------
 
-def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
-  """The preset with `config.model.{vision,text}` and logit init overrides, and execution
-  options."""
-  overrides = {f'{tower}.{k}': v for tower in ('vision', 'text')
-               for k, v in config.model[tower].items() if v is not None}
-  overrides.update({k: config.model[k] for k in ('init_logit_scale', 'init_logit_bias')
-                    if config.model[k] is not None})
-  overrides.update({k: config.model[k] for k in ('dtype', 'scan_layers', 'remat', 'attention')})
-  return get_config(config.model.name, **overrides)
-
-
-def pipeline_config(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> PipelineConfig:
-  """`config.data` plus what the pipeline derives from the model and the run."""
-  return PipelineConfig(
-      **config.data, global_batch_size=config.batch_size, image_size=cfg.vision.image_size,
-      tokenizer=tokenizer_from_spec(cfg.text.tokenizer, cfg.text.context_length),
-      seed=config.seed, vocab_size=cfg.text.vocab_size)
-
-
-def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int) -> None:
-  """Every check that can fail before any compile, each naming the key or flag."""
-  check_config(config, mesh_devices)
-  pipeline = pipeline_config(config, model_config(config))  # unknown preset, bad data keys
-  distill.check(config, model_config(config))  # reads the teacher's model config
+def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int) -> RunConfig:
+  """Every check that can fail before any compile, each naming the key or flag; returns the
+  config resolved (`run_config.resolve`: preset, pipeline and tokenizer, step keys)."""
+  run = run_config.resolve(config, mesh_devices)
+  pipeline = run.pipeline
   if pipeline.kind == 'tar':
     parse_spec(pipeline.train, pipeline.weights or None)  # names a spec with no file
   _check_workdir(workdir)
-
-
-def check_config(config: ml_collections.ConfigDict, mesh_devices: int) -> None:
-  """The checks that need no file: loss, schedule, mesh, batch divisibility, steps."""
-  if config.loss.kind not in KINDS:
-    raise ValueError(f'config.loss.kind must be one of {KINDS}, got {config.loss.kind!r}')
-  if config.loss.kind != 'softmax' and model_config(config).init_logit_bias is None:
-    raise ValueError(f'config.loss.kind={config.loss.kind!r} needs a logit bias and the preset '
-                     f'{config.model.name!r} has none: set config.model.init_logit_bias=-10 '
-                     '(and config.model.init_logit_scale=2.302585, as OpenCLIP\'s --siglip).')
-  if config.optim.schedule not in optim.SCHEDULES:
-    raise ValueError(f'config.optim.schedule must be one of {optim.SCHEDULES}')
-  if config.optim.grad_accum_mode not in accumulate.MODES:
-    raise ValueError(f'config.optim.grad_accum_mode must be one of {accumulate.MODES}, got '
-                     f'{config.optim.grad_accum_mode!r}')
-  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, mesh_devices)))
-  dp = shape['data'] * shape['fsdp']
-  if config.batch_size % (dp * config.optim.grad_accum):
-    raise ValueError(f'config.batch_size={config.batch_size} must be divisible by the '
-                     f'data-parallel size {dp} x config.optim.grad_accum='
-                     f'{config.optim.grad_accum}.')
-  if config.total_steps <= 0:
-    raise ValueError('config.total_steps must be positive.')
-  if not 0 <= config.optim.ema_decay < 1:
-    raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1) '
-                     '(0 = no EMA).')
-  if not 0 <= config.patch_dropout_tail_steps <= config.total_steps:
-    raise ValueError(f'config.patch_dropout_tail_steps={config.patch_dropout_tail_steps} must be '
-                     f'in [0, config.total_steps={config.total_steps}].')
+  return run
 
 
 def _check_workdir(workdir: str) -> None:
@@ -131,171 +77,6 @@ def _check_workdir(workdir: str) -> None:
     raise ValueError(f'--workdir {workdir} is not writable: {e}') from e
 
 
-# --- model and optimizer state ------------------------------------------------------------
-
-def build_model(cfg: CLIPConfig, mesh, rules, seed: int
-                ) -> tuple[FunctionalModel, Params, Callable[[], Params]]:
-  """Functional model, param shardings and a jitted init that creates params sharded."""
-  model = FunctionalModel.create(cfg)
-  shardings = sharding.param_shardings(model.abstract, mesh, rules)
-
-  def init() -> Params:
-    return nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-
-  return model, shardings, jax.jit(init, out_shardings=shardings)
-
-
-def init_params(config, model: FunctionalModel, shardings: Params, init_fn) -> Params:
-  if not config.init_from:
-    return init_fn()
-  _, params = ckpt.load_params(config.init_from)
-  if model.cfg.init_logit_bias is not None and 'logit_bias' not in params:
-    # A CLIP checkpoint for a sigmoid loss: the bias starts at config.model.init_logit_bias.
-    params['logit_bias'] = np.float32(model.cfg.init_logit_bias)
-  params = fit_pos_embeds(params, model.cfg)  # another image size, patch grid or context
-  try:
-    model.check(params)
-  except ValueError as e:
-    raise ValueError(f'config.init_from={config.init_from} does not fit config.model '
-                     f'({config.model.name}): {e}') from e
-  logging.info('Initialised from %s', config.init_from)
-  return jax.device_put(params, shardings)
-
-
-def state_shardings(params: Params, param_shardings: Params, tx, mesh, ema: bool = False
-                    ) -> State:
-  """Where the state lives: optimizer moments and the EMA sharded like their params, the
-  rest (counts, step counters) replicated. `params` may be arrays or shapes
-  (`jax.ShapeDtypeStruct`)."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  masked = lambda x: isinstance(x, optax.MaskedNode)  # a frozen parameter has no moments
-  opt_state = optax.tree_map_params(
-      tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), param_shardings,
-      transform_non_params=lambda _: replicated, is_leaf=masked)
-  return {'params': param_shardings, 'opt_state': opt_state, 'step': replicated,
-          'bad_steps': replicated, **({'ema': param_shardings} if ema else {})}
-
-
-def create_state(params: Params, tx, mesh, param_shardings: Params | None = None,
-                 ema: bool = False) -> State:
-  """Params, optimizer state, step counters and (`ema`) the EMA of the params, which starts
-  at the params; placed by `state_shardings`.
-
-  Under `jax.eval_shape` (abstract params, as `clip_jax.aot` does) pass `param_shardings`.
-  """
-  if param_shardings is None:
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-  shardings = state_shardings(params, param_shardings, tx, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
-
-  def counter():  # separate buffers: the step donates its state, a buffer only once
-    return jax.device_put(np.zeros((), np.int32), shardings['step'])
-
-  # jnp.copy: the EMA needs buffers of its own, as the counters do.
-  return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter(),
-          **({'ema': jax.tree.map(jnp.copy, params)} if ema else {})}
-
-
-# --- the step -----------------------------------------------------------------------------
-
-def make_train_step(config, model: FunctionalModel, tx, mesh, state_shardings, batch_sharding,
-                    teacher: distill.Teacher | None = None, patch_dropout: bool = True):
-  """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard, and
-  with `optim.ema_decay` the EMA (the state then holds one: `create_state(ema=True)`).
-
-  With a `teacher` the step takes the teacher's params as a third argument and adds
-  `distill.weight` x the distillation loss; the teacher embeds the whole batch before the
-  student's (accumulated) gradients, which see its features as constants.
-  `patch_dropout=False` builds the unmasked step (every patch kept) of a model with
-  `vision.patch_dropout`, for the run's tail.
-  """
-  loss_kind, chunk = config.loss.kind, config.loss.chunk_size or None
-  ema_decay = config.optim.ema_decay
-  accum, accum_mode = config.optim.grad_accum, config.optim.grad_accum_mode
-  preprocess = model.cfg.preprocess
-  patch_dropout = patch_dropout and model.cfg.vision.patch_dropout > 0
-
-  def embed(params, batch):
-    # Frozen parameters enter as constants: their backward pass is never built.
-    clip = model.bind(optim.stop_frozen(params, config.optim.freeze))
-    images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
-      img, txt, scale, bias = clip(images, batch['text'], batch.get('dropout_keys'))
-    return img, txt, scale, None if loss_kind == 'softmax' else bias
-
-  def loss_of(img, txt, scale, bias, teacher_features=None):
-    loss, metrics = contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
-                                     batch_axes=sharding.BATCH_AXES, chunk_size=chunk)
-    if teacher_features is None:
-      return loss, metrics
-    distill_loss = distillation_loss(img, txt, scale, *teacher_features, mesh=mesh,
-                                     batch_axes=sharding.BATCH_AXES)
-    return loss + config.distill.weight * distill_loss, {
-        **metrics, 'contrastive_loss': loss, 'distill_loss': distill_loss}
-
-  def step_fn(state, batch, teacher_params=None):
-    params = state['params']
-    if patch_dropout:
-      batch = {**batch, 'dropout_keys': dropout_keys(config.seed, state['step'],
-                                                     batch['image'].shape[0], batch_sharding)}
-    teacher_features = (None if teacher is None else
-                        teacher.embed(teacher_params, batch, mesh, accum, batch_sharding))
-    grads_fn = accumulate.value_and_grad(
-        embed, functools.partial(loss_of, teacher_features=teacher_features), accum=accum,
-        mode=accum_mode, batch_sharding=batch_sharding)
-    (loss, metrics), grads = grads_fn(params, batch)
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
-    new_params['logit_scale'] = jnp.minimum(new_params['logit_scale'], MAX_LOGIT_SCALE)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def keep(new, old):  # a non-finite step changes nothing
-      return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-    new_state = {'params': keep(new_params, params),
-                 'opt_state': keep(opt_state, state['opt_state']),
-                 'step': state['step'] + 1,
-                 'bad_steps': jnp.where(ok, 0, state['bad_steps'] + 1)}
-    if ema_decay:
-      # ema = d * ema + (1 - d) * params, after the update. It starts at the initial params,
-      # so it needs no debiasing (optax.ema, made for gradients, starts at zeros and does).
-      ema = optax.tree.update_moment(new_params, state['ema'], ema_decay, order=1)
-      new_state['ema'] = keep(ema, state['ema'])
-    metrics = {**metrics, 'loss': loss, 'grad_norm': grad_norm,
-               'logit_scale': jnp.exp(params['logit_scale']),
-               'logit_bias': params.get('logit_bias', jnp.zeros(())),
-               'skipped_nonfinite': 1 - ok.astype(jnp.int32),
-               'bad_steps': new_state['bad_steps']}
-    return new_state, metrics
-
-  in_shardings = (state_shardings, batch_sharding, *([teacher.shardings] if teacher else []))
-  return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, None),
-                 donate_argnums=(0,))
-
-
-def dropout_keys(seed: int, step: jax.Array, batch_size: int, batch_sharding) -> jax.Array:
-  """One key per row of the global batch, a function of (seed, step, row) only: a resumed
-  run, another mesh or any `optim.grad_accum` drops the same patches of the same image."""
-  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), step), batch_size)
-  return jax.lax.with_sharding_constraint(keys, batch_sharding)
-
-
-def fresh_state_and_step(config: ml_collections.ConfigDict, mesh
-                         ) -> tuple[FunctionalModel, State, Callable[[State, dict], Any]]:
-  """The model, a freshly initialised state and the jitted step of `config` on `mesh`: no
-  data, checkpoint or teacher (for benchmarks and tests that drive the step directly)."""
-  cfg = model_config(config)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model, _, init = build_model(cfg, mesh, rules, config.seed)
-  params = init()
-  tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  state = create_state(params, tx, mesh, ema=config.optim.ema_decay > 0)
-  step = make_train_step(config, model, tx, mesh, jax.tree.map(lambda x: x.sharding, state),
-                         sharding.batch_sharding(mesh))
-  return model, state, step
-
-
 # --- evaluation ---------------------------------------------------------------------------
 
 class ZeroShotEval:
@@ -306,12 +87,12 @@ class ZeroShotEval:
   image and the hit counts are summed over processes.
   """
 
-  def __init__(self, config, model: FunctionalModel, mesh):
+  def __init__(self, config, model: FunctionalModel, mesh, tokenizer):
     cfg = model.cfg
     self.classnames = zeroshot.read_lines(config.eval.classnames, 'config.eval.classnames')
     self.templates = list(config.eval.templates)
     zeroshot.check_templates(self.templates, 'config.eval.templates')
-    self.tokenizer = tokenizer_from_spec(cfg.text.tokenizer, cfg.text.context_length)
+    self.tokenizer = tokenizer
     self.spec, self.size, self.preprocess = (config.eval.zeroshot_shards, cfg.vision.image_size,
                                              cfg.preprocess)
     self.total = zeroshot.count_labelled(self.spec)
@@ -408,57 +189,39 @@ class Run:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Config -> mesh -> model and optimizer state (sharded) -> data -> restore -> step."""
-  validate(config, workdir, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
-  cfg = model_config(config)
-  rules = tuple(tuple(r) for r in config.sharding_rules)
-  model, param_shardings, init_fn = build_model(cfg, mesh, rules, config.seed)
-  params = init_params(config, model, param_shardings, init_fn)
-  tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  state = create_state(params, tx, mesh, ema=config.optim.ema_decay > 0)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  pipeline = pipeline_config(config, cfg)
-  loader = Loader(pipeline, sharding.batch_sharding(mesh))
-  checkpoints = ckpt.TrainCheckpoints(workdir, cfg, config.checkpoint_every,
+  """Config (resolved once) -> mesh -> model, optimizer state and step (`clip_jax.step`)
+  -> data -> restore -> evaluation."""
+  run = validate(config, workdir, jax.device_count())
+  mesh = sharding.make_mesh(run.mesh)
+  program = step_lib.build(run, mesh)
+  loader = Loader(run.pipeline, program.batch_sharding)
+  checkpoints = ckpt.TrainCheckpoints(workdir, run.model, config.checkpoint_every,
                                       config.keep_checkpoints)
-  start, state, data_restored = checkpoints.restore_latest(state, loader)
+  start, state, data_restored = checkpoints.restore_latest(program.state, loader)
   if start:
     logging.info('Resuming from %s step %d', checkpoints.directory, start)
   if start and not data_restored:
     loader.close()
-    loader = Loader(dataclasses.replace(pipeline, seed=config.seed + start),
-                    sharding.batch_sharding(mesh))
+    loader = Loader(dataclasses.replace(run.pipeline, seed=config.seed + start),
+                    program.batch_sharding)
     logging.warning(
         'The checkpoint at step %d was written by a different number of processes: params, '
         'optimizer state and step are restored, but the input position is per process and '
         'is not. The data starts a new pass, reshuffled with seed %d (seed + step): samples '
         'of the interrupted pass may be seen again.', start, config.seed + start)
-  teacher, teacher_params = None, None
-  if config.distill.teacher:
-    teacher, teacher_params = distill.load(config.distill.teacher, mesh, rules,
-                                           config.model.dtype)
-    logging.info('Distilling from %s (weight %g)', config.distill.teacher, config.distill.weight)
   logger = MetricLogger(workdir, config.tensorboard)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
-  step_args = (config, model, tx, mesh, shardings, sharding.batch_sharding(mesh), teacher)
-
-  def with_teacher(step):
-    return step if teacher is None else lambda state, batch: step(state, batch, teacher_params)
-
-  tail = config.patch_dropout_tail_steps if cfg.vision.patch_dropout > 0 else 0
   flops_per_step = lambda c: train_flops_per_sample(c, c.text.context_length) * config.batch_size
   return Run(
-      config=config, state=state, step_fn=with_teacher(make_train_step(*step_args)),
-      unmasked_step_fn=(with_teacher(make_train_step(*step_args, patch_dropout=False))
-                        if tail else None),
-      unmasked_from=config.total_steps - tail,
-      unmasked_flops_per_step=flops_per_step(cfg.replace(**{'vision.patch_dropout': 0.0})),
+      config=config, state=state, step_fn=program.step, unmasked_step_fn=program.unmasked_step,
+      unmasked_from=run.step.unmasked_from,
+      unmasked_flops_per_step=flops_per_step(run.model.replace(**{'vision.patch_dropout': 0.0})),
       loader=loader, checkpoints=checkpoints, logger=logger,
-      evaluate=ZeroShotEval(config, model, mesh) if config.eval.zeroshot_shards else None,
-      schedule=optim.schedule(config.optim, config.total_steps),
-      flops_per_step=flops_per_step(cfg),
+      evaluate=(ZeroShotEval(config, program.model, mesh, run.pipeline.tokenizer)
+                if config.eval.zeroshot_shards else None),
+      schedule=optim.schedule(run.step.optim, config.total_steps),
+      flops_per_step=flops_per_step(run.model),
       peak_flops=peak_flops_per_device(config.peak_flops_per_device),
       preemption=Preemption(), start_step=start)
 
@@ -598,9 +361,11 @@ def _profiler(config, logdir: epath.Path) -> Callable[[int], bool] | None:
 
 
 def _progress_bar(total: int, initial: int) -> tqdm:
-  """A step bar on process 0 in a terminal; log lines replace it everywhere else."""
+  """A step bar on process 0 in a terminal or a notebook (a notebook's stderr is no tty but
+  shows the bar); log lines replace it everywhere else."""
+  interactive = sys.stderr.isatty() or 'ipykernel' in sys.modules
   return tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
-              disable=jax.process_index() != 0 or not sys.stderr.isatty())
+              disable=jax.process_index() != 0 or not interactive)
 
 
 # --- the binary ---------------------------------------------------------------------------
@@ -634,19 +399,22 @@ def next_steps(config: ml_collections.ConfigDict, workdir: str, last: dict[str, 
   return '\n'.join(lines)
 
 
+@cli.user_errors
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise ValueError(f'unexpected arguments {" ".join(argv[1:])!r}: flags are --config, '
+                     '--workdir and --config.KEY=VALUE')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise ValueError('--config and --workdir are required, e.g. python -m clip_jax.train '
+                     '--config configs/demo.py --workdir /tmp/clip_demo')
   logging.getLogger().setLevel(logging.INFO)
   for handler in logging.getLogger().handlers:
     handler.addFilter(_QuietLibraries())
   distributed.initialize()
-  if _WORKDIR.value is None:
-    raise app.UsageError('--workdir is required.')
   last = train(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(next_steps(_CONFIG.value, _WORKDIR.value, last))
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=cli.absl_flags_parser)

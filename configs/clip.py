@@ -11,7 +11,7 @@ FSDP over all devices. Expected (OpenCLIP's published LAION-400M numbers, zero-s
 ImageNet top-1): B-32 62.9%, B-16 67.1%, L-14 72.8%; not reproduced here (no data).
 """
 
-from clip_jax.config_base import base_config
+from clip_jax.config_base import base_config, parse_arg
 
 # model: (lr, warmup, remat). remat: the least recompute that fits 256 pairs/chip on v5p
 # (`python -m clip_jax.aot ... --topology v5p:2x2x1`, bench/RESULTS.md): `none` for all,
@@ -26,9 +26,17 @@ RECIPES = {
 }
 
 
+# The :ARGS and their defaults (configs/flip.py takes them too).
+ARGS = dict(model='ViT-B-32', batch_size=32768, samples=int(32 * 400e6))
+
+
 def get_config(arg=None):
-  args = dict(kv.split('=') for kv in arg.split(',')) if arg else {}
-  name = args.get('model', 'ViT-B-32')
+  args = parse_arg(arg, **ARGS)
+  return recipe(args.model, args.batch_size, args.samples)
+
+
+def recipe(name: str, batch_size: int, samples: int):
+  """OpenCLIP's LAION-400M recipe for `name` at `batch_size`, `samples` pairs seen."""
   if name not in RECIPES:
     raise ValueError(f'configs/clip.py: model must be one of {sorted(RECIPES)}, got {name!r}')
   lr, warmup, remat = RECIPES[name]
@@ -36,8 +44,7 @@ def get_config(arg=None):
   c.model.name = name
   c.model.dtype = 'bfloat16'
   c.model.remat = remat
-  c.batch_size = int(args.get('batch_size', 32768))
-  samples = int(float(args.get('samples', 32 * 400e6)))
+  c.batch_size = batch_size
   c.total_steps = samples // c.batch_size
   c.log_every = 50
   c.checkpoint_every = 1000

@@ -22,21 +22,18 @@ Args (comma-separated, e.g. `configs/demo.py:steps=300,data_dir=/tmp/demo_data`)
 
 import os
 
-from clip_jax.config_base import base_config
+from clip_jax.config_base import base_config, parse_arg
 from clip_jax.data.make_demo import ensure_demo
 
 DEMO_DIR = os.environ.get('CLIP_JAX_DEMO_DIR', os.path.expanduser('~/.cache/clip_jax/demo_data'))
 
 
 def get_config(arg=None):
-  pairs = [kv.split('=', 1) for kv in arg.split(',')] if arg else []
-  if any(len(p) != 2 or p[0] not in ('steps', 'data_dir') for p in pairs):
-    raise ValueError(f'configs/demo.py takes steps=N and data_dir=PATH, got {arg!r}')
-  args = dict(pairs)
-  data_dir = os.path.abspath(os.path.expanduser(args.get('data_dir', DEMO_DIR)))
+  args = parse_arg(arg, steps=1000, data_dir=DEMO_DIR)
+  data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
   ensure_demo(data_dir)
   c = base_config()
-  c.total_steps = int(args.get('steps', 1000))
+  c.total_steps = args.steps
   c.batch_size = 128
   c.log_every = 25
   c.eval_every = 250

@@ -17,17 +17,13 @@ Expected: FLIP reports 2-3x faster training than CLIP at similar zero-shot accur
 the unmasked tail; not reproduced here (no data).
 """
 
-import pathlib
-import runpy
-
-clip_config = runpy.run_path(str(pathlib.Path(__file__).with_name('clip.py')))['get_config']
+from clip_jax.config_base import parse_arg
+from configs import clip
 
 
 def get_config(arg=None):
-  args = dict(kv.split('=') for kv in arg.split(',')) if arg else {}
-  rate, tail = float(args.pop('rate', 0.5)), float(args.pop('tail', 0.01))
-  args.setdefault('model', 'ViT-B-16')
-  c = clip_config(','.join(f'{k}={v}' for k, v in args.items()))
-  c.model.vision.patch_dropout = rate
-  c.patch_dropout_tail_steps = round(c.total_steps * tail)
+  args = parse_arg(arg, **{**clip.ARGS, 'model': 'ViT-B-16'}, rate=0.5, tail=0.01)
+  c = clip.recipe(args.model, args.batch_size, args.samples)
+  c.model.vision.patch_dropout = args.rate
+  c.patch_dropout_tail_steps = round(c.total_steps * args.tail)
   return c

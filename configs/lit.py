@@ -12,16 +12,16 @@ schedule apply to the text tower and the logit scale only. Quick CPU try:
 `configs/lit.py:model=tiny,steps=200` with the demo data and a demo-trained init.
 """
 
-from clip_jax.config_base import base_config
+from clip_jax.config_base import base_config, parse_arg
 
 
 def get_config(arg=None):
-  args = dict(kv.split('=') for kv in arg.split(',')) if arg else {}
+  args = parse_arg(arg, model='ViT-B-32', dtype='bfloat16', batch_size=16384, steps=20000)
   c = base_config()
-  c.model.name = args.get('model', 'ViT-B-32')
-  c.model.dtype = args.get('dtype', 'bfloat16')
-  c.batch_size = int(args.get('batch_size', 16384))
-  c.total_steps = int(args.get('steps', 20000))
+  c.model.name = args.model
+  c.model.dtype = args.dtype
+  c.batch_size = args.batch_size
+  c.total_steps = args.steps
   c.init_from = ''  # required: --config.init_from=CHECKPOINT
   c.optim.freeze = '^visual/'
   c.optim.lr = 1e-3

@@ -14,17 +14,17 @@ log(10) and bias -10 at init, `sigmoid_chunked` loss (ring over devices).
 Expected (paper, WebLI, ImageNet zero-shot): B/16 at 224px ~76%; not reproduced here.
 """
 
-from clip_jax.config_base import base_config
+from clip_jax.config_base import base_config, parse_arg
 
 
 def get_config(arg=None):
-  args = dict(kv.split('=') for kv in arg.split(',')) if arg else {}
+  args = parse_arg(arg, model='ViT-B-16-SigLIP', batch_size=32768, samples=int(9e9))
   c = base_config()
-  c.model.name = args.get('model', 'ViT-B-16-SigLIP')
+  c.model.name = args.model
   c.model.dtype = 'bfloat16'
   c.model.remat = 'none'  # fits 256 pairs/chip on v5p: 28.6 GiB (B/16, bench/RESULTS.md)
-  c.batch_size = int(args.get('batch_size', 32768))
-  c.total_steps = int(float(args.get('samples', 9e9))) // c.batch_size
+  c.batch_size = args.batch_size
+  c.total_steps = args.samples // c.batch_size
   c.log_every = 50
   c.checkpoint_every = 1000
   c.eval_every = 5000

@@ -1,0 +1,132 @@
+"""A training config resolved once: checked, then turned into the typed configs the code reads.
+
+`resolve(config, num_devices)` runs every check that needs no data file (loss, schedule,
+mesh, batch divisibility, steps, the model preset and its overrides, the distillation
+teacher's fit, an empty `data.train`) and returns a `RunConfig`: the model's `CLIPConfig`,
+the input pipeline's `PipelineConfig` (tokenizer loaded once) and the frozen `StepConfig`
+that the jitted step reads. Everything below the binaries takes these, never the raw
+ConfigDict, so the preset is resolved and the tokenizer loaded once per start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from clip_jax import accumulate, distill, sharding
+from clip_jax.data.pipeline import PipelineConfig
+from clip_jax.data.tokenizers import tokenizer_from_spec
+from clip_jax.losses import KINDS
+from clip_jax.models.config import CLIPConfig
+from clip_jax.models.presets import get_config
+from clip_jax.optim import SCHEDULES, OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The run keys the train step is built from (model and data aside)."""
+  loss: str                    # 'softmax' | 'sigmoid' | 'sigmoid_chunked'
+  loss_chunk_size: int | None  # rows per chunk of the chunked sigmoid loss; None: the default
+  optim: OptimConfig
+  total_steps: int
+  seed: int                    # init and per-step patch-dropout keys
+  batch_size: int              # global
+  distill_teacher: str         # checkpoint or workdir; '' = no distillation
+  distill_weight: float
+  patch_dropout_tail_steps: int  # 0 when the model drops no patches
+
+  @property
+  def unmasked_from(self) -> int:
+    """The step count from which the patch-dropout tail's unmasked step runs."""
+    return self.total_steps - self.patch_dropout_tail_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """A config, resolved: what `clip_jax.step` and the trainer build from."""
+  preset: str                                   # config.model.name
+  model: CLIPConfig
+  step: StepConfig
+  mesh: dict[str, int]                          # config.mesh (-1: the remaining devices)
+  sharding_rules: tuple[tuple[Any, ...], ...]
+  pipeline: PipelineConfig | None               # None when resolved without data (aot)
+  init_from: str = ''                           # checkpoint to start from; '' = random
+
+
+def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
+  """The preset with `config.model.{vision,text}` and logit init overrides, and execution
+  options."""
+  overrides = {f'{tower}.{k}': v for tower in ('vision', 'text')
+               for k, v in config.model[tower].items() if v is not None}
+  overrides.update({k: config.model[k] for k in ('init_logit_scale', 'init_logit_bias')
+                    if config.model[k] is not None})
+  overrides.update({k: config.model[k] for k in ('dtype', 'scan_layers', 'remat', 'attention')})
+  return get_config(config.model.name, **overrides)
+
+
+def resolve(config: ml_collections.ConfigDict, num_devices: int, data: bool = True
+            ) -> RunConfig:
+  """Checks `config` for `num_devices` and resolves it; `data=False` skips the pipeline
+  (and its tokenizer file), for compiling the step without data (`clip_jax.aot`)."""
+  model = model_config(config)  # unknown preset or override
+  step = _step_config(config, model)
+  _check(config, model, step, num_devices)
+  distill.check(config, model)  # reads the teacher's model config
+  return RunConfig(preset=config.model.name, model=model, step=step, mesh=dict(config.mesh),
+                   sharding_rules=tuple(tuple(r) for r in config.sharding_rules),
+                   pipeline=pipeline_config(config, model) if data else None,
+                   init_from=config.init_from)
+
+
+def pipeline_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> PipelineConfig:
+  """`config.data` plus what the pipeline derives from the model and the run."""
+  if config.data.kind == 'tar' and not config.data.train:
+    raise ValueError("--config.data.train is empty: set it to your tar shards, e.g. "
+                     "--config.data.train='/data/shards/{00000..00099}.tar' "
+                     "(or --config.data.kind=synthetic for random data)")
+  return PipelineConfig(
+      **config.data, global_batch_size=config.batch_size, image_size=model.vision.image_size,
+      tokenizer=tokenizer_from_spec(model.text.tokenizer, model.text.context_length),
+      seed=config.seed, vocab_size=model.text.vocab_size)
+
+
+def _step_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> StepConfig:
+  return StepConfig(
+      loss=config.loss.kind, loss_chunk_size=config.loss.chunk_size or None,
+      optim=OptimConfig(**config.optim), total_steps=config.total_steps, seed=config.seed,
+      batch_size=config.batch_size, distill_teacher=config.distill.teacher,
+      distill_weight=config.distill.weight,
+      patch_dropout_tail_steps=(config.patch_dropout_tail_steps
+                                if model.vision.patch_dropout > 0 else 0))
+
+
+def _check(config: ml_collections.ConfigDict, model: CLIPConfig, step: StepConfig,
+           num_devices: int) -> None:
+  """The checks that need no file: loss, schedule, mesh, batch divisibility, steps."""
+  optim = step.optim
+  if step.loss not in KINDS:
+    raise ValueError(f'config.loss.kind must be one of {KINDS}, got {step.loss!r}')
+  if step.loss != 'softmax' and model.init_logit_bias is None:
+    raise ValueError(f'config.loss.kind={step.loss!r} needs a logit bias and the preset '
+                     f'{config.model.name!r} has none: set config.model.init_logit_bias=-10 '
+                     '(and config.model.init_logit_scale=2.302585, as OpenCLIP\'s --siglip).')
+  if optim.schedule not in SCHEDULES:
+    raise ValueError(f'config.optim.schedule must be one of {SCHEDULES}')
+  if optim.grad_accum_mode not in accumulate.MODES:
+    raise ValueError(f'config.optim.grad_accum_mode must be one of {accumulate.MODES}, got '
+                     f'{optim.grad_accum_mode!r}')
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+  dp = shape['data'] * shape['fsdp']
+  if step.batch_size % (dp * optim.grad_accum):
+    raise ValueError(f'config.batch_size={step.batch_size} must be divisible by the '
+                     f'data-parallel size {dp} x config.optim.grad_accum={optim.grad_accum}.')
+  if step.total_steps <= 0:
+    raise ValueError('config.total_steps must be positive.')
+  if not 0 <= optim.ema_decay < 1:
+    raise ValueError(f'config.optim.ema_decay={optim.ema_decay} must be in [0, 1) '
+                     '(0 = no EMA).')
+  if not 0 <= config.patch_dropout_tail_steps <= step.total_steps:
+    raise ValueError(f'config.patch_dropout_tail_steps={config.patch_dropout_tail_steps} must be '
+                     f'in [0, config.total_steps={step.total_steps}].')
