@@ -10,16 +10,27 @@ with or without DDP's `module.` prefix). `--override vision.layers=2` adjusts th
 from __future__ import annotations
 
 import argparse
-import logging
+import itertools
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
+from etils import epath
+from safetensors import SafetensorError
+
 from clip_jax.checkpoint import save_model
+from clip_jax.cli import user_errors
 from clip_jax.convert.files import read_state_dict
-from clip_jax.convert.open_clip import Params, params_from_open_clip
+from clip_jax.convert.open_clip import CheckpointMismatchError, Params, params_from_open_clip
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.functional import param_shapes
 from clip_jax.models.presets import get_config
+
+# What safetensors and torch.load raise for a damaged, truncated or non-weights file.
+UNREADABLE = (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError)
+MISMATCHES_SHOWN = 3
 
 
 def import_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any]) -> Params:
@@ -35,6 +46,67 @@ def split_overrides(items: list[str]) -> dict[str, str]:
   return {key: value for key, _, value in pairs}
 
 
+def model_config(model: str, overrides: list[str]) -> CLIPConfig:
+  """The preset with its overrides; a bad name or override is a user error naming its flag."""
+  pairs = split_overrides(overrides)
+  try:
+    cfg = get_config(model)
+  except ValueError as e:
+    raise ValueError(f'--model: {e}') from e
+  try:
+    return cfg.replace(**pairs).validate()
+  except (KeyError, ValueError) as e:  # unknown section or field, value of the wrong type
+    raise ValueError(f'--override: {e.args[0] if isinstance(e, KeyError) else e}') from e
+
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+  """`read_state_dict`, with a missing, damaged or foreign file reported in one line."""
+  if epath.Path(path).is_dir():
+    raise IsADirectoryError(f'--checkpoint {path} is a directory; give the weights file in it '
+                            '(.safetensors, .pt, .bin or .pth).')
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f'--checkpoint {path} does not exist.')
+  try:
+    return read_state_dict(path)
+  except UNREADABLE as e:
+    raise ValueError(f'--checkpoint {path} is not a readable weights file: '
+                     f'{_torch_reason(str(e))}') from e
+
+
+def _torch_reason(message: str) -> str:
+  """The one informative line of torch.load's paragraph-long errors (or the first line)."""
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  for before, line in itertools.pairwise(lines):
+    if before.endswith('WeightsUnpickler error:'):
+      return f'torch.load(weights_only=True) refused it: {line}'
+  return lines[0].split('. ')[0] if lines else 'no reason given'
+
+
+def fit(cfg: CLIPConfig, state_dict: Mapping[str, Any], model: str, path: str) -> Params:
+  """`import_state_dict`; a mismatch is shortened to a line that says which flag to change."""
+  try:
+    return import_state_dict(cfg, state_dict)
+  except CheckpointMismatchError as e:
+    problems = [line.strip() for line in str(e).splitlines()[1:]]
+    hidden = len(problems) - MISMATCHES_SHOWN
+    shown = '; '.join(problems[:MISMATCHES_SHOWN]) + (f' and {hidden} more' if hidden > 0 else '')
+    raise ValueError(f'--checkpoint {path} does not fit --model {model} ({shown}); '
+                     'pass the preset it was trained as, or --override to adjust it') from e
+
+
+def report(source: str, model: str, out: epath.Path, params: Params) -> str:
+  """What was written and how to use it: the command's only output on success."""
+  count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  return '\n'.join([
+      f'Imported {source} as {model} ({count:,} parameters) into the clip_jax checkpoint {out}',
+      'Next:',
+      f'  python -m clip_jax.evaluate --checkpoint {out} --image_folder VAL_DIR '
+      '--imagenet_classnames',
+      f'  python -m clip_jax.train --config configs/lit.py:model={model} --workdir RUN '
+      f"--config.init_from={out} --config.data.train='SHARDS'"])
+
+
+@user_errors
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[1])
   parser.add_argument('--model', required=True, help='preset name, e.g. ViT-B-32')
@@ -42,11 +114,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--out', required=True, help='clip_jax checkpoint directory to create')
   parser.add_argument('--override', action='append', default=[], help='KEY=VALUE model override')
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(message)s')
-  cfg = get_config(args.model, **split_overrides(args.override))
-  params = import_state_dict(cfg, read_state_dict(args.checkpoint))
+  if epath.Path(args.out).exists():  # before the (slow) read; save_model checks it again
+    raise FileExistsError(f'--out {args.out} already exists; choose a new directory.')
+  cfg = model_config(args.model, args.override)
+  params = fit(cfg, read_weights(args.checkpoint), args.model, args.checkpoint)
   out = save_model(args.out, cfg, params)
-  logging.info('Imported %s (%s) into %s', args.checkpoint, args.model, out)
+  print(report(args.checkpoint, args.model, out, params))
 
 
 if __name__ == '__main__':
