@@ -13,6 +13,7 @@ key path and the nearest valid key (`optim.lrr: did you mean optim.lr?`).
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import functools
 import os
@@ -32,6 +33,17 @@ def fail(message: str) -> NoReturn:
   print(f'error: {first}' + (f' ({" ".join(r.strip() for r in rest)})' if rest else ''),
         file=sys.stderr)
   sys.exit(EXIT_USER_ERROR)
+
+
+def positive_int(text: str) -> int:
+  """argparse `type=` for counts and sizes: 0 or -1 is refused at parse time, with usage."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
+  return value
 
 
 def user_errors(main: Callable[..., Any]) -> Callable[..., Any]:

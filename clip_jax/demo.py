@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 import clip_jax
+from clip_jax.cli import positive_int, user_errors
 from clip_jax.data.make_demo import CLASSNAMES, draw_sample
 from clip_jax.data.transforms import make_preprocess
 from clip_jax.eval.zeroshot import build_classifier
@@ -36,11 +37,12 @@ def zero_shot(model, preprocess, tokenizer, images: list[Image.Image], labels: l
   return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--checkpoint', help='clip_jax checkpoint or training workdir')
   parser.add_argument('--model', default='tiny', help='preset for a random-init model')
-  parser.add_argument('--images', type=int, default=12)
+  parser.add_argument('--images', type=positive_int, default=12)
   parser.add_argument('--seed', type=int, default=123)
   args = parser.parse_args(argv)
   if args.checkpoint:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from clip_jax import distributed, sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
+from clip_jax.cli import positive_int, user_errors
 from clip_jax.data.specs import parse_spec
 from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, Skip, read_shard
 from clip_jax.data.tokenizers import tokenizer_from_spec
@@ -273,10 +274,10 @@ def parse_modalities(text: str) -> tuple[str, ...]:
 def embed(args) -> dict:
   """Embeds every pending part of `args.shards` into `args.out`; returns a summary."""
   modalities = parse_modalities(args.modalities)
+  out = epath.Path(args.out)
+  parts = plan_parts(args.shards, args.shards_per_part, out, modalities)  # before the slow load
   checkpoint = resolve_checkpoint(args.checkpoint)
   cfg, params = load_params(checkpoint, ema=args.ema)
-  out = epath.Path(args.out)
-  parts = plan_parts(args.shards, args.shards_per_part, out, modalities)
   tokenizer_spec = args.tokenizer or cfg.text.tokenizer
   check_info(out, {'checkpoint': str(checkpoint), 'ema': args.ema,
                    'fingerprint': fingerprint(cfg, params), 'modalities': list(modalities),
@@ -312,14 +313,15 @@ def parse_args(argv=None):
   parser.add_argument('--shards', required=True, help="tar shard spec, e.g. 'd/{00000..00099}.tar'")
   parser.add_argument('--out', required=True, help='output folder (clip-retrieval layout)')
   parser.add_argument('--modalities', default='image,text', help="'image,text', 'image' or 'text'")
-  parser.add_argument('--batch_size', type=int, default=256)
-  parser.add_argument('--shards_per_part', type=int, default=1)
+  parser.add_argument('--batch_size', type=positive_int, default=256)
+  parser.add_argument('--shards_per_part', type=positive_int, default=1)
   parser.add_argument('--ema', action='store_true',
                       help='embed with the EMA of the params (runs with config.optim.ema_decay)')
   parser.add_argument('--tokenizer', help="override the model's tokenizer (e.g. a .model file)")
   return parser.parse_args(argv)
 
 
+@user_errors
 def main(argv=None) -> None:
   logging.basicConfig(level=logging.WARNING)
   distributed.initialize()

@@ -25,6 +25,7 @@ import numpy as np
 
 from clip_jax import sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
+from clip_jax.cli import positive_int, user_errors
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.eval import clip_benchmark, retrieval, zeroshot
 from clip_jax.eval.encoder import Encoder
@@ -73,9 +74,9 @@ def evaluate(args) -> dict:
     folder_names = zeroshot.folder_classnames(folders, class_lines, source, args.image_folder)
   benchmarks = [clip_benchmark.open_dataset(root, args.clip_benchmark_split)
                 for root in args.clip_benchmark or ()]
+  templates = zeroshot.load_templates(args.templates)
   checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
   cfg, params = load_params(checkpoint, ema=args.ema)
-  templates = zeroshot.load_templates(args.templates)
   mesh = sharding.make_mesh({'data': -1})
   encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params), mesh, args.batch_size)
   tokenizer = tokenizer_from_spec(args.tokenizer or cfg.text.tokenizer, cfg.text.context_length)
@@ -133,10 +134,11 @@ def parse_args(argv=None):
   parser.add_argument('--templates', default='openai',
                       help="'openai' (80), 'simple' (7), 'generic' or a file, one per line")
   parser.add_argument('--tokenizer', help="override the model's tokenizer (e.g. a .model file)")
-  parser.add_argument('--batch_size', type=int, default=256)
+  parser.add_argument('--batch_size', type=positive_int, default=256)
   return parser.parse_args(argv)
 
 
+@user_errors
 def main(argv=None) -> None:
   logging.basicConfig(level=logging.WARNING)
   results = evaluate(parse_args(argv))

@@ -292,7 +292,7 @@ def test_make_shards_round_trip_from_folder_csv_and_parquet(tmp_path):
   make_shards(str(tmp_path / 'pairs.parquet'), str(tmp_path / 'pq_out'), path_column='path',
               caption_column='text')
   assert next(read_shard(str(tmp_path / 'pq_out' / '00000.tar'))).caption == 'second'
-  with pytest.raises(KeyError, match="needs columns 'filepath'"):
+  with pytest.raises(ValueError, match="needs columns 'filepath' \\(--path_column\\)"):
     make_shards(str(tmp_path / 'pairs.parquet'), str(tmp_path / 'bad_out'))
 
 

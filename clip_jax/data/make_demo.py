@@ -33,6 +33,7 @@ from etils import epath
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from clip_jax.cli import positive_int, user_errors
 from clip_jax.data.shard_writer import ShardWriter
 
 COLOURS = {'red': (215, 38, 38), 'green': (34, 160, 60), 'blue': (40, 70, 210),
@@ -205,13 +206,14 @@ def ensure_demo(data_dir: str, **make_demo_args) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--output', required=True)
   parser.add_argument('--train_samples', type=int, default=20000)
   parser.add_argument('--eval_samples', type=int, default=1000)
-  parser.add_argument('--samples_per_shard', type=int, default=2000)
-  parser.add_argument('--image_size', type=int, default=64)
+  parser.add_argument('--samples_per_shard', type=positive_int, default=2000)
+  parser.add_argument('--image_size', type=positive_int, default=64)
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--single_fraction', type=float, default=0.8,
                       help='fraction of train images with one group (the others have two)')

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from etils import epath
 from tqdm import tqdm
 
+from clip_jax.cli import positive_int, user_errors
 from clip_jax.data.shard_writer import ShardWriter
 from clip_jax.data.tar_samples import IMAGE_EXTENSIONS
 
@@ -42,12 +43,15 @@ def table_pairs(table: epath.Path, path_column: str, caption_column: str) -> Ite
     data = pq.read_table(str(table))
     columns, rows = data.column_names, data.to_pylist()
   else:
-    with table.open() as f:
-      reader = csv.DictReader(f)
-      columns, rows = reader.fieldnames or [], list(reader)
+    try:
+      with table.open() as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames or [], list(reader)
+    except UnicodeDecodeError as e:
+      raise ValueError(f'--input {table} is not UTF-8 text: {e}') from e
   if path_column not in columns or caption_column not in columns:
-    raise KeyError(f'{table} needs columns {path_column!r} and {caption_column!r}; '
-                   f'it has {sorted(columns)}.')
+    raise ValueError(f'{table} needs columns {path_column!r} (--path_column) and '
+                     f'{caption_column!r} (--caption_column); it has {sorted(columns)}.')
   for row in rows:
     path = epath.Path(row[path_column])
     yield (path if path.is_absolute() else table.parent / path), row[caption_column]
@@ -77,11 +81,12 @@ def make_shards(input_path: str, output: str, samples_per_shard: int = 10000,
   return writer.close({'skipped': dict(skipped)})
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--input', required=True, help='image folder, .csv or .parquet')
   parser.add_argument('--output', required=True, help='output folder for the shards')
-  parser.add_argument('--samples_per_shard', type=int, default=10000)
+  parser.add_argument('--samples_per_shard', type=positive_int, default=10000)
   parser.add_argument('--path_column', default='filepath')
   parser.add_argument('--caption_column', default='caption')
   args = parser.parse_args(argv)

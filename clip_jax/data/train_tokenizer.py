@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 
 from etils import epath
 
+from clip_jax.cli import positive_int, user_errors
 from clip_jax.data.tokenizers import clean_canonicalize
 
 
@@ -45,19 +45,20 @@ def train_tokenizer(captions: str, vocab_size: int, out: str, model_type: str = 
   return out_path
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--captions', required=True, help='text file, one caption per line')
-  parser.add_argument('--vocab_size', type=int, required=True)
+  parser.add_argument('--vocab_size', type=positive_int, required=True)
   parser.add_argument('--out', required=True, help='output path ending in .model')
   parser.add_argument('--model_type', default='unigram', choices=['unigram', 'bpe'])
   parser.add_argument('--character_coverage', type=float, default=0.9995,
                       help='fraction of characters covered; rarer ones become pieces of unk')
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(message)s')
   path = train_tokenizer(args.captions, args.vocab_size, args.out, args.model_type,
                          args.character_coverage)
-  logging.info('Wrote %s', path)
+  print(f'Wrote the sentencepiece tokenizer {path} (vocab_size {args.vocab_size}, '
+        f'{args.model_type}). Next: train with --config.model.text.tokenizer={path}')
 
 
 if __name__ == '__main__':
