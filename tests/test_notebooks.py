@@ -22,13 +22,24 @@ def _execute(name, monkeypatch, **env):
   notebook = nbformat.read(COLABS / f'{name}.ipynb', as_version=4)
   NotebookClient(notebook, timeout=600, kernel_name='python3',
                  resources={'metadata': {'path': str(COLABS)}}).execute()
-  return '\n'.join(o.get('text', '') for cell in notebook.cells if cell.cell_type == 'code'
-                   for o in cell.get('outputs', []))
+  return notebook
+
+
+def _text(notebook):
+  return '\n'.join(o.get('text', '') for o in _outputs(notebook))
+
+
+def _figures(notebook):
+  return sum('image/png' in o.get('data', {}) for o in _outputs(notebook))
+
+
+def _outputs(notebook):
+  return [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
 
 
 @pytest.mark.slow
 def test_zero_shot_demo_notebook_with_a_clip_jax_checkpoint(trained_demo, monkeypatch):
-  output = _execute('zero_shot_demo', monkeypatch, CLIP_JAX_CHECKPOINT=trained_demo)
+  output = _text(_execute('zero_shot_demo', monkeypatch, CLIP_JAX_CHECKPOINT=trained_demo))
   assert '64 px images' in output and '.jpg' in output
 
 
@@ -36,14 +47,16 @@ def test_zero_shot_demo_notebook_with_a_clip_jax_checkpoint(trained_demo, monkey
 def test_zero_shot_demo_notebook_imports_an_open_clip_checkpoint(tmp_path, monkeypatch):
   weights = tmp_path / 'open_clip_tiny.safetensors'
   save_file(state_dict_numpy(open_clip_model('tiny')), str(weights))
-  output = _execute('zero_shot_demo', monkeypatch, OPEN_CLIP_WEIGHTS=weights,
-                    OPEN_CLIP_MODEL='tiny', CLIP_JAX_CHECKPOINT=tmp_path / 'unused')
+  output = _text(_execute('zero_shot_demo', monkeypatch, OPEN_CLIP_WEIGHTS=weights,
+                          OPEN_CLIP_MODEL='tiny', CLIP_JAX_CHECKPOINT=tmp_path / 'unused'))
   assert '32 px images' in output
 
 
 @pytest.mark.slow
 def test_train_demo_notebook(demo_data, tmp_path, monkeypatch):
-  output = _execute('train_demo', monkeypatch, CLIP_JAX_DEMO_STEPS=20,
-                    CLIP_JAX_WORKDIR=tmp_path / 'run', CLIP_JAX_DEMO_DIR=demo_data)
+  notebook = _execute('train_demo', monkeypatch, CLIP_JAX_DEMO_STEPS=20,
+                      CLIP_JAX_WORKDIR=tmp_path / 'run', CLIP_JAX_DEMO_DIR=demo_data)
+  output = _text(notebook)
   assert 'first loss' in output and 'zero-shot top-1' in output
+  assert _figures(notebook) == 1  # the loss and the zero-shot accuracy, side by side
   assert (tmp_path / 'run' / 'checkpoints' / '20').is_dir()
