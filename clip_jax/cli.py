@@ -14,11 +14,12 @@ key path and the nearest valid key (`optim.lrr: did you mean optim.lr?`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -59,6 +60,24 @@ def user_errors(main: Callable[..., Any]) -> Callable[..., Any]:
       fail(_message(e))
 
   return wrapped
+
+
+@contextlib.contextmanager
+def naming(flag: str) -> Iterator[None]:
+  """Prefixes `flag` to a user error raised inside (`--checkpoint: MESSAGE`), so that the line
+  says which flag to change even where the library's message only names a path.
+
+  The error keeps its built-in kind (a subclass becomes its `USER_ERRORS` base); a message
+  that already names the flag is left as it is.
+  """
+  try:
+    yield
+  except USER_ERRORS as e:
+    message = _message(e)
+    if flag in message:
+      raise
+    kind = next(k for k in USER_ERRORS if isinstance(e, k))
+    raise kind(f'{flag}: {message}') from e
 
 
 def _message(e: BaseException) -> str:
@@ -142,3 +161,16 @@ def _unknown_key_message(key: str, valid: list[str]) -> str:
   siblings = sorted(k.rpartition('.')[2] for k in valid
                     if k.rpartition('.')[0] == parent and k != parent)
   return f'--config.{key}: no such key; {parent or "the config"} has: {", ".join(siblings)}'
+
+
+def config_flag():
+  """The `--config` flag of the binaries that take a training config (`train`, `aot`):
+  `configs/NAME.py[:ARGS]`, locked, with `--config.KEY=VALUE` overrides. Defined on first
+  use, as both binaries take the same flag and one process may import both (tests do)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  if 'config' in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS['config'])
+  return config_flags.DEFINE_config_file(
+      'config', None, 'Training config file, configs/NAME.py[:ARGS].', lock_config=True)
