@@ -99,10 +99,11 @@ def _clip_jax_calls():
 
 
 def _module_source(module):
+  """The module's source, with clip_jax/cli.py's (flags the binaries share, e.g. --config)."""
   path = ROOT / pathlib.Path(*module.split('.'))
   for candidate in (path.with_suffix('.py'), path / '__main__.py'):
     if candidate.exists():
-      return candidate.read_text()
+      return candidate.read_text() + (ROOT / 'clip_jax' / 'cli.py').read_text()
   return None
 
 
