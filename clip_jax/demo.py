@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 import clip_jax
-from clip_jax.cli import positive_int, user_errors
+from clip_jax.cli import naming, positive_int, user_errors
 from clip_jax.data.make_demo import CLASSNAMES, draw_sample
 from clip_jax.data.transforms import make_preprocess
 from clip_jax.eval.zeroshot import build_classifier
@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--seed', type=int, default=123)
   args = parser.parse_args(argv)
   if args.checkpoint:
-    model, preprocess, tokenizer = clip_jax.load(args.checkpoint)
+    with naming('--checkpoint'):
+      model, preprocess, tokenizer = clip_jax.load(args.checkpoint)
   else:
-    model = clip_jax.create_model(args.model)
+    with naming('--model'):
+      model = clip_jax.create_model(args.model)
     preprocess = make_preprocess(model.cfg.preprocess, model.cfg.vision.image_size)
     tokenizer = clip_jax.get_tokenizer(args.model)
   rng = np.random.default_rng(args.seed)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from clip_jax import distributed, sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
-from clip_jax.cli import positive_int, user_errors
+from clip_jax.cli import naming, positive_int, user_errors
 from clip_jax.data.specs import parse_spec
 from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, Skip, read_shard
 from clip_jax.data.tokenizers import tokenizer_from_spec
@@ -275,9 +275,11 @@ def embed(args) -> dict:
   """Embeds every pending part of `args.shards` into `args.out`; returns a summary."""
   modalities = parse_modalities(args.modalities)
   out = epath.Path(args.out)
-  parts = plan_parts(args.shards, args.shards_per_part, out, modalities)  # before the slow load
-  checkpoint = resolve_checkpoint(args.checkpoint)
-  cfg, params = load_params(checkpoint, ema=args.ema)
+  with naming('--shards'):  # before the slow load
+    parts = plan_parts(args.shards, args.shards_per_part, out, modalities)
+  with naming('--checkpoint'):
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    cfg, params = load_params(checkpoint, ema=args.ema)
   tokenizer_spec = args.tokenizer or cfg.text.tokenizer
   check_info(out, {'checkpoint': str(checkpoint), 'ema': args.ema,
                    'fingerprint': fingerprint(cfg, params), 'modalities': list(modalities),

@@ -25,7 +25,7 @@ import numpy as np
 
 from clip_jax import sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
-from clip_jax.cli import positive_int, user_errors
+from clip_jax.cli import naming, positive_int, user_errors
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.eval import clip_benchmark, retrieval, zeroshot
 from clip_jax.eval.encoder import Encoder
@@ -56,6 +56,16 @@ def benchmark_metrics(encoder: Encoder, tokenizer, dataset: clip_benchmark.Datas
       encoder, tokenizer, dataset.classnames, dataset.templates, examples, total))
 
 
+def numbered_classnames(args) -> list[tuple[int, str]] | None:
+  """(line number, name) of --classnames or the shipped ImageNet names; None for neither."""
+  if args.imagenet_classnames:
+    return list(enumerate(zeroshot.imagenet_classnames(), 1))
+  if args.classnames:
+    with naming('--classnames'):
+      return zeroshot.read_numbered_lines(args.classnames, 'Class names')
+  return None
+
+
 def evaluate(args) -> dict:
   if not (args.image_folder or args.zeroshot_shards or args.tfds or args.retrieval_shards
           or args.clip_benchmark):
@@ -63,9 +73,7 @@ def evaluate(args) -> dict:
                      '--retrieval_shards or --clip_benchmark.')
   if args.zeroshot_shards and not (args.classnames or args.imagenet_classnames):
     raise ValueError('--zeroshot_shards needs --classnames FILE (or --imagenet_classnames).')
-  class_lines = (list(enumerate(zeroshot.imagenet_classnames(), 1)) if args.imagenet_classnames
-                 else zeroshot.read_numbered_lines(args.classnames, 'Class names')
-                 if args.classnames else None)
+  class_lines = numbered_classnames(args)
   source = ('--imagenet_classnames' if args.imagenet_classnames
             else f'--classnames {args.classnames}')
   classnames = zeroshot.label_classnames(class_lines, source) if args.zeroshot_shards else None
@@ -74,9 +82,11 @@ def evaluate(args) -> dict:
     folder_names = zeroshot.folder_classnames(folders, class_lines, source, args.image_folder)
   benchmarks = [clip_benchmark.open_dataset(root, args.clip_benchmark_split)
                 for root in args.clip_benchmark or ()]
-  templates = zeroshot.load_templates(args.templates)
-  checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
-  cfg, params = load_params(checkpoint, ema=args.ema)
+  with naming('--templates'):
+    templates = zeroshot.load_templates(args.templates)
+  with naming('--checkpoint' if args.checkpoint else '--workdir'):
+    checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
+    cfg, params = load_params(checkpoint, ema=args.ema)
   mesh = sharding.make_mesh({'data': -1})
   encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params), mesh, args.batch_size)
   tokenizer = tokenizer_from_spec(args.tokenizer or cfg.text.tokenizer, cfg.text.context_length)

@@ -17,7 +17,7 @@ import numpy as np
 from etils import epath
 
 from clip_jax.checkpoint import load_params, resolve_checkpoint
-from clip_jax.cli import user_errors
+from clip_jax.cli import naming, user_errors
 from clip_jax.convert.files import write_safetensors, write_torch_bin
 from clip_jax.convert.open_clip import params_to_open_clip
 from clip_jax.convert.open_clip_config import open_clip_config
@@ -43,8 +43,9 @@ def export(checkpoint: str, out: str, ema: bool = False) -> epath.Path:
 
 def export_files(checkpoint: str, out: str, ema: bool = False) -> Exported:
   """`export`, also saying which files it wrote (no .bin without PyTorch)."""
-  source = resolve_checkpoint(checkpoint)
-  cfg, params = load_params(source, ema=ema)
+  with naming('--checkpoint'):
+    source = resolve_checkpoint(checkpoint)
+    cfg, params = load_params(source, ema=ema)
   config = open_clip_config(cfg)  # raises before anything is written if OpenCLIP can't build it
   state_dict = params_to_open_clip(cfg, params)
   out_dir = epath.Path(out)
