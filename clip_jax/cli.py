@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import difflib
 import functools
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -95,6 +96,9 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
   """
   from absl import flags
 
+  config_file = _flag_value(argv, 'config').split(':', 1)[0]
+  if config_file and not os.path.isfile(config_file):  # ml_collections defers this error
+    fail(f'--config {config_file}: no such config file (the recipes are configs/*.py)')
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError) as e:
@@ -128,9 +132,25 @@ def _flag_value(argv: list[str], name: str) -> str:
   return ''
 
 
+def _load_config_file(spec: str) -> Any:
+  """`get_config(ARGS)` of the config file `PATH[:ARGS]`; None when it does not load."""
+  path, _, arg = spec.partition(':')
+  try:
+    module_spec = importlib.util.spec_from_file_location('clip_jax_config_file', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # a broken file: the caller re-raises the parse error
+    return None
+
+
 def _bad_config_key(argv: list[str], flag_values) -> tuple[str | None, list[str]]:
   """The first `--config.KEY=...` whose KEY the loaded config does not have, and its keys."""
   config = flag_values['config'].value if 'config' in flag_values else None
+  if config is None and _flag_value(argv, 'config'):
+    # ml_collections reads the overrides from sys.argv while it parses --config itself: a
+    # bad key fails that parse, and the flag has no value. Load the file (with :ARGS) alone.
+    config = _load_config_file(_flag_value(argv, 'config'))
   if config is None:
     return None, []
   valid = flatten_keys(config)
