@@ -2,7 +2,7 @@
 
   python bench/accumulation.py [--model tiny] [--batch 1024] [--accums 2,4,8] [--loss softmax]
 
-Builds the trainer's own step (`clip_jax.train.make_train_step`: AdamW, clipping, the
+Builds the trainer's own step (`clip_jax.step.build`: AdamW, clipping, the
 contrastive loss) at one global batch, once in one shot and then with each K in both
 accumulation modes, and reports XLA's compiled temp memory per device
 (`memory_analysis()`) and the median step time, the variants stepping in turn so that
@@ -20,7 +20,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax
 import numpy as np
 
-from clip_jax import optim, sharding, train
+from clip_jax import run_config, sharding, step
 from clip_jax.config_base import base_config
 
 
@@ -32,22 +32,16 @@ def build(args, accum, mode):
       'optim.grad_accum': accum, 'optim.grad_accum_mode': mode})
   if args.loss != 'softmax':
     config.model.init_logit_bias = -10.0
-  train.check_config(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
-  cfg = train.model_config(config)
-  model, _, init = train.build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
-  params = init()
-  tx = optim.make_optimizer(config.optim, config.total_steps, params)
-  state = train.create_state(params, tx, mesh)
+  run = run_config.resolve(config, jax.device_count(), data=False)
+  program = step.build(run, sharding.make_mesh(run.mesh))
+  cfg, state = run.model, program.state
   rng = np.random.default_rng(0)
   size, context = cfg.vision.image_size, cfg.text.context_length
   batch = jax.device_put(
       {'image': rng.integers(0, 255, (args.batch, size, size, 3), dtype=np.uint8),
        'text': rng.integers(1, cfg.text.vocab_size, (args.batch, context)).astype(np.int32)},
-      sharding.batch_sharding(mesh))
-  step = train.make_train_step(config, model, tx, mesh, jax.tree.map(lambda x: x.sharding, state),
-                               sharding.batch_sharding(mesh))
-  return step.lower(state, batch).compile(), state, batch
+      program.batch_sharding)
+  return program.jitted_step.lower(state, batch).compile(), state, batch
 
 
 class Variant:

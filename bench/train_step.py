@@ -4,7 +4,7 @@
                              [--rounds 3] [--steps 3]
 
 Each round times `--steps` steps of (a) clip_jax's jitted train step (the trainer's own
-`make_train_step`: softmax loss, AdamW, global-norm clip) on one device and (b) OpenCLIP's
+`clip_jax.step.build`: softmax loss, AdamW, global-norm clip) on one device and (b) OpenCLIP's
 step (`ClipLoss`, `torch.optim.AdamW`, `clip_grad_norm_`, the order of its `train_one_epoch`)
 on the same device kind, after one warm-up step each. Reports the median pairs/s of each,
 the ratio, and each step's FLOP/s (clip_jax's compiled FLOP count, the same count for both)
@@ -23,8 +23,8 @@ import numpy as np
 import open_clip
 import torch
 
-from clip_jax import sharding
-from clip_jax import train as train_lib
+from clip_jax import run_config, sharding
+from clip_jax import step as step_lib
 from clip_jax.config_base import base_config
 
 
@@ -36,7 +36,8 @@ def clip_jax_step(args):
   config.batch_size = args.batch_size
   config.mesh = {'data': 1, 'fsdp': 1, 'tensor': 1}
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  model, state, step = train_lib.fresh_state_and_step(config, mesh)
+  program = step_lib.build(run_config.resolve(config, 1, data=False), mesh)
+  model, state, step = program.model, program.state, program.jitted_step
   cfg = model.cfg
   rng = np.random.default_rng(0)
   size, context = cfg.vision.image_size, cfg.text.context_length

@@ -5,8 +5,9 @@ r"""Compiles the real train step for a TPU pod on this machine: does the config 
 
 No accelerator and no data are needed: with `libtpu` installed (`pip install "jax[tpu]"`)
 XLA compiles for any TPU topology from a CPU host. The step is the trainer's own
-(`clip_jax.train`: config checks, model, optimizer, shardings, `make_train_step`), built
-from shapes only (`jax.eval_shape`) and compiled ahead of time for the topology's chips.
+(`clip_jax.step.build`: the config resolved and checked, model, optimizer, shardings and
+jitted step), built from shapes only (`abstract=True`) and compiled ahead of time for the
+topology's chips; the compile in progress is said on stderr.
 Printed per chip: HBM (arguments, outputs, temporaries, total vs capacity), compiled vs
 analytic FLOPs, and the TPU compiler's step-time estimate with the pairs/s and MFU it
 implies. Exits 1 when the step does not fit, naming the knobs to turn.
@@ -32,16 +33,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
 from clip_jax import cli, run_config, sharding, step
 from clip_jax.distributed import quiet_stderr
 from clip_jax.metrics import peak_flops_per_device, train_flops_per_sample
 from clip_jax.models.config import CLIPConfig
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training config file, as the trainer takes it (ARGS and overrides).',
-    lock_config=True)
+_CONFIG = cli.config_flag()
 _TOPOLOGY = flags.DEFINE_string(
     'topology', None, "TPU topology to compile for, e.g. 'v5p:4x4x4', 'v5e:2x2', or 'local' "
     "(this machine's devices).")

@@ -90,15 +90,17 @@ def _with_teacher(jitted, teacher_params, state, batch):
   return jitted(state, batch, *teacher_params)
 
 
-def build(run: RunConfig, mesh: Mesh, abstract: bool = False) -> Program:
-  """The train program of `run` on `mesh`: params (random, or `init_from`'s), optimizer,
-  state, teacher and jitted step(s); shapes only with `abstract`. See the module doc."""
+def build(run: RunConfig, mesh: Mesh, abstract: bool = False,
+          tx: optax.GradientTransformation | None = None) -> Program:
+  """The train program of `run` on `mesh`: params (random, or `init_from`'s), optimizer
+  (`run.step.optim`'s unless `tx` is given), state, teacher and jitted step(s); shapes only
+  with `abstract`. See the module doc."""
   model, param_shardings, init = build_model(run.model, mesh, run.sharding_rules, run.step.seed)
   if abstract:
     params = with_shardings(jax.eval_shape(init), param_shardings)
   else:
     params = initial_params(run, model, param_shardings, init)
-  tx = optim.make_optimizer(run.step.optim, run.step.total_steps, params)
+  tx = tx or optim.make_optimizer(run.step.optim, run.step.total_steps, params)
   ema = run.step.optim.ema_decay > 0
   shardings = state_shardings(params, param_shardings, tx, mesh, ema)
   if abstract:

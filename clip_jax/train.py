@@ -30,7 +30,6 @@ from absl import app, flags
 from clu import parameter_overview
 from etils import epath
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from clip_jax import checkpoint as ckpt
@@ -44,8 +43,7 @@ from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_pe
 from clip_jax.models.functional import FunctionalModel
 from clip_jax.run_config import RunConfig
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
-                                          lock_config=True)
+_CONFIG = cli.config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs.')
 
 Params = dict[str, Any]

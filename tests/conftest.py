@@ -34,12 +34,12 @@ def demo_data(tmp_path_factory):
 @pytest.fixture(scope='session')
 def trained_demo(demo_data, tmp_path_factory):
   """A tiny model (`tiny` at 64 px) trained for 120 steps on the demo data by the train binary."""
-  from tests.test_train import _demo_config, _env, _run, _train_cmd  # the train tests' own
+  from tests import helpers  # imports this module: import it when the fixture runs
   workdir = tmp_path_factory.mktemp('trained_demo')
-  _run(_train_cmd(workdir, '--config.total_steps=120', '--config.batch_size=64',
+  helpers.run(helpers.train_cmd(workdir, '--config.total_steps=120', '--config.batch_size=64',
                   '--config.model.name=tiny', '--config.model.vision.image_size=64',
                   '--config.eval.zeroshot_shards=', '--config.checkpoint_every=1000',
-                  config=_demo_config(demo_data)), _env(1), timeout=900)
+                  config=helpers.demo_config(demo_data)), helpers.env(1), timeout=900)
   return workdir
 
 

@@ -17,7 +17,7 @@ from clip_jax import train as train_lib
 from clip_jax.checkpoint import save_model
 from clip_jax.losses import distillation_loss
 from clip_jax.models.functional import get_params
-from tests.test_train import _config, _env, _metrics, _run
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH, DIM, TEACHER_DIM = 16, 8, 12
@@ -90,13 +90,13 @@ def test_distillation_on_a_mesh_equals_one_device(n, shape, names):
 ])
 def test_bad_distillation_configs_fail_before_compute(overrides, error, message, tmp_path):
   with pytest.raises(error, match=message):
-    train_lib.validate(_config(**overrides), str(tmp_path), 8)
+    train_lib.validate(helpers.synthetic_config(**overrides), str(tmp_path), 8)
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path):
   teacher = clip_jax.create_model('tiny')
   save_model(tmp_path / 'teacher', teacher.cfg, get_params(teacher))
-  config = _config(**{'distill.teacher': str(tmp_path / 'teacher'),
+  config = helpers.synthetic_config(**{'distill.teacher': str(tmp_path / 'teacher'),
                       'model.text.context_length': 16})
   with pytest.raises(ValueError, match='reads tokens of tokenizer .* context 32'):
     train_lib.validate(config, str(tmp_path), 8)
@@ -110,13 +110,13 @@ def test_the_train_binary_distills_from_a_trained_teacher(trained_demo, demo_dat
   runs = {}
   for accum in (1, 2):
     workdir = tmp_path / f'accum{accum}'
-    _run([sys.executable, '-m', 'clip_jax.train',
+    helpers.run([sys.executable, '-m', 'clip_jax.train',
           '--config', f'{ROOT / "configs" / "demo.py"}:data_dir={demo_data}',
           '--workdir', str(workdir), '--config.total_steps=4', '--config.log_every=1',
           '--config.batch_size=16', '--config.model.name=tiny', '--config.eval.zeroshot_shards=',
           f'--config.optim.grad_accum={accum}', f'--config.distill.teacher={trained_demo}',
-          '--config.distill.weight=0.5', '--config.optim.warmup_steps=0'], _env(devices=4))
-    runs[accum] = _metrics(workdir)
+          '--config.distill.weight=0.5', '--config.optim.warmup_steps=0'], helpers.env(devices=4))
+    runs[accum] = helpers.metrics(workdir)
     for record in runs[accum].values():
       assert record['distill_loss'] > 0
       np.testing.assert_allclose(record['loss'],
@@ -133,8 +133,9 @@ def test_aot_compiles_a_distilling_step_with_an_ema(tmp_path):
   teacher = clip_jax.create_model('tiny')
   save_model(tmp_path / 'teacher', teacher.cfg, get_params(teacher))
   base = {'model.name': 'tiny', 'batch_size': 16, 'model.scan_layers': False}
-  plain = aot.analyse(_config(**base), 'local')
-  both = aot.analyse(_config(**base, **{'distill.teacher': str(tmp_path / 'teacher'),
-                                        'optim.ema_decay': 0.999}), 'local')
+  plain = aot.analyse(helpers.synthetic_config(**base), 'local')
+  both = aot.analyse(helpers.synthetic_config(
+      **base, **{'distill.teacher': str(tmp_path / 'teacher'), 'optim.ema_decay': 0.999}),
+      'local')
   assert both['flops']['compiled_per_chip'] > 1.1 * plain['flops']['compiled_per_chip']
   assert both['hbm']['total_bytes'] > plain['hbm']['total_bytes']

@@ -11,13 +11,13 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 import clip_jax
-from clip_jax import sharding
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import TrainCheckpoints, load_params, save_model
 from clip_jax.config_base import base_config
 from clip_jax.convert.open_clip import params_to_open_clip
 from clip_jax.evaluate import evaluate, parse_args
 from clip_jax.export import SAFETENSORS_NAME, export
+from tests import helpers
 
 DECAY = 0.75
 
@@ -32,16 +32,8 @@ def _config(**kw):
 
 def _state_and_step(config):
   """(model, state with an EMA, jitted step) of `config` on all 8 devices."""
-  mesh = sharding.make_mesh({'data': -1})
-  model, _, init = train_lib.build_model(train_lib.model_config(config), mesh,
-                                         sharding.DEFAULT_RULES, 0)
-  params = init()
-  tx = optax.adamw(1e-2)
-  state = train_lib.create_state(params, tx, mesh, ema=True)
-  step = train_lib.make_train_step(config, model, tx, mesh,
-                                   jax.tree.map(lambda x: x.sharding, state),
-                                   sharding.batch_sharding(mesh))
-  return model, state, step
+  program = helpers.program(config, tx=optax.adamw(1e-2))
+  return program.model, program.state, program.step
 
 
 def _batch(cfg, seed):

@@ -21,7 +21,7 @@ import pytest
 from clip_jax.checkpoint import load_params
 from clip_jax.convert.open_clip import params_to_open_clip
 from clip_jax.export import SAFETENSORS_NAME
-from tests.test_train import _demo_config, _env, _metrics, _parse_metrics, _run, _train_cmd
+from tests import helpers
 
 BUCKET = 'clip-jax-test'
 # Constant lr: a run killed at any step and resumed with another total_steps matches a
@@ -42,7 +42,7 @@ def _free_port():
 def _gcs_env(url):
   """Every GCS client of a clip_jax process pointed at the emulator, with no credentials
   and nothing that waits on Google's metadata server."""
-  return _env(1, EPATH_USE_TF='false',  # etils.epath: gcsfs (TF's gfile has no endpoint)
+  return helpers.env(1, EPATH_USE_TF='false',  # etils.epath: gcsfs (TF's gfile has no endpoint)
               STORAGE_EMULATOR_HOST=url,  # gcsfs
               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT='false',  # no gRPC bucket-layout lookup
               TENSORSTORE_GCS_HTTP_URL=url,  # orbax's array data
@@ -59,7 +59,7 @@ def gcs(demo_data):
   server = subprocess.Popen([sys.executable, '-m', 'tests.gcs_emulator', 'start', '--host',
                              '127.0.0.1', '--port', str(port), '--in-memory',
                              '--default-bucket', BUCKET],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f'http://127.0.0.1:{port}'
   for _ in range(100):
     try:
@@ -95,10 +95,10 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   """Shards, checkpoints and metrics on gs://: SIGKILL after a checkpoint, resume, losses
   of a straight run, then export from (and to) gs://."""
   url, fs = gcs
-  env, config, workdir = _gcs_env(url), _demo_config(demo_data), f'{BUCKET}/run'
+  env, config, workdir = _gcs_env(url), helpers.demo_config(demo_data), f'{BUCKET}/run'
   with (tmp_path / 'killed.log').open('w') as log:
     process = subprocess.Popen(
-        _train_cmd(f'gs://{workdir}', '--config.total_steps=10000', *COMMON, config=config),
+        helpers.train_cmd(f'gs://{workdir}', '--config.total_steps=10000', *COMMON, config=config),
         env=env, stdout=subprocess.DEVNULL, stderr=log)
   _wait_for_checkpoint(fs, workdir, process, tmp_path / 'killed.log')
   process.send_signal(signal.SIGKILL)
@@ -108,24 +108,25 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
               fs.glob(f'{workdir}/checkpoints/*/commit_success.txt'))
   # Steps after `saved` may be in metrics.jsonl already (it is uploaded at each save); the
   # resumed run replays them and goes 4 steps further.
-  logged = _parse_metrics(fs.cat(f'{workdir}/metrics.jsonl').decode())
+  logged = helpers.parse_metrics(fs.cat(f'{workdir}/metrics.jsonl').decode())
   total = max(saved, *logged) + 4
 
-  result = _run(_train_cmd(f'gs://{workdir}', f'--config.total_steps={total}', *COMMON,
-                           config=config), env)
+  result = helpers.run(helpers.train_cmd(f'gs://{workdir}', f'--config.total_steps={total}',
+                                         *COMMON, config=config), env)
   assert 'Resuming from' in result.stderr and f'step {saved}' in result.stderr
   straight = tmp_path / 'straight'
-  _run(_train_cmd(straight, f'--config.total_steps={total}', *COMMON, config=config), env)
+  helpers.run(helpers.train_cmd(straight, f'--config.total_steps={total}', *COMMON,
+                                config=config), env)
   fs.invalidate_cache()
-  resumed = _parse_metrics(fs.cat(f'{workdir}/metrics.jsonl').decode())
-  expected = _metrics(straight)
+  resumed = helpers.parse_metrics(fs.cat(f'{workdir}/metrics.jsonl').decode())
+  expected = helpers.metrics(straight)
   assert sorted(resumed) == sorted(expected) == list(range(1, total + 1))
   for step in expected:
     assert resumed[step]['loss'] == expected[step]['loss'], step
   assert resumed[total]['zeroshot_top1'] == expected[total]['zeroshot_top1']
   assert fs.exists(f'{workdir}/config.json')
 
-  _run([sys.executable, '-m', 'clip_jax.export', '--checkpoint', f'gs://{workdir}',
+  helpers.run([sys.executable, '-m', 'clip_jax.export', '--checkpoint', f'gs://{workdir}',
         '--out', f'gs://{BUCKET}/export'], env)
   fs.get(f'{BUCKET}/export/{SAFETENSORS_NAME}', str(tmp_path / SAFETENSORS_NAME))
   from safetensors.numpy import load_file
@@ -138,8 +139,8 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   evaluate = [sys.executable, '-m', 'clip_jax.evaluate', '--templates', 'simple',
               '--zeroshot_shards', f'gs://{BUCKET}/eval/*.tar',
               '--classnames', f'gs://{BUCKET}/classnames.txt']
-  _run([*evaluate, '--workdir', f'gs://{workdir}'], env)
-  _run([*evaluate, '--workdir', str(straight)], env)
+  helpers.run([*evaluate, '--workdir', f'gs://{workdir}'], env)
+  helpers.run([*evaluate, '--workdir', str(straight)], env)
   fs.invalidate_cache()
   results = fs.glob(f'{workdir}/checkpoints/{total}/eval_results.json')
   assert results, fs.ls(f'{workdir}/checkpoints/{total}')
@@ -148,8 +149,8 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
 
   # Embeddings from gs:// shards and checkpoint into gs://, as a local run of the straight one.
   embed = [sys.executable, '-m', 'clip_jax.embed', '--shards', f'gs://{BUCKET}/eval/*.tar']
-  _run([*embed, '--checkpoint', f'gs://{workdir}', '--out', f'gs://{BUCKET}/emb'], env)
-  _run([*embed, '--checkpoint', str(straight), '--out', str(tmp_path / 'emb')], env)
+  helpers.run([*embed, '--checkpoint', f'gs://{workdir}', '--out', f'gs://{BUCKET}/emb'], env)
+  helpers.run([*embed, '--checkpoint', str(straight), '--out', str(tmp_path / 'emb')], env)
   for name in ('img_emb/img_emb_0.npy', 'text_emb/text_emb_0.npy'):
     local = np.load(tmp_path / 'emb' / name)
     assert len(local) > 0

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from clip_jax.data.tar_samples import RawSample, read_samples, read_shard
-from tests.test_train import _demo_config, _env, _metrics, _run, _train_cmd
+from tests import helpers
 
 SAMPLES = 40
 
@@ -46,7 +46,7 @@ def test_img2dataset_shards_read_and_train(demo_data, tmp_path):
   assert all(json.loads(s.meta)['status'] == 'success' for s in samples)
 
   workdir = tmp_path / 'run'
-  _run(_train_cmd(workdir, '--config.total_steps=3', '--config.batch_size=8',
+  helpers.run(helpers.train_cmd(workdir, '--config.total_steps=3', '--config.batch_size=8',
                   f'--config.data.train={shards}/*.tar', '--config.eval.zeroshot_shards=',
-                  '--config.log_every=1', config=_demo_config(demo_data)), _env(1))
-  assert sorted(_metrics(workdir)) == [1, 2, 3]
+                  '--config.log_every=1', config=helpers.demo_config(demo_data)), helpers.env(1))
+  assert sorted(helpers.metrics(workdir)) == [1, 2, 3]

@@ -1,7 +1,5 @@
 """FLIP's patch dropout: fewer tokens (and FLOPs) in training steps, none dropped elsewhere."""
 
-import pathlib
-import runpy
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +7,12 @@ import numpy as np
 import pytest
 
 import clip_jax
-from clip_jax import sharding
-from clip_jax import train as train_lib
+from clip_jax import run_config
 from clip_jax.config_base import base_config
 from clip_jax.models.functional import FunctionalModel, get_params
 from clip_jax.models.vit import drop_patches
-from tests import test_train as harness
+from configs import flip
+from tests import helpers
 
 
 def test_drop_patches_keeps_the_class_token_and_distinct_patches():
@@ -64,12 +62,11 @@ def test_half_the_patches_cost_at_most_0_6x_the_flops():
 
 
 def test_the_flip_config_drops_half_the_patches_then_finishes_unmasked():
-  flip = runpy.run_path(str(pathlib.Path(harness.ROOT) / 'configs' / 'flip.py'))['get_config']
-  c = flip('batch_size=4096,samples=4096000')
+  c = flip.get_config('batch_size=4096,samples=4096000')
   assert (c.model.name, c.model.vision.patch_dropout) == ('ViT-B-16', 0.5)
   assert (c.total_steps, c.patch_dropout_tail_steps) == (1000, 10)
   assert c.optim.lr == 5e-4  # configs/clip.py's ViT-B-16 recipe
-  train_lib.check_config(c, 8)
+  run_config.resolve(c, 8, data=False)
 
 
 def _config(**overrides):
@@ -81,7 +78,8 @@ def _config(**overrides):
 
 
 def _first_loss(config):
-  model, state, step = train_lib.fresh_state_and_step(config, sharding.make_mesh({'data': -1}))
+  program = helpers.program(config)
+  model, state, step = program.model, program.state, program.step
   cfg = model.cfg
   rng = np.random.default_rng(0)
   text = rng.integers(1, 255, (16, cfg.text.context_length)).astype(np.int32)
@@ -102,9 +100,9 @@ def test_each_image_drops_the_same_patches_however_the_batch_is_split():
 @pytest.mark.slow
 def test_the_demo_learns_with_half_its_patches(demo_data, tmp_path):
   """The train binary on the demo data, half the patches dropped, the last 20 steps not."""
-  harness._run(harness._train_cmd(tmp_path, *harness._overrides(
+  helpers.run(helpers.train_cmd(tmp_path, *helpers.overrides(
       100, '--config.eval.zeroshot_shards=', '--config.model.vision.patch_dropout=0.5',
       '--config.patch_dropout_tail_steps=20', '--config.log_every=10', '--config.batch_size=64'),
-      config=harness._demo_config(demo_data)), harness._env(devices=1))
-  metrics = harness._metrics(tmp_path)
+      config=helpers.demo_config(demo_data)), helpers.env(devices=1))
+  metrics = helpers.metrics(tmp_path)
   assert metrics[100]['loss'] < 0.6 * metrics[10]['loss'], (metrics[10], metrics[100])

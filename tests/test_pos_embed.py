@@ -9,6 +9,7 @@ import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
 import clip_jax
+from clip_jax import run_config, step
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import save_model
 from clip_jax.config_base import base_config
@@ -69,7 +70,6 @@ def test_init_from_another_image_size_and_context_trains(tmp_path):
     run.close()
 
   wider = _init_from_config(tmp_path / 'small', **{'model.vision.width': 96})
-  functional, shardings, init = train_lib.build_model(
-      train_lib.model_config(wider), jax.sharding.Mesh(jax.devices(), ('data',)), (), 0)
   with pytest.raises(ValueError, match='visual/'):
-    train_lib.init_params(wider, functional, shardings, init)
+    step.build(run_config.resolve(wider, jax.device_count()),
+               jax.sharding.Mesh(jax.devices(), ('data',)))

@@ -17,20 +17,13 @@ from clip_jax import sharding
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import load_params
 from clip_jax.config_base import base_config
+from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.eval import zeroshot
 from clip_jax.eval.encoder import Encoder
 from clip_jax.models.functional import FunctionalModel
+from tests import helpers
+from tests.conftest import ROOT
 from tests.test_data import _tar
-from tests.test_train import (
-  ROOT,
-  _demo_config,
-  _env,
-  _metrics,
-  _overrides,
-  _run,
-  _train_cmd,
-  _wait_for_step,
-)
 
 # A constant schedule makes the learning rate of a step independent of `total_steps`, so a
 # run stopped early and resumed with another `total_steps` can match an uninterrupted one.
@@ -40,9 +33,9 @@ COMMON = ['--config.log_every=1', '--config.eval.zeroshot_shards=', '--config.ba
 
 def _launch(workdir, nproc, devices, *overrides, demo_dir, log_dir):
   """`launch/local.sh NPROC DEVICES -- train args` as a running process."""
-  env = _env(PYTHON=sys.executable, CLIP_JAX_LOG_DIR=str(log_dir))
+  env = helpers.env(PYTHON=sys.executable, CLIP_JAX_LOG_DIR=str(log_dir))
   env.pop('XLA_FLAGS')
-  cmd = _train_cmd(workdir, *overrides, config=_demo_config(demo_dir))[3:]
+  cmd = helpers.train_cmd(workdir, *overrides, config=helpers.demo_config(demo_dir))[3:]
   return subprocess.Popen([str(ROOT / 'launch' / 'local.sh'), str(nproc), str(devices), '--',
                            *cmd], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
@@ -92,27 +85,27 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(demo_data, tmp_p
   """Only process 1 is told: both checkpoint the same step and exit 0; a restart continues
   with the losses of an uninterrupted two-process run."""
   total = 20
-  _launched(tmp_path / 'straight', 2, 2, *_overrides(total, *COMMON), demo_dir=demo_data,
+  _launched(tmp_path / 'straight', 2, 2, *helpers.overrides(total, *COMMON), demo_dir=demo_data,
             log_dir=tmp_path / 'logs_straight')
 
   workdir, logs = tmp_path / 'run', tmp_path / 'logs_run'
-  process = _launch(workdir, 2, 2, *_overrides(10_000, *COMMON), demo_dir=demo_data,
+  process = _launch(workdir, 2, 2, *helpers.overrides(10_000, *COMMON), demo_dir=demo_data,
                     log_dir=logs)
-  _wait_for_step(workdir, 3)
+  helpers.wait_for_step(workdir, 3)
   os.kill(_train_process(workdir, 1), signal.SIGTERM)
   start = time.monotonic()
   returncode, stderr, log_1 = _finish(process, logs, timeout=180)
   assert returncode == 0, stderr[-2000:] + log_1[-2000:]
   assert time.monotonic() - start < 120
   assert 'Preemption notice' in stderr and 'Preemption notice' in log_1
-  stopped = max(_metrics(workdir))
+  stopped = max(helpers.metrics(workdir))
   assert _checkpoint_steps(workdir) == [stopped] and stopped < total
   for process_id in (0, 1):  # both processes stored their input position for that step
     assert (workdir / 'checkpoints' / str(stopped) / 'data' /
             f'process_{process_id}-of-2.json').is_file()
 
-  _launched(workdir, 2, 2, *_overrides(total, *COMMON), demo_dir=demo_data, log_dir=logs)
-  _assert_same_losses(_metrics(workdir), _metrics(tmp_path / 'straight'), rtol=1e-4)
+  _launched(workdir, 2, 2, *helpers.overrides(total, *COMMON), demo_dir=demo_data, log_dir=logs)
+  _assert_same_losses(helpers.metrics(workdir), helpers.metrics(tmp_path / 'straight'), rtol=1e-4)
 
 
 def _damage(checkpoint: pathlib.Path) -> pathlib.Path:
@@ -128,24 +121,29 @@ def _damage(checkpoint: pathlib.Path) -> pathlib.Path:
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumes(
     demo_data, tmp_path):
   common = [*COMMON, '--config.checkpoint_every=5']
-  config = _demo_config(demo_data)
-  _run(_train_cmd(tmp_path / 'straight', *_overrides(15, *common), config=config), _env(1))
+  config = helpers.demo_config(demo_data)
+  helpers.run(helpers.train_cmd(tmp_path / 'straight', *helpers.overrides(15, *common),
+                                config=config), helpers.env(1))
   workdir = tmp_path / 'run'
-  _run(_train_cmd(workdir, *_overrides(10, *common), config=config), _env(1))
+  helpers.run(helpers.train_cmd(workdir, *helpers.overrides(10, *common), config=config),
+              helpers.env(1))
   assert _checkpoint_steps(workdir) == [5, 10]
   _damage(workdir / 'checkpoints' / '10')
 
-  result = _run(_train_cmd(workdir, *_overrides(15, *common), config=config), _env(1))
+  result = helpers.run(helpers.train_cmd(workdir, *helpers.overrides(15, *common),
+                                         config=config), helpers.env(1))
   assert f'CHECKPOINT {workdir}/checkpoints/10 DOES NOT RESTORE' in result.stderr
   assert (workdir / 'checkpoints' / '10.unreadable' / 'params').is_dir()  # kept, not deleted
   assert 'Resuming from' in result.stderr and 'step 5' in result.stderr
   assert _checkpoint_steps(workdir) == [5, 10, 15]
-  _assert_same_losses(_metrics(workdir), _metrics(tmp_path / 'straight'))
+  _assert_same_losses(helpers.metrics(workdir), helpers.metrics(tmp_path / 'straight'))
 
   for step in (5, 10, 15):  # nothing restores: stop, never restart from scratch over them
     _damage(workdir / 'checkpoints' / str(step))
-  result = subprocess.run(_train_cmd(workdir, *_overrides(20, *common), config=config),
-                          env=_env(1), capture_output=True, text=True, timeout=600, check=False)
+  result = subprocess.run(helpers.train_cmd(workdir, *helpers.overrides(20, *common),
+                                            config=config),
+                          env=helpers.env(1), capture_output=True, text=True, timeout=600,
+                          check=False)
   assert result.returncode != 0
   assert f'No checkpoint in {workdir}/checkpoints restores' in result.stderr
   assert _checkpoint_steps(workdir) == [5, 10, 15]  # nothing moved when nothing restores
@@ -156,16 +154,18 @@ def test_a_changed_process_count_restores_the_model_and_reshuffles_the_data(demo
                                                                            tmp_path):
   """1 process x 4 devices -> 2 x 2 -> 1 x 4: same mesh, so params and optimizer restore;
   the per-process input position cannot, and the run says so instead of crashing."""
-  workdir, config = tmp_path / 'run', _demo_config(demo_data)
+  workdir, config = tmp_path / 'run', helpers.demo_config(demo_data)
   common = [*COMMON, '--config.optim.warmup_steps=0']
-  _run(_train_cmd(workdir, *_overrides(6, *common), config=config), _env(4))
-  stderr, _ = _launched(workdir, 2, 2, *_overrides(12, *common), demo_dir=demo_data,
+  helpers.run(helpers.train_cmd(workdir, *helpers.overrides(6, *common), config=config),
+              helpers.env(4))
+  stderr, _ = _launched(workdir, 2, 2, *helpers.overrides(12, *common), demo_dir=demo_data,
                         log_dir=tmp_path / 'logs')
   assert 'written by a different number of processes' in stderr and 'seed 6' in stderr
-  result = _run(_train_cmd(workdir, *_overrides(18, *common), config=config), _env(4))
+  result = helpers.run(helpers.train_cmd(workdir, *helpers.overrides(18, *common),
+                                         config=config), helpers.env(4))
   assert 'written by a different number of processes' in result.stderr
   assert 'Resuming from' in result.stderr and 'step 12' in result.stderr
-  metrics = _metrics(workdir)
+  metrics = helpers.metrics(workdir)
   assert sorted(metrics) == list(range(1, 19))
   # Restored, not restarted: each leg starts below where the run started.
   assert max(metrics[7]['loss'], metrics[13]['loss']) < metrics[1]['loss'] - 0.2, metrics
@@ -199,12 +199,13 @@ def test_a_run_over_every_kind_of_bad_shard_counts_each_and_finishes(demo_data, 
   shards.mkdir()
   _bad_shards(shards, demo_data / 'train' / '00000.tar')
   workdir = tmp_path / 'run'
-  _run(_train_cmd(workdir, *_overrides(30, '--config.log_every=30', '--config.batch_size=16',
+  helpers.run(helpers.train_cmd(workdir, *helpers.overrides(30, '--config.log_every=30',
+                                                            '--config.batch_size=16',
                                             '--config.eval.zeroshot_shards=',
                                             f'--config.data.train={shards}/{{00000..00006}}.tar',
                                             '--config.data.workers=2'),
-                  config=_demo_config(demo_data)), _env(1))
-  skipped = {k.removeprefix('skipped/'): v for k, v in _metrics(workdir)[30].items()
+                  config=helpers.demo_config(demo_data)), helpers.env(1))
+  skipped = {k.removeprefix('skipped/'): v for k, v in helpers.metrics(workdir)[30].items()
              if k.startswith('skipped/')}
   for kind in ('bad_image', 'empty_image', 'missing_caption', 'bad_caption',
                'oversized_member', 'empty_shard', 'truncated_shard'):
@@ -219,7 +220,9 @@ def test_periodic_zero_shot_streams_images_and_scores_like_the_evaluator(trained
   config.eval.classnames = f'{demo_data}/classnames.txt'
   cfg, params = load_params(trained_demo)
   model, mesh = FunctionalModel.create(cfg), sharding.make_mesh({'data': -1})
-  evaluator = train_lib.ZeroShotEval(config, model, mesh)
+  evaluator = train_lib.ZeroShotEval(config, model, mesh,
+                                     tokenizer_from_spec(cfg.text.tokenizer,
+                                                         cfg.text.context_length))
   evaluator.encoder = Encoder(model, None, mesh, batch_size=32)
   alive, most = [], [0]
   decode = zeroshot.eval_pixels
@@ -247,9 +250,10 @@ def test_zero_shot_in_two_processes_equals_one_process(trained_demo, demo_data, 
   common = ['--config.total_steps=1', '--config.optim.lr=0', '--config.batch_size=32',
             '--config.checkpoint_every=1000', '--config.model.name=tiny',
             '--config.model.vision.image_size=64', f'--config.init_from={trained_demo}']
-  _run(_train_cmd(tmp_path / 'one', *common, config=_demo_config(demo_data)), _env(4))
+  helpers.run(helpers.train_cmd(tmp_path / 'one', *common,
+                                config=helpers.demo_config(demo_data)), helpers.env(4))
   _launched(tmp_path / 'two', 2, 2, *common, demo_dir=demo_data, log_dir=tmp_path / 'logs')
-  one, two = _metrics(tmp_path / 'one')[1], _metrics(tmp_path / 'two')[1]
+  one, two = helpers.metrics(tmp_path / 'one')[1], helpers.metrics(tmp_path / 'two')[1]
   assert one['zeroshot_top1'] > 0.2
   assert (two['zeroshot_top1'], two['zeroshot_top5']) == (one['zeroshot_top1'],
                                                           one['zeroshot_top5'])

@@ -1,8 +1,6 @@
 """The train binary end to end: learning, exact resume, preemption, multi-host, FSDP."""
 
 import contextlib
-import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -16,15 +14,16 @@ import pytest
 from flax import nnx
 
 import clip_jax
-from clip_jax import optim, sharding
+from clip_jax import optim, run_config, sharding
+from clip_jax import step as step_lib
 from clip_jax import train as train_lib
 from clip_jax.checkpoint import load_params, resolve_checkpoint, save_model
-from clip_jax.config_base import base_config
+from clip_jax.data.transforms import normalize_on_device
+from clip_jax.losses import contrastive_loss
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.functional import get_params
-from tests.conftest import JAX_CACHE_ENV, ROOT
-
-DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
+from tests import helpers
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope='module')
@@ -32,67 +31,15 @@ def demo_dir(demo_data):
   return demo_data
 
 
-def _env(devices=8, **extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **JAX_CACHE_ENV)
-  env.update(extra)
-  return env
-
-
-def _demo_config(demo_dir):
-  """The demo config on the test's small demo dataset (it generates none when it exists)."""
-  return f'{DEMO_CONFIG}:data_dir={demo_dir}'
-
-
-def _train_cmd(workdir, *overrides, config):
-  """The train binary's command line. TensorBoard is off unless an override turns it on: its
-  writer imports TensorFlow (~4 s a process); test_demo_config_learns checks it."""
-  return [sys.executable, '-m', 'clip_jax.train', '--config', config, '--workdir', str(workdir),
-          '--config.tensorboard=False', *overrides]
-
-
-def _overrides(steps, *extra):
-  return [f'--config.total_steps={steps}', *extra]
-
-
-def _metrics(workdir):
-  """step -> last logged record for that step (a resumed run re-logs replayed steps)."""
-  return _parse_metrics((pathlib.Path(workdir) / 'metrics.jsonl').read_text())
-
-
-def _parse_metrics(text):
-  records = {}
-  for line in text.splitlines():
-    record = json.loads(line)
-    records.setdefault(record['step'], {}).update(record)
-  return records
-
-
-def _wait_for_step(workdir, step, timeout=300):
-  """Polls metrics.jsonl until a running training process has logged `step`."""
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if (workdir / 'metrics.jsonl').exists() and max(_metrics(workdir), default=0) >= step:
-      return
-    time.sleep(0.2)
-  raise TimeoutError(f'{workdir} never reached step {step}')
-
-
-def _run(cmd, env, timeout=600):
-  result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result
-
-
 @pytest.mark.slow
 def test_demo_config_learns(demo_dir, tmp_path):
   workdir = tmp_path / 'run'
-  _run(_train_cmd(workdir, *_overrides(150, '--config.eval_every=150',
+  helpers.run(helpers.train_cmd(workdir, *helpers.overrides(150, '--config.eval_every=150',
                                             '--config.log_every=10', '--config.tensorboard=True'),
-                  config=_demo_config(demo_dir)), _env(1))  # one device, as the Quickstart runs
+                  config=helpers.demo_config(demo_dir)),
+              helpers.env(1))  # one device, as the Quickstart runs
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
-  metrics = _metrics(workdir)
+  metrics = helpers.metrics(workdir)
   assert metrics[150]['loss'] < 0.6 * metrics[10]['loss']
   assert metrics[150]['zeroshot_top1'] > 4 * (1 / 40)  # chance is 2.5%
   assert metrics[150]['samples_per_second'] > 0 and 'data_wait' in metrics[150]
@@ -128,27 +75,28 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
   (seed, step), so the same patches are dropped after the restart, through the unmasked tail
   (the last 4 steps, a second compiled step). A run without it takes the same path minus
   the keys; tests/test_gcs.py kills and resumes one (on gs://) against a straight run."""
-  common = _overrides(24, '--config.log_every=1', '--config.checkpoint_every=5',
+  common = helpers.overrides(24, '--config.log_every=1', '--config.checkpoint_every=5',
                       '--config.eval.zeroshot_shards=', '--config.batch_size=32',
                       '--config.model.vision.patch_dropout=0.5',
                       '--config.patch_dropout_tail_steps=4')
-  _run(_train_cmd(tmp_path / 'straight', *common, config=_demo_config(demo_dir)), _env())
+  config = helpers.demo_config(demo_dir)
+  helpers.run(helpers.train_cmd(tmp_path / 'straight', *common, config=config), helpers.env())
 
   workdir = tmp_path / 'killed'
-  process = subprocess.Popen(_train_cmd(workdir, *common, config=_demo_config(demo_dir)),
-                             env=_env(),
+  process = subprocess.Popen(helpers.train_cmd(workdir, *common, config=config),
+                             env=helpers.env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  _wait_for_step(workdir, 8)
+  helpers.wait_for_step(workdir, 8)
   workers = _children(process.pid)
   assert workers, 'the trainer runs its data pipeline in worker processes'
   process.send_signal(signal.SIGKILL)
   process.wait()
   _assert_exit(workers, within=10)  # grain's workers do not outlive the killed trainer
-  killed_at = max(_metrics(workdir))
+  killed_at = max(helpers.metrics(workdir))
   assert killed_at < 24, 'the run finished before it could be killed'
-  _run(_train_cmd(workdir, *common, config=_demo_config(demo_dir)), _env())
+  helpers.run(helpers.train_cmd(workdir, *common, config=config), helpers.env())
 
-  straight, resumed = _metrics(tmp_path / 'straight'), _metrics(workdir)
+  straight, resumed = helpers.metrics(tmp_path / 'straight'), helpers.metrics(workdir)
   assert sorted(straight) == sorted(resumed) == list(range(1, 25))
   for step in straight:
     assert resumed[step]['loss'] == straight[step]['loss'], step
@@ -161,20 +109,20 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_dir, tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_cleanly(demo_dir, tmp_path):
   workdir = tmp_path / 'run'
-  cmd = _train_cmd(workdir, *_overrides(10_000, '--config.log_every=1',
+  cmd = helpers.train_cmd(workdir, *helpers.overrides(10_000, '--config.log_every=1',
                                              '--config.checkpoint_every=1000',
                                              '--config.eval.zeroshot_shards=',
                                              '--config.batch_size=32'),
-                   config=_demo_config(demo_dir))
-  process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
-  _wait_for_step(workdir, 3)
+                   config=helpers.demo_config(demo_dir))
+  process = subprocess.Popen(cmd, env=helpers.env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  helpers.wait_for_step(workdir, 3)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, stderr[-2000:]
   assert 'SIGTERM received' in stderr
   step = int(resolve_checkpoint(workdir).name)
-  assert 3 <= step < 10_000 and step >= max(_metrics(workdir))
+  assert 3 <= step < 10_000 and step >= max(helpers.metrics(workdir))
 
 
 @pytest.mark.slow
@@ -182,17 +130,18 @@ def test_two_processes_match_one_process(demo_data, tmp_path):
   synthetic = ['--config.data.kind=synthetic', '--config.total_steps=4',
                '--config.log_every=1', '--config.eval.zeroshot_shards=', '--config.batch_size=32',
                '--config.mesh.data=4', '--config.mesh.fsdp=2']
-  _run(_train_cmd(tmp_path / 'one', *synthetic, config=_demo_config(demo_data)), _env())
-  env = _env(PYTHON=sys.executable, CLIP_JAX_LOG_DIR=str(tmp_path))
+  helpers.run(helpers.train_cmd(tmp_path / 'one', *synthetic,
+                                config=helpers.demo_config(demo_data)), helpers.env())
+  env = helpers.env(PYTHON=sys.executable, CLIP_JAX_LOG_DIR=str(tmp_path))
   env.pop('XLA_FLAGS')
   result = subprocess.run([str(ROOT / 'launch' / 'local.sh'), '2', '4', '--',
-                           *_train_cmd(tmp_path / 'two', *synthetic,
-                                       config=_demo_config(demo_data))[3:]],
+                           *helpers.train_cmd(tmp_path / 'two', *synthetic,
+                                       config=helpers.demo_config(demo_data))[3:]],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
   log_1 = tmp_path / 'clip_jax_proc_1.log'
   logs = log_1.read_text() if log_1.exists() else ''
   assert result.returncode == 0, result.stderr[-2000:] + logs[-2000:]
-  one, two = _metrics(tmp_path / 'one'), _metrics(tmp_path / 'two')
+  one, two = helpers.metrics(tmp_path / 'one'), helpers.metrics(tmp_path / 'two')
   assert 'Process 0 of 2' in result.stderr
   for step in range(1, 5):
     np.testing.assert_allclose(two[step]['loss'], one[step]['loss'], rtol=1e-5)
@@ -207,13 +156,13 @@ def test_restore_onto_a_smaller_mesh_continues(demo_dir, tmp_path):
   """
   common = ['--config.log_every=1', '--config.checkpoint_every=3', '--config.eval.zeroshot_shards=',
             '--config.batch_size=32', '--config.mesh.fsdp=2', '--config.optim.schedule=constant']
-  _run(_train_cmd(tmp_path / 'straight', *_overrides(6, *common),
-                  config=_demo_config(demo_dir)), _env(devices=8))
+  helpers.run(helpers.train_cmd(tmp_path / 'straight', *helpers.overrides(6, *common),
+                  config=helpers.demo_config(demo_dir)), helpers.env(devices=8))
   workdir = tmp_path / 'run'
   for steps, devices in ((3, 8), (6, 4)):
-    _run(_train_cmd(workdir, *_overrides(steps, *common),
-                    config=_demo_config(demo_dir)), _env(devices=devices))
-  straight, resumed = _metrics(tmp_path / 'straight'), _metrics(workdir)
+    helpers.run(helpers.train_cmd(workdir, *helpers.overrides(steps, *common),
+                    config=helpers.demo_config(demo_dir)), helpers.env(devices=devices))
+  straight, resumed = helpers.metrics(tmp_path / 'straight'), helpers.metrics(workdir)
   assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
   for step in straight:  # same batches and state; only the reduction order differs
     np.testing.assert_allclose(resumed[step]['loss'], straight[step]['loss'], rtol=1e-4)
@@ -223,7 +172,7 @@ def test_restore_onto_a_smaller_mesh_continues(demo_dir, tmp_path):
 def test_fsdp_shards_weights_across_devices():
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 8, 'tensor': 1})
   cfg = clip_jax.get_config('ViT-B-32', **{'vision.layers': 2, 'text.layers': 2})
-  _, _, init = train_lib.build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
+  _, _, init = step_lib.build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
   params = init()
   total = sum(x.size for x in jax.tree.leaves(params))
   on_device0 = sum(s.data.size for x in jax.tree.leaves(params) for s in x.addressable_shards
@@ -232,8 +181,8 @@ def test_fsdp_shards_weights_across_devices():
   kernel = params['visual']['transformer']['blocks']['mlp']['fc1']['kernel']  # [L, 768, 3072]
   assert kernel.addressable_shards[0].data.shape == (2, 96, 3072)
   # AdamW's moments live where their parameters live (not replicated); the count does not.
-  state = train_lib.create_state(params, optim.make_optimizer(base_config().optim, 10, params),
-                                 mesh)
+  state = step_lib.create_state(params, optim.make_optimizer(optim.OptimConfig(), 10, params),
+                                mesh)
   first_moments = optax.tree_utils.tree_get_all_with_path(state['opt_state'], 'mu')
   assert first_moments
   for _, moments in first_moments:
@@ -252,13 +201,6 @@ def test_tensor_rules_shard_heads_and_mlp():
   assert tuple(specs['logit_scale']) == ()
 
 
-def _config(**kw):
-  c = base_config()
-  c.data.kind = 'synthetic'
-  c.update_from_flattened_dict(kw)
-  return c
-
-
 @pytest.mark.parametrize('overrides,error,message', [
     ({'mesh.data': 3}, ValueError, r'config.mesh .* needs 3 devices'),
     ({'batch_size': 12}, ValueError,
@@ -272,30 +214,31 @@ def _config(**kw):
 ])
 def test_bad_configs_fail_before_compiling(overrides, error, message, tmp_path):
   with pytest.raises(error, match=message):
-    train_lib.validate(_config(**overrides), str(tmp_path), 8)
+    train_lib.validate(helpers.synthetic_config(**overrides), str(tmp_path), 8)
 
 
 def test_unwritable_workdir_and_unknown_key(demo_data, tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('x')
   with pytest.raises(ValueError, match='--workdir .* is not writable'):
-    train_lib.validate(_config(), str(blocker / 'sub'), 8)
-  result = subprocess.run(_train_cmd(tmp_path / 'w', '--config.optim.learning_rate=1',
-                                     config=_demo_config(demo_data)),
-                          env=_env(), capture_output=True, text=True, timeout=300, check=False)
+    train_lib.validate(helpers.synthetic_config(), str(blocker / 'sub'), 8)
+  result = subprocess.run(helpers.train_cmd(tmp_path / 'w', '--config.optim.learning_rate=1',
+                                     config=helpers.demo_config(demo_data)),
+                          env=helpers.env(), capture_output=True, text=True, timeout=300,
+                          check=False)
   assert result.returncode != 0 and 'learning_rate' in result.stderr
 
 
 @pytest.mark.slow
 def test_non_finite_steps_are_skipped_then_the_run_stops(demo_data, tmp_path):
   workdir = tmp_path / 'run'
-  result = subprocess.run(_train_cmd(
+  result = subprocess.run(helpers.train_cmd(
       workdir, '--config.data.kind=synthetic',
       '--config.eval.zeroshot_shards=', '--config.batch_size=16', '--config.total_steps=50',
       '--config.optim.lr=1e30', '--config.optim.clip_norm=0', '--config.optim.warmup_steps=0',
       '--config.max_bad_steps=3', '--config.log_every=1', '--config.checkpoint_every=1',
-      config=_demo_config(demo_data)),
-      env=_env(), capture_output=True, text=True, timeout=300, check=False)
+      config=helpers.demo_config(demo_data)),
+      env=helpers.env(), capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode != 0
   assert '3 steps in a row had a non-finite loss or gradient' in result.stderr
   _, params = load_params(workdir)  # the last checkpoint is complete and loads
@@ -307,12 +250,13 @@ def test_lit_init_from_a_checkpoint_keeps_the_image_tower_frozen(trained_demo, d
                                                                  tmp_path):
   """configs/lit.py: start from a checkpoint, train the text tower only."""
   workdir = tmp_path / 'lit'
-  _run(_train_cmd(workdir, '--config.model.name=tiny', '--config.model.vision.image_size=64',
+  helpers.run(helpers.train_cmd(workdir, '--config.model.name=tiny',
+                                '--config.model.vision.image_size=64',
                   '--config.model.dtype=float32', f'--config.init_from={trained_demo}',
                   '--config.total_steps=5', '--config.batch_size=32', '--config.log_every=1',
                   f'--config.data.train={demo_data}/train/{{00000..00009}}.tar',
                   '--config.data.workers=0', '--config.mesh.data=-1',
-                  config=str(ROOT / 'configs' / 'lit.py')), _env())
+                  config=str(ROOT / 'configs' / 'lit.py')), helpers.env())
   _, before = load_params(trained_demo)
   _, after = load_params(workdir)
   for a, b in zip(jax.tree.leaves(before['visual']), jax.tree.leaves(after['visual'])):
@@ -320,22 +264,24 @@ def test_lit_init_from_a_checkpoint_keeps_the_image_tower_frozen(trained_demo, d
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before['text']),
                                                       jax.tree.leaves(after['text']))]
   assert all(changed)
-  assert _metrics(workdir)[1]['loss'] < 2.0  # starts from the trained model, not from scratch
+  # Starts from the trained model, not from scratch.
+  assert helpers.metrics(workdir)[1]['loss'] < 2.0
 
 
 def test_micro_batch_accumulation_averages_micro_batch_gradients():
   """grad_accum_mode='micro', grad_accum=2 applies the mean of the gradients of its two
   strided micro-batches, each scored against its own rows only."""
 
-  config = _config(**{'optim.grad_accum': 2, 'optim.grad_accum_mode': 'micro',
-                      'optim.clip_norm': 0.0, 'optim.lr': 1.0,
-                      'optim.warmup_steps': 0, 'optim.weight_decay': 0.0,
-                      'optim.schedule': 'constant', 'batch_size': 16})
+  config = helpers.synthetic_config(**{
+      'optim.grad_accum': 2, 'optim.grad_accum_mode': 'micro', 'optim.clip_norm': 0.0,
+      'optim.lr': 1.0, 'optim.warmup_steps': 0, 'optim.weight_decay': 0.0,
+      'optim.schedule': 'constant', 'batch_size': 16})
   config.optim.b1 = 0.0  # make the AdamW update a pure function of this step's gradient
   mesh = sharding.make_mesh({'data': -1})
-  cfg = train_lib.model_config(config)
-  model, _, init = train_lib.build_model(cfg, mesh, sharding.DEFAULT_RULES, 0)
-  params = init()
+  tx = optax.sgd(1.0)  # the update is then exactly -grad
+  program = helpers.program(config, mesh, tx)
+  model, state, step = program.model, program.state, program.step
+  cfg, params = model.cfg, state['params']
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
            'text': rng.integers(1, 49407, (16, 32)).astype(np.int32)}
@@ -343,19 +289,14 @@ def test_micro_batch_accumulation_averages_micro_batch_gradients():
 
   def grads_of(b):
     def loss(p):
-      images = train_lib.normalize_on_device(b['image'], cfg.preprocess)
+      images = normalize_on_device(b['image'], cfg.preprocess)
       img, txt, scale, _ = model.bind(p)(images, b['text'])
-      return train_lib.contrastive_loss(img, txt, scale, kind='softmax', mesh=mesh,
-                                        batch_axes=('data',))[0]
+      return contrastive_loss(img, txt, scale, kind='softmax', mesh=mesh,
+                              batch_axes=('data',))[0]
     return jax.jit(jax.grad(loss))(params)
 
   micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, grads_of(micro[0]), grads_of(micro[1]))
-  tx = optax.sgd(1.0)  # the update is then exactly -grad
-  state = train_lib.create_state(params, tx, mesh)
-  step = train_lib.make_train_step(config, model, tx, mesh,
-                                   jax.tree.map(lambda x: x.sharding, state),
-                                   sharding.batch_sharding(mesh))
   old = jax.tree.map(np.asarray, params)
   new_state, _ = step(state, batch)
   applied = jax.tree.map(lambda o, n: o - np.asarray(n), old, new_state['params'])
@@ -367,18 +308,12 @@ def test_micro_batch_accumulation_averages_micro_batch_gradients():
 def test_the_step_clamps_the_logit_scale_at_log_100():
   """However far an update pushes it, the logit scale never exceeds log(100)."""
 
-  config = _config(batch_size=8)
-  mesh = sharding.make_mesh({'data': -1})
-  model, _, init = train_lib.build_model(train_lib.model_config(config), mesh,
-                                         sharding.DEFAULT_RULES, 0)
-  params = init()
-  params['logit_scale'] = jax.device_put(np.float32(MAX_LOGIT_SCALE - 0.01),
-                                         params['logit_scale'].sharding)
-  tx = optax.sgd(-1e4)  # a huge step up the gradient: the loss wants a larger scale
-  state = train_lib.create_state(params, tx, mesh)
-  step = train_lib.make_train_step(config, model, tx, mesh,
-                                   jax.tree.map(lambda x: x.sharding, state),
-                                   sharding.batch_sharding(mesh))
+  config = helpers.synthetic_config(batch_size=8)
+  # A huge step up the gradient: the loss wants a larger scale.
+  program = helpers.program(config, tx=optax.sgd(-1e4))
+  state, step = program.state, program.step
+  state['params']['logit_scale'] = jax.device_put(np.float32(MAX_LOGIT_SCALE - 0.01),
+                                                  state['params']['logit_scale'].sharding)
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8),
            'text': rng.integers(1, 49407, (8, 32)).astype(np.int32)}
@@ -387,27 +322,10 @@ def test_the_step_clamps_the_logit_scale_at_log_100():
   assert int(metrics['skipped_nonfinite']) == 0
 
 
-def _step(config, tx=None):
-  """(model, state, jitted step) of `config` on all 8 devices; AdamW from the config."""
-  mesh = sharding.make_mesh({'data': -1})
-  model, _, init = train_lib.build_model(train_lib.model_config(config), mesh,
-                                         sharding.DEFAULT_RULES, 0)
-  params = init()
-  tx = tx or optim.make_optimizer(config.optim, config.total_steps, params)
-  state = train_lib.create_state(params, tx, mesh)
-  step = train_lib.make_train_step(config, model, tx, mesh,
-                                   jax.tree.map(lambda x: x.sharding, state),
-                                   sharding.batch_sharding(mesh))
-  return model, state, step
-
-
-def _random_batch(size, cfg, seed=0):
-  rng = np.random.default_rng(seed)
-  size_px, context, vocab = cfg.vision.image_size, cfg.text.context_length, cfg.text.vocab_size
-  text = rng.integers(1, vocab - 1, (size, context)).astype(np.int32)
-  text[:, -1] = vocab - 1  # the EOT token: argmax pooling reads the highest id
-  return {'image': rng.integers(0, 255, (size, size_px, size_px, 3), dtype=np.uint8),
-          'text': text}
+def _step(config):
+  """(model, state, jitted step) of `config` on all 8 devices."""
+  program = helpers.program(config)
+  return program.model, program.state, program.jitted_step
 
 
 def test_sigmoid_loss_trains_a_clip_preset_with_a_configured_bias():
@@ -416,17 +334,17 @@ def test_sigmoid_loss_trains_a_clip_preset_with_a_configured_bias():
   overrides = {'loss.kind': 'sigmoid', 'model.init_logit_bias': -10.0,
                'model.init_logit_scale': 2.302585, 'model.text.vocab_size': 256,
                'batch_size': 16, 'optim.lr': 1e-3, 'optim.warmup_steps': 0}
-  train_lib.check_config(_config(**overrides), 8)
-  config = _config(**overrides, **{'optim.grad_accum': 2})
+  run_config.resolve(helpers.synthetic_config(**overrides), 8)
+  config = helpers.synthetic_config(**overrides, **{'optim.grad_accum': 2})
   _, state, step = _step(config)
-  batch = _random_batch(16, train_lib.model_config(config))
+  batch = helpers.random_batch(16, run_config.model_config(config))
   assert float(state['params']['logit_bias']) == -10.0
   losses = []
   for _ in range(4):
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
   assert losses[-1] < losses[0] and float(state['params']['logit_bias']) != -10.0
-  _, one_shot_state, one_shot = _step(_config(**overrides))
+  _, one_shot_state, one_shot = _step(helpers.synthetic_config(**overrides))
   _, expected = one_shot(one_shot_state, batch)
   np.testing.assert_allclose(losses[0], float(expected['loss']), rtol=1e-5)
 
@@ -438,11 +356,11 @@ def test_a_frozen_tower_costs_no_backward_pass():
   2-layer towers, the optimizer update only); the frozen parameters do not change."""
   overrides = {'model.scan_layers': False, 'model.vision.layers': 1, 'model.text.layers': 1,
                'model.text.vocab_size': 256, 'batch_size': 16, 'optim.warmup_steps': 0}
-  cfg = train_lib.model_config(_config(**overrides))
-  batch = _random_batch(16, cfg)
+  cfg = run_config.model_config(helpers.synthetic_config(**overrides))
+  batch = helpers.random_batch(16, cfg)
 
   def compiled_step(freeze):
-    model, state, step = _step(_config(**overrides, **{'optim.freeze': freeze}))
+    model, state, step = _step(helpers.synthetic_config(**overrides, **{'optim.freeze': freeze}))
     return model, state, step.lower(state, batch).compile()
 
   _, _, trained = compiled_step('')
@@ -467,12 +385,9 @@ def test_a_clip_checkpoint_starts_a_sigmoid_run_with_the_configured_bias(tmp_pat
   loss from an OpenCLIP CLIP model."""
   model = clip_jax.create_model('tiny')
   save_model(tmp_path / 'clip', model.cfg, get_params(model))
-  config = _config(**{'loss.kind': 'sigmoid', 'model.init_logit_bias': -10.0,
-                      'init_from': str(tmp_path / 'clip')})
-  mesh = sharding.make_mesh({'data': -1})
-  functional, shardings, init = train_lib.build_model(train_lib.model_config(config), mesh,
-                                                      sharding.DEFAULT_RULES, 0)
-  params = train_lib.init_params(config, functional, shardings, init)
+  config = helpers.synthetic_config(**{'loss.kind': 'sigmoid', 'model.init_logit_bias': -10.0,
+                                       'init_from': str(tmp_path / 'clip')})
+  params = helpers.program(config).state['params']
   assert float(params['logit_bias']) == -10.0
   np.testing.assert_array_equal(params['text']['ln_final']['scale'],
                                 get_params(model)['text']['ln_final']['scale'])

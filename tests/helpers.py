@@ -1,0 +1,106 @@
+"""What several test modules share: running the train binary, reading its metrics, building
+a config and its train program in-process, random batches."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+from clip_jax import run_config, sharding
+from clip_jax import step as step_lib
+from clip_jax.config_base import base_config
+from tests.conftest import JAX_CACHE_ENV, ROOT
+
+DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
+
+
+# --- the train binary as a subprocess -------------------------------------------------------
+
+def env(devices=8, **extra):
+  """The binaries' environment: JAX on CPU with `devices` fake devices, the shared cache."""
+  environment = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
+                     XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                     **JAX_CACHE_ENV)
+  environment.update(extra)
+  return environment
+
+
+def demo_config(demo_dir):
+  """The demo config on the test's small demo dataset (it generates none when it exists)."""
+  return f'{DEMO_CONFIG}:data_dir={demo_dir}'
+
+
+def train_cmd(workdir, *overrides, config):
+  """The train binary's command line. TensorBoard is off unless an override turns it on: its
+  writer imports TensorFlow (~4 s a process); test_demo_config_learns checks it."""
+  return [sys.executable, '-m', 'clip_jax.train', '--config', config, '--workdir', str(workdir),
+          '--config.tensorboard=False', *overrides]
+
+
+def overrides(steps, *extra):
+  return [f'--config.total_steps={steps}', *extra]
+
+
+def run(cmd, environment, timeout=600):
+  """Runs `cmd`; fails the test with the end of its stderr unless it exits 0."""
+  result = subprocess.run(cmd, env=environment, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def metrics(workdir):
+  """step -> last logged record for that step (a resumed run re-logs replayed steps)."""
+  return parse_metrics((pathlib.Path(workdir) / 'metrics.jsonl').read_text())
+
+
+def parse_metrics(text):
+  records = {}
+  for line in text.splitlines():
+    record = json.loads(line)
+    records.setdefault(record['step'], {}).update(record)
+  return records
+
+
+def wait_for_step(workdir, step, timeout=300):
+  """Polls metrics.jsonl until a running training process has logged `step`."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (workdir / 'metrics.jsonl').exists() and max(metrics(workdir), default=0) >= step:
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'{workdir} never reached step {step}')
+
+
+# --- in-process configs and steps ---------------------------------------------------------
+
+def synthetic_config(**flat) -> ml_collections.ConfigDict:
+  """`base_config()` on synthetic data with `flat` ('optim.lr': ...) set."""
+  c = base_config()
+  c.data.kind = 'synthetic'
+  c.update_from_flattened_dict(flat)
+  return c
+
+
+def program(config, mesh=None, tx=None) -> step_lib.Program:
+  """`config`'s train program (model, fresh state, jitted step), on all devices by default;
+  `tx` replaces the config's optimizer."""
+  mesh = mesh or sharding.make_mesh({'data': -1})
+  return step_lib.build(run_config.resolve(config, mesh.size), mesh, tx=tx)
+
+
+def random_batch(size, cfg, seed=0):
+  """Random uint8 images and tokens ending in the EOT token (the highest id: argmax pooling
+  reads it)."""
+  rng = np.random.default_rng(seed)
+  size_px, context, vocab = cfg.vision.image_size, cfg.text.context_length, cfg.text.vocab_size
+  text = rng.integers(1, vocab - 1, (size, context)).astype(np.int32)
+  text[:, -1] = vocab - 1
+  return {'image': rng.integers(0, 255, (size, size_px, size_px, 3), dtype=np.uint8),
+          'text': text}
+
