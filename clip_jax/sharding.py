@@ -64,7 +64,8 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
                    rules: Sequence[tuple[str, str | None]]) -> P:
   """PartitionSpec for one array; leading dims beyond `axes` (stacked layers) stay whole."""
   axes = (None,) * (len(shape) - len(axes)) + tuple(axes)
-  used, spec = set(), []
+  used: set[str] = set()
+  spec: list[str | None] = []
   for name, size in zip(axes, shape):
     target = next((mesh_axis for logical, mesh_axis in rules if logical == name), None)
     if (target and target in mesh.shape and target not in used and mesh.shape[target] > 1

@@ -125,7 +125,7 @@ class CLIPTokenizer:
 
   def encode(self, text: str) -> list[int]:
     alphabet = byte_alphabet()
-    ids = []
+    ids: list[int] = []
     for token in self.pattern.findall(self.clean(text)):
       chars = ''.join(alphabet[b] for b in token.encode('utf-8'))
       ids.extend(self.encoder[piece] for piece in self._bpe(chars))

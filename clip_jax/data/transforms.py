@@ -14,7 +14,8 @@ from PIL import Image
 
 from clip_jax.models.config import PreprocessConfig
 
-_RESAMPLE = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST}
+_RESAMPLE = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampling.BILINEAR,
+             'nearest': Image.Resampling.NEAREST}
 
 
 def resize_and_crop(image: Image.Image, size: int, resize_mode: str, interpolation: str
@@ -82,10 +83,12 @@ def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
     cw, ch = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
     if 0 < cw <= w and 0 < ch <= h:
       left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-      return image.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+      return image.resize((size, size), Image.Resampling.BICUBIC,
+                          box=(left, top, left + cw, top + ch))
   side = min(w, h)  # fallback: the central square
   left, top = (w - side) // 2, (h - side) // 2
-  return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+  return image.resize((size, size), Image.Resampling.BICUBIC,
+                      box=(left, top, left + side, top + side))
 
 
 def normalize_on_device(images, cfg: PreprocessConfig):

@@ -159,7 +159,8 @@ def folder_classnames(folders: Sequence[str], lines: Sequence[tuple[int, str]] |
 
 def _tab_classnames(folders: Sequence[str], lines: Sequence[tuple[int, str]], source: str,
                     root: str) -> list[str]:
-  names, named_on = {}, {}
+  names: dict[str, str] = {}
+  named_on: dict[str, int] = {}
   for number, text in lines:
     folder, _, name = text.partition('\t')
     folder, name = folder.strip(), name.strip()

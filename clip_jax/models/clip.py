@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,8 +27,9 @@ class CLIP(nnx.Module):
   def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
     cfg.validate()
     self.cfg = cfg
-    kw = dict(scan=cfg.scan_layers, remat=cfg.remat, attention=cfg.attention,
-              dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    kw: dict[str, Any] = dict(scan=cfg.scan_layers, remat=cfg.remat, attention=cfg.attention,
+                              dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                              rngs=rngs)
     self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, **kw)
     self.text = TextTransformer(cfg.text, cfg.embed_dim, **kw)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.init_logit_scale, jnp.float32), axes=())

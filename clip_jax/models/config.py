@@ -134,7 +134,8 @@ class CLIPConfig:
     keys and `import_open_clip --override KEY=VALUE` both end here. String values of
     non-string fields are parsed as Python literals (`'2'`, `'False'`, `'None'`).
     """
-    top, nested = {}, {'vision': {}, 'text': {}, 'preprocess': {}}
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {'vision': {}, 'text': {}, 'preprocess': {}}
     for key, value in overrides.items():
       head, _, tail = key.partition('.')
       if tail:

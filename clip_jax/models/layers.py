@@ -305,8 +305,8 @@ class Block(nnx.Module):
     self.ln_2 = LayerNorm(dim, eps=eps, **kw)
     self.mlp = MLP(dim, mlp_dim, act, **kw)
     if ls_init is not None:
-      self.ls_1 = LayerScale(dim, ls_init, param_dtype=param_dtype, rngs=rngs)
-      self.ls_2 = LayerScale(dim, ls_init, param_dtype=param_dtype, rngs=rngs)
+      self.ls_1: LayerScale | None = LayerScale(dim, ls_init, param_dtype=param_dtype, rngs=rngs)
+      self.ls_2: LayerScale | None = LayerScale(dim, ls_init, param_dtype=param_dtype, rngs=rngs)
     else:
       self.ls_1 = self.ls_2 = None
 

@@ -34,7 +34,8 @@ def _openclip_vit(embed_dim: int, image_size: int, patch: int, width: int, layer
 
 
 # name: (embed, image, patch, width, layers, head_width, mlp_ratio, t_width, t_heads, t_layers)
-_OPENCLIP_VITS: dict[str, tuple] = {
+_VitArgs = tuple[int, int, int, int, int, int, float, int, int, int]
+_OPENCLIP_VITS: dict[str, _VitArgs] = {
     'ViT-S-32': (384, 224, 32, 384, 12, 64, 4.0, 384, 6, 12),
     'ViT-S-32-alt': (256, 224, 32, 384, 12, 64, 4.0, 256, 4, 10),
     'ViT-S-16': (384, 224, 16, 384, 12, 64, 4.0, 384, 6, 12),
@@ -157,9 +158,9 @@ def _build_presets() -> dict[str, CLIPConfig]:
   for name in _QUICKGELU:
     presets[f'{name}-quickgelu'] = _openclip_vit(*_OPENCLIP_VITS[name], quick_gelu=True)
   for name, (base, embed, t_heads, ls) in _LAYER_SCALE.items():
-    args = list(_OPENCLIP_VITS[base])
-    args[0], args[7], args[8] = embed, embed, t_heads
-    presets[name] = _openclip_vit(*args, ls_init=ls)
+    _, image, patch, width, layers, head_width, mlp_ratio, _, _, t_layers = _OPENCLIP_VITS[base]
+    presets[name] = _openclip_vit(embed, image, patch, width, layers, head_width, mlp_ratio,
+                                  embed, t_heads, t_layers, ls_init=ls)
   presets.update(_siglip_presets())
   presets['tiny'] = _tiny()
   presets['tiny-quickgelu'] = _tiny('quick_gelu')

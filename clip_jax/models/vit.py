@@ -91,7 +91,7 @@ class VisionTransformer(nnx.Module):
     return x + self.pos_embed[...].astype(x.dtype)
 
   def pool(self, x: jax.Array) -> jax.Array:
-    if self.cfg.pool == 'map':
+    if self.map_head is not None:  # cfg.pool == 'map'
       return self.map_head(x)
     if self.cfg.pool == 'tok':
       return x[:, 0]
