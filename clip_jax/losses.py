@@ -132,7 +132,8 @@ def _check_shapes(image_emb, text_emb, n_shards, axes):
                      f'devices of batch axes {axes}.')
 
 
-def _logits(a: jax.Array, b: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+def _logits(a: jax.Array, b: jax.Array, scale: jax.Array, bias: jax.typing.ArrayLike
+            ) -> jax.Array:
   """exp(scale) * a @ b.T + bias, accumulated and returned in float32."""
   dots = jnp.einsum('id,jd->ij', a, b, preferred_element_type=jnp.float32)
   return jnp.exp(scale) * dots + bias
