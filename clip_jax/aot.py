@@ -132,10 +132,9 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
                   compile_error=str(e).strip().splitlines()[0][:500])
     return report
 
-  hbm = hbm_use(compiled.memory_analysis(), devices[0].platform)
-  hbm['capacity_bytes'] = capacity
-  report['hbm'] = hbm
-  report['fits'] = capacity is None or hbm['total_bytes'] <= capacity
+  usage = hbm_use(compiled.memory_analysis(), devices[0].platform)
+  report['hbm'] = {**usage, 'capacity_bytes': capacity}
+  report['fits'] = capacity is None or usage['total_bytes'] <= capacity
 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}

@@ -113,9 +113,10 @@ def absl_flags_parser(argv: list[str]) -> list[str]:
     raise
 
 
-def _config_file_error(e: BaseException) -> BaseException | None:
+def _config_file_error(error: BaseException) -> BaseException | None:
   """The user error a config file's `get_config` raised, under the wrappers: absl wraps
   ml_collections' re-raise, which carries the original's traceback as text."""
+  e: BaseException | None = error
   while e is not None:
     if isinstance(e, USER_ERRORS) and not str(e).startswith('Error whilst parsing config'):
       return e
@@ -135,8 +136,10 @@ def _flag_value(argv: list[str], name: str) -> str:
 def _load_config_file(spec: str) -> Any:
   """`get_config(ARGS)` of the config file `PATH[:ARGS]`; None when it does not load."""
   path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('clip_jax_config_file', path)
+  if module_spec is None or module_spec.loader is None:
+    return None
   try:
-    module_spec = importlib.util.spec_from_file_location('clip_jax_config_file', path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()

@@ -288,7 +288,7 @@ def embed(args) -> dict:
   pending = pending_parts(parts)
   encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params),
                     sharding.make_mesh({'data': -1}), args.batch_size)
-  skipped = collections.Counter()
+  skipped: collections.Counter[str] = collections.Counter()
   tokenizer = (tokenizer_from_spec(tokenizer_spec, cfg.text.context_length)
                if 'text' in modalities else None)
   batches = chunks(stream(pending), encoder.batch_size // jax.process_count(), skipped)

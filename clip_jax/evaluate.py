@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Iterator
+from typing import cast
 
 import jax
 import numpy as np
@@ -52,8 +54,9 @@ def benchmark_metrics(encoder: Encoder, tokenizer, dataset: clip_benchmark.Datas
   if dataset.kind == 'retrieval':
     return clip_benchmark.retrieval_metrics(image_text_retrieval(encoder, tokenizer, examples,
                                                                  total))
+  labelled = cast(Iterator[zeroshot.Example], examples)  # a classification set's targets
   return clip_benchmark.classification_metrics(zeroshot.run(
-      encoder, tokenizer, dataset.classnames, dataset.templates, examples, total))
+      encoder, tokenizer, dataset.classnames, dataset.templates, labelled, total))
 
 
 def numbered_classnames(args) -> list[tuple[int, str]] | None:
@@ -76,7 +79,8 @@ def evaluate(args) -> dict:
   class_lines = numbered_classnames(args)
   source = ('--imagenet_classnames' if args.imagenet_classnames
             else f'--classnames {args.classnames}')
-  classnames = zeroshot.label_classnames(class_lines, source) if args.zeroshot_shards else None
+  # --zeroshot_shards and --imagenet_classnames come with class lines (checked above).
+  classnames = zeroshot.label_classnames(class_lines or (), source) if args.zeroshot_shards else []
   if args.image_folder:  # class folders and their names are checked before any work
     folders, items = zeroshot.folder_dataset(args.image_folder)
     folder_names = zeroshot.folder_classnames(folders, class_lines, source, args.image_folder)
@@ -101,7 +105,7 @@ def evaluate(args) -> dict:
   if args.tfds:
     names, total, examples = zeroshot.tfds_dataset(args.tfds, args.tfds_split, args.tfds_data_dir,
                                                    size, pre)
-    names = [text for _, text in class_lines] if args.imagenet_classnames else names
+    names = [text for _, text in class_lines or ()] if args.imagenet_classnames else names
     results[f'tfds/{args.tfds}'] = zeroshot.run(encoder, tokenizer, names, templates, examples,
                                              total)
   if args.retrieval_shards:

@@ -54,6 +54,13 @@ class RunConfig:
   pipeline: PipelineConfig | None               # None when resolved without data (aot)
   init_from: str = ''                           # checkpoint to start from; '' = random
 
+  @property
+  def data(self) -> PipelineConfig:
+    """The pipeline config of a config resolved with data (the trainer's)."""
+    if self.pipeline is None:
+      raise ValueError('this config was resolved without data (run_config.resolve(data=False))')
+    return self.pipeline
+
 
 def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
   """The preset with `config.model.{vision,text}` and logit init overrides, and execution

@@ -57,7 +57,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int)
   """Every check that can fail before any compile, each naming the key or flag; returns the
   config resolved (`run_config.resolve`: preset, pipeline and tokenizer, step keys)."""
   run = run_config.resolve(config, mesh_devices)
-  pipeline = run.pipeline
+  pipeline = run.data
   if pipeline.kind == 'tar':
     parse_spec(pipeline.train, pipeline.weights or None)  # names a spec with no file
   _check_workdir(workdir)
@@ -108,7 +108,7 @@ class ZeroShotEval:
     most = -(-self.total // jax.process_count())
     for features, labels in self.encoder.local_image_batches(examples, most, desc='zero-shot'):
       if labels:
-        hits += zeroshot.correct_counts(features @ classifier.T, labels)
+        hits += zeroshot.correct_counts(features @ classifier.T, np.asarray(labels))
     hits = distributed.sum_over_processes(hits)
     return {'zeroshot_top1': hits[0] / self.total, 'zeroshot_top5': hits[1] / self.total}
 
@@ -174,7 +174,9 @@ class Run:
     """The step function that runs after `done` steps: the tail's from `unmasked_from` on.
 
     A function of the step count alone, so a resumed run switches at the same step."""
-    return self.unmasked_step_fn if self.in_unmasked_tail(done) else self.step_fn
+    if self.unmasked_step_fn is not None and self.in_unmasked_tail(done):
+      return self.unmasked_step_fn
+    return self.step_fn
 
   def in_unmasked_tail(self, done: int) -> bool:
     return self.unmasked_step_fn is not None and done >= self.unmasked_from
@@ -192,7 +194,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   run = validate(config, workdir, jax.device_count())
   mesh = sharding.make_mesh(run.mesh)
   program = step_lib.build(run, mesh)
-  loader = Loader(run.pipeline, program.batch_sharding)
+  loader = Loader(run.data, program.batch_sharding)
   checkpoints = ckpt.TrainCheckpoints(workdir, run.model, config.checkpoint_every,
                                       config.keep_checkpoints)
   start, state, data_restored = checkpoints.restore_latest(program.state, loader)
@@ -200,7 +202,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     logging.info('Resuming from %s step %d', checkpoints.directory, start)
   if start and not data_restored:
     loader.close()
-    loader = Loader(dataclasses.replace(run.pipeline, seed=config.seed + start),
+    loader = Loader(dataclasses.replace(run.data, seed=config.seed + start),
                     program.batch_sharding)
     logging.warning(
         'The checkpoint at step %d was written by a different number of processes: params, '
@@ -216,7 +218,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       unmasked_from=run.step.unmasked_from,
       unmasked_flops_per_step=flops_per_step(run.model.replace(**{'vision.patch_dropout': 0.0})),
       loader=loader, checkpoints=checkpoints, logger=logger,
-      evaluate=(ZeroShotEval(config, program.model, mesh, run.pipeline.tokenizer)
+      evaluate=(ZeroShotEval(config, program.model, mesh, run.data.tokenizer)
                 if config.eval.zeroshot_shards else None),
       schedule=optim.schedule(run.step.optim, config.total_steps),
       flops_per_step=flops_per_step(run.model),
@@ -325,6 +327,8 @@ def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
   """Zero-shot accuracy of the params and, with an EMA, of the EMA (`ema/` keys)."""
+  if run.evaluate is None:
+    return {}
   results = run.evaluate(run.state['params'])
   if 'ema' in run.state:
     results.update({f'ema/{k}': v for k, v in run.evaluate(run.state['ema']).items()})

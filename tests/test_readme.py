@@ -43,7 +43,7 @@ def test_readme_is_a_front_page_that_links_every_doc_page():
     assert f'](docs/{page.name}' in readme, f'README does not link docs/{page.name}'
   # The README's Tests section keeps the test command (CI runs the Quickstart's form).
   tests = readme.split('\n## Tests', 1)[1].split('\n## ', 1)[0]
-  assert 'ruff check . && python -m pytest -n 2 -q' in tests
+  assert 'ruff check . && mypy && python -m pytest -n 2 -q' in tests
 
 
 def _slug(heading):

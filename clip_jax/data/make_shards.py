@@ -67,7 +67,7 @@ def make_shards(input_path: str, output: str, samples_per_shard: int = 10000,
   else:
     raise FileNotFoundError(f'--input {source} is neither a folder nor a .csv/.parquet file.')
   writer = ShardWriter(output, samples_per_shard)
-  skipped = collections.Counter()
+  skipped: collections.Counter[str] = collections.Counter()
   for path, caption in tqdm(pairs, desc='make_shards', unit='pair'):
     if not caption:
       skipped['missing_caption'] += 1
