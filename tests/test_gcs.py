@@ -3,8 +3,8 @@ evaluation results, embed.
 
 Every client clip_jax writes through is pointed at the emulator by the environment of the
 subprocesses (`_gcs_env`): etils.epath through gcsfs, orbax's arrays through tensorstore.
-TensorFlow's own GCS client has no endpoint setting, so TensorBoard is off here (README,
-"Google Cloud Storage").
+TensorFlow's own GCS client has no endpoint setting, so TensorBoard is off here
+(docs/reliability.md, "Google Cloud Storage").
 """
 
 import json

@@ -85,7 +85,7 @@ def examples(dataset: Dataset, size: int, preprocess: PreprocessConfig
         raise ValueError(f'{shard}:{key} has no image ({", ".join(IMAGE_ORDER)}).')
       target = _target(dataset.kind, files, f'{shard}:{key}')
       # Full-scale JPEG decoding, as clip_benchmark's PIL: a reduced-scale one (the other
-      # evaluators' draft) moved recalls by up to 0.9 point (README).
+      # evaluators' draft) moved recalls by up to 0.9 point (docs/evaluation.md).
       yield eval_pixels(decode_image(image, None), size, preprocess), target
 
 

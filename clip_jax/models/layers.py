@@ -321,7 +321,7 @@ class Block(nnx.Module):
 ACTIVATION_NAMES = ('qkv', 'attn', 'attn_out', 'mlp_hidden')
 _save_only = jax.checkpoint_policies.save_only_these_names
 
-# What each layer keeps for the backward pass (the layer input always); see README "Memory".
+# What each layer keeps for the backward pass (the layer input always); docs/performance.md.
 _REMAT_POLICIES = {
     # Every matmul output: recomputes only LayerNorm, GELU, residual adds (maxtext's 'minimal').
     'minimal': _save_only(*ACTIVATION_NAMES),
