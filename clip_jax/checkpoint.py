@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from clip_jax.distributed import on_all_processes
 from clip_jax.models.config import CLIPConfig
+from clip_jax.models.functional import first_difference
 
 Params = dict[str, Any]
 CHECKPOINTS_SUBDIR = 'checkpoints'
@@ -88,10 +90,12 @@ def load_params(path: str | epath.Path, ema: bool = False) -> tuple[CLIPConfig, 
   if not item.exists():
     raise FileNotFoundError(f'{path} holds no EMA of the params: it was not trained with '
                             'config.optim.ema_decay > 0. Leave out --ema / ema=True.')
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(item).item_metadata.tree
+  # The item's tree from its handler: `Checkpointer.metadata` would look for the step's
+  # `_CHECKPOINT_METADATA` inside the item directory and warn that it does not exist.
+  tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return cfg, checkpointer.restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  return cfg, ocp.PyTreeCheckpointer().restore(
+      item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 class _DataState:
@@ -114,18 +118,36 @@ class _DataState:
     pass
 
 
+class ModelMismatchError(ValueError):
+  """The workdir's checkpoint is of another model than the one asked for: a user error to
+  report as such, never a damaged checkpoint to move aside."""
+
+
+def config_differences(stored: dict, requested: CLIPConfig, most: int = 3) -> str:
+  """'vision.layers 12 vs 6, ...': the first `most` fields whose stored value differs."""
+  stored = traverse_util.flatten_dict(stored, sep='.')
+  # Through JSON, as the stored dict went: tuples become lists on both sides.
+  asked = traverse_util.flatten_dict(json.loads(json.dumps(requested.to_dict())), sep='.')
+  fields = [k for k in asked.keys() | stored.keys() if stored.get(k) != asked.get(k)]
+  fields.sort(key=lambda k: list(asked).index(k) if k in asked else len(asked))
+  return ', '.join(f'{k} {stored.get(k)} vs {asked.get(k)}' for k in fields[:most])
+
+
 class TrainCheckpoints:
   """Asynchronous, atomic training checkpoints in `WORKDIR/checkpoints/<step>/`.
 
   Items: `params`, `opt_state`, `ema` (only when the state holds an EMA of the params),
   `train` (step counters and the process count), `model_config` and `data` (the input
   pipeline state, one file per process). Restoring takes the current state's shardings as
-  the target, so a run can resume on a different mesh or device count.
+  the target, so a run can resume on a different mesh or device count. `preset` (the
+  config's `model.name`) is stored with the counters so that a workdir of another model can
+  be named as such.
   """
 
-  def __init__(self, workdir: str, model_cfg: CLIPConfig, every: int, keep: int):
+  def __init__(self, workdir: str, model_cfg: CLIPConfig, every: int, keep: int,
+               preset: str = ''):
     self.directory = epath.Path(workdir) / CHECKPOINTS_SUBDIR
-    self.model_cfg = model_cfg
+    self.model_cfg, self.preset = model_cfg, preset
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=policies.AnySavePolicy([policies.FixedIntervalPolicy(every),
@@ -145,7 +167,8 @@ class TrainCheckpoints:
         opt_state=ocp.args.StandardSave(state['opt_state']),
         train=ocp.args.JsonSave({'step': int(state['step']),
                                  'bad_steps': int(state['bad_steps']),
-                                 'process_count': jax.process_count()}),
+                                 'process_count': jax.process_count(),
+                                 'preset': self.preset}),
         model_config=ocp.args.JsonSave(self.model_cfg.to_dict()),
         data=grain.checkpoint.CheckpointSave(_DataState(loader, loader.get_state())),
         **({'ema': ocp.args.StandardSave(state['ema'])} if 'ema' in state else {}))
@@ -157,13 +180,16 @@ class TrainCheckpoints:
     A checkpoint that fails to restore on any process (a damaged or truncated file) is
     moved aside to `<step>.unreadable` with a warning, and the next older one is tried.
     When checkpoints exist but none restores, the run stops rather than silently starting
-    from scratch. No checkpoint: (0, state, False).
+    from scratch. A checkpoint of another model raises `ModelMismatchError` and moves nothing.
+    No checkpoint: (0, state, False).
     """
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored, data_restored = self.restore(step, state, loader)
         error = None
+      except ModelMismatchError:
+        raise
       except Exception as e:  # orbax and tensorstore raise many types for a bad file
         error = e
       if on_all_processes(error is None):
@@ -189,8 +215,10 @@ class TrainCheckpoints:
       return jax.tree.map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
-    counters = self.manager.restore(step, args=ocp.args.Composite(
-        train=ocp.args.JsonRestore()))['train']
+    stored = self.manager.restore(step, args=ocp.args.Composite(
+        train=ocp.args.JsonRestore(), model_config=ocp.args.JsonRestore()))
+    counters = stored['train']
+    self._check_model(step, counters.get('preset', ''), stored['model_config'], state['params'])
     same_processes = counters.get('process_count', 1) == jax.process_count()
     items = dict(params=ocp.args.StandardRestore(abstract(state['params'])),
                  opt_state=ocp.args.StandardRestore(abstract(state['opt_state'])))
@@ -209,6 +237,21 @@ class TrainCheckpoints:
         logging.warning('Checkpoint step %d holds no EMA: it starts at the params.', step)
       result['ema'] = restored['ema'] if with_ema else jax.tree.map(jnp.copy, result['params'])
     return result, same_processes
+
+  def _check_model(self, step: int, preset: str, model_config: dict, params: dict) -> None:
+    """Raises ModelMismatchError, naming both models, when the step's params do not have the
+    paths and shapes of `params` (orbax would fail deep in the tree with a shape error)."""
+    item = ocp.PyTreeCheckpointHandler().metadata(self.directory / str(step) / 'params')
+    stored_shapes = jax.tree.map(lambda leaf: leaf.shape, item.tree)
+    if not first_difference(stored_shapes, params):
+      return
+    held = f'a {preset} checkpoint' if preset else 'a checkpoint of another model'
+    named_apart = preset and self.preset and preset != self.preset
+    detail = '' if named_apart else f' ({config_differences(model_config, self.model_cfg)})'
+    raise ModelMismatchError(
+        f'--workdir {self.directory.parent} holds {held}; you asked for '
+        f'{self.preset or "this model"}{detail}. Use another --workdir, or ask for the model '
+        'it holds.')
 
   def _move_aside(self, step: int, error: Exception) -> None:
     """Renames a checkpoint that does not restore (process 0) so no restart tries it again."""

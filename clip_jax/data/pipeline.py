@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -173,6 +174,9 @@ def source_records(source: Source, cfg: PipelineConfig, process_index: int,
 
 def tar_dataset(cfg: PipelineConfig, process_index: int, process_count: int) -> grain.IterDataset:
   sources = parse_spec(cfg.train, cfg.weights or None)
+  if process_index == 0:
+    for line in missing_shard_warnings(sources):
+      logging.warning(line)
   streams = [source_records(s, cfg, process_index, process_count, i)
              for i, s in enumerate(sources)]
   ds = (streams[0] if len(streams) == 1
@@ -182,6 +186,20 @@ def tar_dataset(cfg: PipelineConfig, process_index: int, process_count: int) -> 
                                                      seed=cfg.seed)
   ds = ds.random_map(ImageTextMapper(cfg), seed=cfg.seed + process_index)
   return DropBad(ds, str(cfg.train), cfg.max_bad_before_first_good)
+
+
+def missing_shard_warnings(sources: Sequence[Source]) -> list[str]:
+  """One line per source with missing shards. The run goes on without them (each counts as
+  `skipped/unreadable_shard` in metrics.jsonl), but a typo in a range or an unfinished copy
+  should be seen on the console at start, not found in the metrics later."""
+  lines = []
+  for source in sources:
+    if source.missing:
+      name = 'data.train' if len(sources) == 1 else f'data.train source {source.spec!r}'
+      present = len(source.shards) - len(source.missing)
+      lines.append(f'{name}: {len(source.missing)} of {len(source.shards)} shards are missing '
+                   f'(first: {source.missing[0]}); training on the {present} present')
+  return lines
 
 
 class SyntheticSample:

@@ -9,6 +9,7 @@ Paths go through `etils.epath`, so `gs://bucket/...` works like a local path.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import re
@@ -23,10 +24,12 @@ _RANGE = re.compile(r'^(-?\d+)\.\.(-?\d+)$')
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """One mixture component: its spec text, its expanded shard paths and its weight."""
+  """One mixture component: its spec text, its expanded shard paths, its weight, and which
+  of those shards did not exist when the spec was parsed."""
   spec: str
   shards: tuple[str, ...]
   weight: float
+  missing: tuple[str, ...] = ()
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -69,6 +72,20 @@ def expand_component(spec: Spec) -> list[str]:
   return list(dict.fromkeys(paths))
 
 
+def missing_paths(paths: Sequence[str]) -> list[str]:
+  """The paths that do not exist, in order. Each parent directory is listed once, so a
+  range of 10,000 shards on gs:// costs a listing, not 10,000 requests."""
+  by_parent = collections.defaultdict(list)
+  for path in paths:
+    by_parent[str(epath.Path(path).parent)].append(path)
+  missing = set()
+  for parent, children in by_parent.items():
+    parent_path = epath.Path(parent)
+    present = {p.name for p in parent_path.iterdir()} if parent_path.is_dir() else set()
+    missing.update(c for c in children if epath.Path(c).name not in present)
+  return [p for p in paths if p in missing]
+
+
 def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
   if weights is None or weights == '':
     return [1.0] * n
@@ -82,14 +99,15 @@ def parse_weights(weights: str | Sequence[float] | None, n: int) -> list[float]:
 def parse_spec(spec: Spec, weights: str | Sequence[float] | None = None) -> list[Source]:
   """Spec -> sources; a component that matches no existing file is an error naming it.
 
-  Individually missing shards stay in the list: the reader counts them as
-  `unreadable_shard` (as it does a shard that vanishes mid-run) instead of failing.
+  Individually missing shards stay in the list (and in `Source.missing`): the reader counts
+  them as `unreadable_shard` (as it does a shard that vanishes mid-run) instead of failing.
   """
   components = spec.split('::') if isinstance(spec, str) else [spec]
   sources = []
   for component, weight in zip(components, parse_weights(weights, len(components))):
     shards = expand_component(component)
-    if not any(epath.Path(p).exists() for p in shards):
+    missing = missing_paths(shards)
+    if len(missing) == len(shards):
       raise FileNotFoundError(f'Shard spec {component!r} matches no file.')
-    sources.append(Source(str(component), tuple(shards), weight))
+    sources.append(Source(str(component), tuple(shards), weight, tuple(missing)))
   return sources
