@@ -3,9 +3,11 @@
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -101,23 +103,46 @@ def _run(*args):
   return result.stderr
 
 
+def _interrupted(cmd, metrics, step):
+  """Runs `cmd` until `metrics` (its metrics.jsonl) logs `step`, then presses Ctrl-C; its
+  stderr. A child inherits an ignored SIGINT (a test run in the background has one) and Python
+  then raises no KeyboardInterrupt, so this process handles SIGINT while the child starts."""
+  log = metrics.parent.with_suffix('.stderr')
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with log.open('w') as stderr:
+      process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and process.poll() is None:
+    if metrics.exists() and f'"step": {step},' in metrics.read_text():
+      break
+    time.sleep(0.2)
+  process.send_signal(signal.SIGINT)
+  process.wait(timeout=120)
+  return log.read_text()
+
+
 @pytest.mark.slow
-def test_train_resume_and_export_are_free_of_library_noise(demo_data, tmp_path):
-  """A run, its resume and an export of the workdir: the console holds the missing shard
-  and nothing of NOISE."""
+def test_train_interrupt_resume_and_export_are_free_of_library_noise(demo_data, tmp_path):
+  """A run stopped with Ctrl-C, its resume and an export of the workdir: the console holds
+  the missing shard, the interrupt and nothing of NOISE."""
   workdir = tmp_path / 'run'
 
   def train(steps):
-    return _run('clip_jax.train', '--config', f'{ROOT}/configs/demo.py:data_dir={demo_data}',
-                '--workdir', str(workdir), f'--config.total_steps={steps}',
-                '--config.tensorboard=False', '--config.eval.zeroshot_shards=',
-                '--config.batch_size=32', '--config.checkpoint_every=2',
-                f'--config.data.train={demo_data}/train/{{00000..00010}}.tar')
+    return [sys.executable, '-m', 'clip_jax.train', '--config',
+            f'{ROOT}/configs/demo.py:data_dir={demo_data}', '--workdir', str(workdir),
+            f'--config.total_steps={steps}', '--config.tensorboard=False',
+            '--config.eval.zeroshot_shards=', '--config.batch_size=32', '--config.log_every=1',
+            '--config.checkpoint_every=2',
+            f'--config.data.train={demo_data}/train/{{00000..00010}}.tar']
 
-  first = train(2)
+  first = _interrupted(train(1000), workdir / 'metrics.jsonl', step=3)
   assert 'data.train: 1 of 11 shards are missing' in first
-  stderr = first + train(4) + _run('clip_jax.export', '--checkpoint', str(workdir), '--out',
-                                   str(tmp_path / 'export'))
+  assert 'KeyboardInterrupt' in first
+  stderr = first + _run(*train(6)[2:]) + _run('clip_jax.export', '--checkpoint', str(workdir),
+                                              '--out', str(tmp_path / 'export'))
   assert 'Resuming from' in stderr
   for noise in NOISE:
     assert noise not in stderr, stderr[-3000:]
