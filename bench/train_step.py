@@ -24,9 +24,9 @@ import open_clip
 import torch
 
 from clip_jax import run_config, sharding
-from clip_jax.metrics import train_flops_per_sample
 from clip_jax import step as step_lib
 from clip_jax.config_base import base_config
+from clip_jax.metrics import train_flops_per_sample
 
 
 def clip_jax_step(args):

@@ -183,7 +183,7 @@ class TrainCheckpoints:
     from scratch. A checkpoint of another model raises `ModelMismatchError` and moves nothing.
     No checkpoint: (0, state, False).
     """
-    failures = []
+    failures: list[tuple[int, Exception]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored, data_restored = self.restore(step, state, loader)

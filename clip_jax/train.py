@@ -196,7 +196,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   program = step_lib.build(run, mesh)
   loader = Loader(run.data, program.batch_sharding)
   checkpoints = ckpt.TrainCheckpoints(workdir, run.model, config.checkpoint_every,
-                                      config.keep_checkpoints)
+                                      config.keep_checkpoints, preset=run.preset)
   start, state, data_restored = checkpoints.restore_latest(program.state, loader)
   if start:
     logging.info('Resuming from %s step %d', checkpoints.directory, start)
@@ -373,10 +373,11 @@ def _progress_bar(total: int, initial: int) -> tqdm:
 # --- the binary ---------------------------------------------------------------------------
 
 class _QuietLibraries(logging.Filter):
-  """Keeps orbax's and grain's per-operation INFO lines out of the training log."""
+  """Keeps orbax's, grain's and fsspec's per-operation INFO lines (fsspec: one per shard
+  opened on gs://) out of the training log."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    noisy = ('orbax' in record.pathname or 'grain' in record.pathname)
+    noisy = any(name in record.pathname for name in ('orbax', 'grain', 'fsspec'))
     return record.levelno >= logging.WARNING or not noisy
 
 

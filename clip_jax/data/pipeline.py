@@ -281,16 +281,17 @@ class Loader:
     self._iterator = iter(self.dataset)
     self.skipped: collections.Counter = collections.Counter()
     self._sharding = sharding
+    # On CPU devices a jax array may alias the numpy batch, which lives in the shared memory
+    # grain's workers hand it over in: the segment is unlinked only when the last reference
+    # goes, and a traceback (Ctrl-C) keeping the loop's arrays until exit then showed as
+    # 'leaked shared_memory objects'. There the batch is copied out first (the copy an
+    # accelerator's host-to-device transfer makes anyway).
+    self._host_memory = sharding is not None and all(
+        device.platform == 'cpu' for device in sharding.mesh.devices.flat)
 
   def next_numpy(self) -> dict[str, np.ndarray]:
-    """The next per-process batch as numpy, with skip counts folded into `skipped`.
-
-    Copied out of the shared memory the workers hand it over in, so that grain unlinks each
-    segment now rather than when the last reference to the batch goes: a traceback (Ctrl-C)
-    kept the loop's batches until exit, and the resource tracker then reported them as
-    'leaked shared_memory objects'. One host copy per batch, small beside a step.
-    """
-    batch = {key: np.array(value) for key, value in next(self._iterator).items()}
+    """The next per-process batch as numpy, with skip counts folded into `skipped`."""
+    batch = next(self._iterator)
     for reason, count in zip(SKIP_REASONS, batch.pop('skipped').sum(0)):
       if count:
         self.skipped[reason] += int(count)
@@ -299,10 +300,12 @@ class Loader:
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, jax.Array]:
+  def __next__(self) -> dict[str, Any]:  # jax.Array, or numpy without a sharding
     batch = self.next_numpy()
     if self._sharding is None:
       return batch
+    if self._host_memory:  # see __init__
+      batch = {k: np.array(v) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(self._sharding, v)
             for k, v in batch.items()}
 

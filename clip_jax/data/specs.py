@@ -78,7 +78,7 @@ def missing_paths(paths: Sequence[str]) -> list[str]:
   by_parent = collections.defaultdict(list)
   for path in paths:
     by_parent[str(epath.Path(path).parent)].append(path)
-  missing = set()
+  missing: set[str] = set()
   for parent, children in by_parent.items():
     parent_path = epath.Path(parent)
     present = {p.name for p in parent_path.iterdir()} if parent_path.is_dir() else set()

@@ -91,7 +91,7 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 def _groups(tar: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
   """(key, members) for each run of consecutive regular files sharing a key."""
-  key, members = None, []
+  key, members = '', []  # type: tuple[str, list[tarfile.TarInfo]]
   for member in tar:
     if not member.isfile():
       continue
