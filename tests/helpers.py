@@ -1,11 +1,13 @@
 """What several test modules share: running the train binary, reading its metrics, building
 a config and its train program in-process, random batches."""
 
+import io
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 import time
 
 import ml_collections
@@ -75,6 +77,15 @@ def wait_for_step(workdir, step, timeout=300):
       return
     time.sleep(0.2)
   raise TimeoutError(f'{workdir} never reached step {step}')
+
+
+def write_tar(path, members):
+  """A tar file of (member name, bytes) in order, as webdataset shards hold samples."""
+  with tarfile.open(path, 'w') as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
 
 
 # --- in-process configs and steps ---------------------------------------------------------

@@ -21,6 +21,7 @@ from clip_jax.data.shard_writer import ShardWriter
 from clip_jax.data.specs import expand_braces, parse_spec
 from clip_jax.data.tar_samples import RawSample, Skip, read_shard, split_key
 from clip_jax.data.transforms import decode_image, random_resized_crop
+from tests import helpers
 
 TOKENIZER = clip_jax.get_tokenizer('clip', context_length=16)
 
@@ -86,19 +87,12 @@ def test_webdataset_key_rules():
   assert split_key('000123.txt') == ('000123', 'txt')
 
 
-def _tar(path, members):
-  with tarfile.open(path, 'w') as tar:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
-
-
 def test_members_are_grouped_by_key_with_caption_from_txt_or_json(tmp_path):
   image = _jpeg(0)
-  _tar(tmp_path / 's.tar', [('x/a.jpg', image), ('x/a.txt', b' cat '), ('x/a.json', b'{}'),
-                             ('b.png', image), ('b.json', json.dumps({'caption': 'dog'}).encode()),
-                             ('c.webp', image), ('c.json', json.dumps({'alt': 'cow'}).encode())])
+  helpers.write_tar(tmp_path / 's.tar', [
+      ('x/a.jpg', image), ('x/a.txt', b' cat '), ('x/a.json', b'{}'),
+      ('b.png', image), ('b.json', json.dumps({'caption': 'dog'}).encode()),
+      ('c.webp', image), ('c.json', json.dumps({'alt': 'cow'}).encode())])
   records = list(read_shard(str(tmp_path / 's.tar'), caption_key='caption'))
   assert records[0] == RawSample('x/a', str(tmp_path / 's.tar'), image, 'cat', b'{}')
   assert records[1].caption == 'dog' and records[1].key == 'b'
@@ -198,7 +192,7 @@ def _bad_data_shards(tmp_path, monkeypatch):
   good = _jpeg(1)
   shards = tmp_path / 'bad'
   shards.mkdir()
-  _tar(shards / '00000.tar', [
+  helpers.write_tar(shards / '00000.tar', [
       ('ok1.jpg', good), ('ok1.txt', b'good one'),
       ('corrupt.jpg', b'\xff\xd8 not really a jpeg'), ('corrupt.txt', b'x'),
       ('trunc.jpg', good[:len(good) // 2]), ('trunc.txt', b'x'),
@@ -209,8 +203,8 @@ def _bad_data_shards(tmp_path, monkeypatch):
       ('big.jpg', b'x' * 200_000), ('big.txt', b'x'),
       ('ok2.jpg', good), ('ok2.txt', b'good two')])
   (shards / '00001.tar').write_bytes(b'')  # empty shard
-  _tar(shards / '00002.tar', [('ok3.jpg', good), ('ok3.txt', b'good three'),
-                              ('ok4.jpg', good), ('ok4.txt', b'good four')])
+  helpers.write_tar(shards / '00002.tar', [('ok3.jpg', good), ('ok3.txt', b'good three'),
+                                           ('ok4.jpg', good), ('ok4.txt', b'good four')])
   with tarfile.open(shards / '00002.tar') as tar:
     cut = tar.getmember('ok4.jpg').offset_data + 100
   data = (shards / '00002.tar').read_bytes()
@@ -240,8 +234,8 @@ def test_all_bad_data_fails_naming_the_spec(tmp_path, captioned, reason):
   shards = tmp_path / 'allbad'
   shards.mkdir()
   caption = [('{}.txt', b'a caption')] if captioned else []
-  _tar(shards / '0.tar', [(name.format(i), data) for i in range(5)
-                          for name, data in [('{}.jpg', b'garbage')] + caption])
+  helpers.write_tar(shards / '0.tar', [(name.format(i), data) for i in range(5)
+                                       for name, data in [('{}.jpg', b'garbage')] + caption])
   spec = str(shards / '0.tar')
   # The whole message: spec, counts by reason, the last bad sample's reason and shard:key
   # (any of the shuffled keys 0-4); grain may append a note on a new line.

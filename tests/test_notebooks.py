@@ -58,5 +58,6 @@ def test_train_demo_notebook(demo_data, tmp_path, monkeypatch):
                       CLIP_JAX_WORKDIR=tmp_path / 'run', CLIP_JAX_DEMO_DIR=demo_data)
   output = _text(notebook)
   assert 'first loss' in output and 'zero-shot top-1' in output
+  assert '20/20' in output  # the step bar: a kernel's stderr is no tty, yet it shows there
   assert _figures(notebook) == 1  # the loss and the zero-shot accuracy, side by side
   assert (tmp_path / 'run' / 'checkpoints' / '20').is_dir()

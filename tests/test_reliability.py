@@ -23,7 +23,6 @@ from clip_jax.eval.encoder import Encoder
 from clip_jax.models.functional import FunctionalModel
 from tests import helpers
 from tests.conftest import ROOT
-from tests.test_data import _tar
 
 # A constant schedule makes the learning rate of a step independent of `total_steps`, so a
 # run stopped early and resumed with another `total_steps` can match an uninterrupted one.
@@ -185,10 +184,10 @@ def _bad_shards(root: pathlib.Path, good_shard: pathlib.Path) -> None:
       'oversized_member': [('f.jpg', bytes(65 << 20)), ('f.txt', b'x')],
   }
   for i, members in enumerate(bad.values()):
-    _tar(root / f'{i:05d}.tar', [*good[:21], *members, *good[21:]])
+    helpers.write_tar(root / f'{i:05d}.tar', [*good[:21], *members, *good[21:]])
   n = len(bad)
   (root / f'{n:05d}.tar').write_bytes(b'')  # empty
-  _tar(root / f'{n + 1:05d}.tar', good)
+  helpers.write_tar(root / f'{n + 1:05d}.tar', good)
   data = (root / f'{n + 1:05d}.tar').read_bytes()
   (root / f'{n + 1:05d}.tar').write_bytes(data[:len(data) * 2 // 3])  # truncated
 

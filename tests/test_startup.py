@@ -1,12 +1,9 @@
 """What a run says when it starts, resumes and ends: warnings that matter, and no noise."""
 
-import io
 import logging
-import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import jax
@@ -18,7 +15,8 @@ from clip_jax.checkpoint import TrainCheckpoints
 from clip_jax.data.pipeline import PipelineConfig, build_dataset
 from clip_jax.models.functional import param_shapes
 from clip_jax.models.presets import get_config
-from tests.conftest import JAX_CACHE_ENV, ROOT
+from tests import helpers
+from tests.conftest import ROOT
 
 # Library noise that used to reach the console of the project's own commands.
 NOISE = ('Metadata file does not exist',  # orbax, asked for a step's metadata in an item
@@ -27,12 +25,8 @@ NOISE = ('Metadata file does not exist',  # orbax, asked for a step's metadata i
 
 
 def _write_shard(path, samples=2):
-  with tarfile.open(path, 'w') as tar:
-    for i in range(samples):
-      for ext, data in (('jpg', b'not decoded here'), ('txt', b'a caption')):
-        info = tarfile.TarInfo(f'{i:06d}.{ext}')
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+  helpers.write_tar(path, [(f'{i:06d}.{ext}', data) for i in range(samples)
+                           for ext, data in (('jpg', b'not decoded here'), ('txt', b'a caption'))])
 
 
 def test_missing_shards_are_said_at_start(tmp_path, caplog):
@@ -91,16 +85,8 @@ def test_a_checkpoint_of_another_model_is_named_not_a_shape_error(tmp_path):
   assert step == 1
 
 
-def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
-              XLA_FLAGS='--xla_force_host_platform_device_count=1', **JAX_CACHE_ENV)
-
-
 def _run(*args):
-  result = subprocess.run([sys.executable, '-m', *args], env=_env(), capture_output=True,
-                          text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stderr
+  return helpers.run([sys.executable, '-m', *args], helpers.env(1)).stderr
 
 
 def _interrupted(cmd, metrics, step):
@@ -111,7 +97,7 @@ def _interrupted(cmd, metrics, step):
   previous = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     with log.open('w') as stderr:
-      process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+      process = subprocess.Popen(cmd, env=helpers.env(1), stdout=subprocess.DEVNULL, stderr=stderr)
   finally:
     signal.signal(signal.SIGINT, previous)
   deadline = time.monotonic() + 300
