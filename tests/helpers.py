@@ -19,6 +19,10 @@ from clip_jax.config_base import base_config
 from tests.conftest import JAX_CACHE_ENV, ROOT
 
 DEMO_CONFIG = str(ROOT / 'configs' / 'demo.py')
+# Library noise that used to reach the console of the project's own commands.
+LIBRARY_NOISE = ('Metadata file does not exist',  # orbax, asked for a step's metadata in an item
+                 'Event loop is closed',  # an async GCS client's session closed after its loop
+                 'leaked shared_memory')  # multiprocessing's resource tracker at exit
 
 
 # --- the train binary as a subprocess -------------------------------------------------------

@@ -90,11 +90,18 @@ def _wait_for_checkpoint(fs, workdir, process, log, timeout=300):
                      f'{log.read_text()[-3000:]}')
 
 
+def _logged(consoles, cmd, env):
+  result = helpers.run(cmd, env)
+  consoles.append(result.stderr)
+  return result
+
+
 @pytest.mark.slow
 def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   """Shards, checkpoints and metrics on gs://: SIGKILL after a checkpoint, resume, losses
   of a straight run, then export from (and to) gs://."""
   url, fs = gcs
+  consoles = []  # stderr of every command that finished
   env, config, workdir = _gcs_env(url), helpers.demo_config(demo_data), f'{BUCKET}/run'
   with (tmp_path / 'killed.log').open('w') as log:
     process = subprocess.Popen(
@@ -111,11 +118,11 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   logged = helpers.parse_metrics(fs.cat(f'{workdir}/metrics.jsonl').decode())
   total = max(saved, *logged) + 4
 
-  result = helpers.run(helpers.train_cmd(f'gs://{workdir}', f'--config.total_steps={total}',
+  result = _logged(consoles, helpers.train_cmd(f'gs://{workdir}', f'--config.total_steps={total}',
                                          *COMMON, config=config), env)
   assert 'Resuming from' in result.stderr and f'step {saved}' in result.stderr
   straight = tmp_path / 'straight'
-  helpers.run(helpers.train_cmd(straight, f'--config.total_steps={total}', *COMMON,
+  _logged(consoles, helpers.train_cmd(straight, f'--config.total_steps={total}', *COMMON,
                                 config=config), env)
   fs.invalidate_cache()
   resumed = helpers.parse_metrics(fs.cat(f'{workdir}/metrics.jsonl').decode())
@@ -126,7 +133,7 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   assert resumed[total]['zeroshot_top1'] == expected[total]['zeroshot_top1']
   assert fs.exists(f'{workdir}/config.json')
 
-  helpers.run([sys.executable, '-m', 'clip_jax.export', '--checkpoint', f'gs://{workdir}',
+  _logged(consoles, [sys.executable, '-m', 'clip_jax.export', '--checkpoint', f'gs://{workdir}',
         '--out', f'gs://{BUCKET}/export'], env)
   fs.get(f'{BUCKET}/export/{SAFETENSORS_NAME}', str(tmp_path / SAFETENSORS_NAME))
   from safetensors.numpy import load_file
@@ -139,8 +146,8 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   evaluate = [sys.executable, '-m', 'clip_jax.evaluate', '--templates', 'simple',
               '--zeroshot_shards', f'gs://{BUCKET}/eval/*.tar',
               '--classnames', f'gs://{BUCKET}/classnames.txt']
-  helpers.run([*evaluate, '--workdir', f'gs://{workdir}'], env)
-  helpers.run([*evaluate, '--workdir', str(straight)], env)
+  _logged(consoles, [*evaluate, '--workdir', f'gs://{workdir}'], env)
+  _logged(consoles, [*evaluate, '--workdir', str(straight)], env)
   fs.invalidate_cache()
   results = fs.glob(f'{workdir}/checkpoints/{total}/eval_results.json')
   assert results, fs.ls(f'{workdir}/checkpoints/{total}')
@@ -149,11 +156,13 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
 
   # Embeddings from gs:// shards and checkpoint into gs://, as a local run of the straight one.
   embed = [sys.executable, '-m', 'clip_jax.embed', '--shards', f'gs://{BUCKET}/eval/*.tar']
-  helpers.run([*embed, '--checkpoint', f'gs://{workdir}', '--out', f'gs://{BUCKET}/emb'], env)
-  helpers.run([*embed, '--checkpoint', str(straight), '--out', str(tmp_path / 'emb')], env)
+  _logged(consoles, [*embed, '--checkpoint', f'gs://{workdir}', '--out', f'gs://{BUCKET}/emb'], env)
+  _logged(consoles, [*embed, '--checkpoint', str(straight), '--out', str(tmp_path / 'emb')], env)
   for name in ('img_emb/img_emb_0.npy', 'text_emb/text_emb_0.npy'):
     local = np.load(tmp_path / 'emb' / name)
     assert len(local) > 0
     np.testing.assert_array_equal(np.load(fs.open(f'{BUCKET}/emb/{name}')), local, err_msg=name)
   assert fs.cat(f'{BUCKET}/emb/metadata/metadata_0.parquet') == (
       tmp_path / 'emb' / 'metadata' / 'metadata_0.parquet').read_bytes()
+  for noise in helpers.LIBRARY_NOISE:  # gcsfs's async sessions, orbax's metadata on gs://
+    assert not [console for console in consoles if noise in console], noise

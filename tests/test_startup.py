@@ -18,11 +18,6 @@ from clip_jax.models.presets import get_config
 from tests import helpers
 from tests.conftest import ROOT
 
-# Library noise that used to reach the console of the project's own commands.
-NOISE = ('Metadata file does not exist',  # orbax, asked for a step's metadata in an item
-         'Event loop is closed',
-         'leaked shared_memory')  # multiprocessing's resource tracker at exit
-
 
 def _write_shard(path, samples=2):
   helpers.write_tar(path, [(f'{i:06d}.{ext}', data) for i in range(samples)
@@ -113,7 +108,7 @@ def _interrupted(cmd, metrics, step):
 @pytest.mark.slow
 def test_train_interrupt_resume_and_export_are_free_of_library_noise(demo_data, tmp_path):
   """A run stopped with Ctrl-C, its resume and an export of the workdir: the console holds
-  the missing shard, the interrupt and nothing of NOISE."""
+  the missing shard, the interrupt and nothing of helpers.LIBRARY_NOISE."""
   workdir = tmp_path / 'run'
 
   def train(steps):
@@ -130,5 +125,5 @@ def test_train_interrupt_resume_and_export_are_free_of_library_noise(demo_data, 
   stderr = first + _run(*train(6)[2:]) + _run('clip_jax.export', '--checkpoint', str(workdir),
                                               '--out', str(tmp_path / 'export'))
   assert 'Resuming from' in stderr
-  for noise in NOISE:
+  for noise in helpers.LIBRARY_NOISE:
     assert noise not in stderr, stderr[-3000:]
