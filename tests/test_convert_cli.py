@@ -1,6 +1,7 @@
 """Converter CLIs, weight-file formats, checkpoint resolution and bad-input errors."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -57,12 +58,27 @@ def test_import_cli_reads_every_weight_format(fmt, tiny_torch, tmp_path):
                                 state['token_embedding.weight'].numpy())
 
 
-def test_pickled_code_is_never_executed(tmp_path):
-  """torch.load(weights_only=True): a checkpoint carrying an arbitrary object is refused."""
-  path = tmp_path / 'evil.pt'
-  torch.save({'state_dict': {'x': torch.zeros(1)}, 'obj': Image.new('RGB', (1, 1))}, path)
+class _WritesMarker:
+  """Unpickling this object calls `pathlib.Path(marker).write_text('pwned')`."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return pathlib.Path.write_text, (pathlib.Path(self.marker), 'pwned')
+
+
+def test_pickled_code_is_never_executed(tmp_path, monkeypatch):
+  """torch.load(weights_only=True): a checkpoint whose unpickling would run code (write a
+  marker file) is refused, and the code never runs. The environment variable turns torch's
+  default back to unpickling (as before torch 2.6): only the loader's explicit flag holds."""
+  monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+  path, marker = tmp_path / 'evil.pt', tmp_path / 'marker'
+  torch.save({'state_dict': {'x': torch.zeros(1)}, 'payload': _WritesMarker(str(marker))}, path)
+  assert not marker.exists()
   with pytest.raises(Exception, match='(?i)weights_only|unsupported|global'):
     read_state_dict(path)
+  assert not marker.exists()
 
 
 def test_mismatched_checkpoint_names_every_bad_key(tiny_torch):
