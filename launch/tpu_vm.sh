@@ -10,10 +10,13 @@
 # (optional), BUCKET (gs:// workdir root), REPO_URL / REPO_REF (default: this checkout's
 # origin and HEAD). --dry_run prints the gcloud commands instead of running them.
 #
-# `setup` clones REPO_URL on every worker and checks out REPO_REF, so REPO_REF must be
-# pushed: when it is a local commit that no branch of origin contains, setup stops and says
-# so (push it, or set REPO_REF to a pushed branch, tag or commit). Uncommitted changes are
-# never deployed; setup warns about them.
+# `setup` updates the checkout ~/clip_jax on every worker in place (git fetch from REPO_URL,
+# then checks out REPO_REF detached; it clones only where there is none, and never deletes:
+# the venv, logs and other files there stay), so REPO_REF must be pushed: when it is a
+# local commit that no branch of origin contains, setup stops and says so (push it, or set
+# REPO_REF to a pushed branch, tag or commit). Uncommitted changes are never deployed;
+# setup warns about them. Every value that reaches a worker's shell is quoted (printf %q),
+# and the credentials of a URL (https://USER:TOKEN@...) never reach this script's output.
 #
 #   TPU_NAME=clip TPU_ZONE=us-central2-b TPU_TYPE=v4-32 BUCKET=gs://my-bucket \
 #     launch/tpu_vm.sh create && launch/tpu_vm.sh setup && \
@@ -41,6 +44,11 @@ run() {
   if [[ $dry_run -eq 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 
+# Copies stdin to stdout with the credentials of every URL (scheme://USER:TOKEN@) as ***.
+mask_credentials() {
+  sed -E 's#(://)[^/@[:space:]]+@#\1***@#g'
+}
+
 # The workers can only check out what origin has: a local commit that no remote-tracking
 # branch of origin contains (as of the last fetch or push) stops setup with a message.
 check_ref_is_pushed() {
@@ -60,9 +68,28 @@ check_ref_is_pushed() {
   fi
 }
 
+# Runs the shell command $1 on every worker; its values must already be quoted (printf %q).
+# Both output streams are masked: the command may carry REPO_URL's token.
 on_all_workers() {
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$TPU_ZONE" "${project_flag[@]}" \
-    --worker=all --command "$1"
+    --worker=all --command "$1" 2> >(mask_credentials >&2) | mask_credentials
+}
+
+# The worker's setup: the checkout ~/clip_jax updated in place (cloned only when absent),
+# REPO_REF checked out detached (origin's branch of that name first, else a tag or commit),
+# the venv made once, clip_jax installed. Nothing is deleted; a worker's local edits that
+# the checkout would overwrite stop it (git refuses).
+setup_command() {
+  local url ref
+  url=$(printf '%q' "$REPO_URL")
+  ref=$(printf '%q' "$REPO_REF")
+  printf '%s; ' 'set -e' \
+    "if [ -d clip_jax/.git ]; then git -C clip_jax remote set-url origin $url; else git clone -q $url clip_jax; fi" \
+    'cd clip_jax' 'git fetch -q --force --tags origin' \
+    "commit=\$(git rev-parse -q --verify origin/$ref^{commit} || git rev-parse -q --verify $ref^{commit}) || { echo error: REPO_REF $ref is no branch, tag or commit of REPO_URL >&2; exit 2; }" \
+    "git checkout -q --detach \"\$commit\"" \
+    '[ -x .venv/bin/python ] || python3 -m venv .venv'
+  printf '%s' ".venv/bin/pip install -q -U 'jax[tpu]' -e ."
 }
 
 case "$command" in
@@ -86,14 +113,13 @@ case "$command" in
     esac ;;
   setup)
     check_ref_is_pushed
-    on_all_workers "set -e; rm -rf clip_jax && git clone -q $REPO_URL clip_jax && \
-cd clip_jax && git checkout -q $REPO_REF && python3 -m venv .venv && \
-.venv/bin/pip install -q -U 'jax[tpu]' -e ." ;;
+    on_all_workers "$(setup_command)" ;;
   train)
     : "${BUCKET:?set BUCKET (gs:// root for the workdir)}"
+    workdir=$(printf '%q' "${BUCKET}/runs/${TPU_NAME}")
     args=$(printf '%q ' "$@")
     on_all_workers "cd clip_jax && nohup .venv/bin/python -m clip_jax.train \
---workdir ${BUCKET}/runs/${TPU_NAME} ${args} > train.log 2>&1 &" ;;
+--workdir ${workdir} ${args} > train.log 2>&1 &" ;;
   logs)
     run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$TPU_ZONE" "${project_flag[@]}" \
       --worker=0 --command "tail -n 100 -f clip_jax/train.log" ;;

@@ -93,7 +93,7 @@ def test_tpu_setup_stops_when_the_commit_is_not_pushed(fake_bin, tmp_path):
   result = subprocess.run(setup, env=env, capture_output=True, text=True, check=True)
   assert 'uncommitted changes' in result.stderr
   (call,) = _calls(fake_bin)
-  assert f'git clone -q {origin} clip_jax' in call and f'git checkout -q {head}' in call
+  assert f'git clone -q {origin} clip_jax' in call and f'--verify origin/{head}^{{commit}}' in call
 
 
 def test_tpu_setup_train_logs_delete(fake_bin):
@@ -103,13 +103,112 @@ def test_tpu_setup_train_logs_delete(fake_bin):
   _tpu(fake_bin, 'logs')
   _tpu(fake_bin, 'delete')
   setup, train, logs, delete = _calls(fake_bin)
-  assert '--worker=all' in setup and 'git checkout -q abc123' in setup
+  assert '--worker=all' in setup and '--verify origin/abc123^{commit}' in setup
   assert "'jax[tpu]'" in setup and 'pip install' in setup
   assert '--worker=all' in train
   assert 'python -m clip_jax.train --workdir gs://bucket/runs/clip' in train
   assert 'configs/clip.py:model=ViT-B-16' in train
   assert '--worker=0' in logs and 'tail' in logs
   assert delete.startswith('gcloud compute tpus tpu-vm delete clip')
+
+
+@pytest.fixture
+def worker(tmp_path):
+  """A fake one-worker TPU VM: `gcloud ... --command CMD` echoes its arguments to stderr (as
+  a verbose gcloud does) and runs CMD with bash in the worker's home; there `python3 -m venv
+  DIR` makes a venv whose `pip` and `python` record their arguments in `home/calls.log`."""
+  home, bin_dir = tmp_path / 'home', tmp_path / 'worker_bin'
+  home.mkdir()
+  bin_dir.mkdir()
+  scripts = {
+      'gcloud': ('echo "gcloud $*" >&2\n'
+                 'while [[ $# -gt 0 ]]; do\n'
+                 f'  if [[ $1 == --command ]]; then cd "{home}"; exec bash -c "$2"$\'\\n\'wait\n'
+                 '  fi\n'
+                 '  shift\n'
+                 'done\n'),
+      'recorder': f'echo "$(basename "$0") $*" >> "{home}/calls.log"\n',
+      'python3': (f'mkdir -p "$3/bin"; cp "{bin_dir}/recorder" "$3/bin/pip"\n'
+                  f'cp "{bin_dir}/recorder" "$3/bin/python"\n'
+                  f'echo "python3 $*" >> "{home}/calls.log"\n'),
+  }
+  for name, body in scripts.items():
+    (bin_dir / name).write_text(f'#!/usr/bin/env bash\n{body}')
+    (bin_dir / name).chmod(0o755)
+  return home, bin_dir
+
+
+def _on_worker(worker, *args, **settings):
+  """tpu_vm.sh against the fake worker; settings replace the defaults (BUCKET, REPO_*)."""
+  home, bin_dir = worker
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', TPU_NAME='clip',
+             TPU_ZONE='us-central2-b', BUCKET='gs://bucket', REPO_URL='none', REPO_REF='main')
+  env.update(settings)
+  return subprocess.run([str(ROOT / 'launch' / 'tpu_vm.sh'), *args], env=env, cwd=home.parent,
+                        capture_output=True, text=True, check=False)
+
+
+def _origin_with_commit(tmp_path, name):
+  """A bare repository `origin.git` whose main branch gains a commit adding file `name`."""
+  origin, work = tmp_path / 'origin.git', tmp_path / 'work'
+  if not origin.exists():
+    _git(tmp_path, 'init', '-q', '--bare', '-b', 'main', str(origin))
+    _git(tmp_path, 'clone', '-q', str(origin), str(work))
+  (work / name).write_text(name)
+  _git(work, 'add', name)
+  _git(work, 'commit', '-q', '-m', name)
+  _git(work, 'push', '-q', 'origin', 'HEAD:main')
+  return origin, _git(work, 'rev-parse', 'HEAD')
+
+
+def test_tpu_setup_updates_the_checkout_in_place(worker, tmp_path):
+  """A second setup fetches the new commit into the same checkout: a running job's log, the
+  user's files and the venv survive (setup used to `rm -rf clip_jax` on every worker)."""
+  home, _ = worker
+  origin, first = _origin_with_commit(tmp_path, 'one.txt')
+  result = _on_worker(worker, 'setup', REPO_URL=str(origin), REPO_REF=first)
+  assert result.returncode == 0, result.stderr
+  checkout = home / 'clip_jax'
+  assert _git(checkout, 'rev-parse', 'HEAD') == first
+  (checkout / 'train.log').write_text('step 100')
+  (checkout / 'notes.txt').write_text('mine')
+  origin, second = _origin_with_commit(tmp_path, 'two.txt')
+  result = _on_worker(worker, 'setup', REPO_URL=str(origin), REPO_REF='main')
+  assert result.returncode == 0, result.stderr
+  assert _git(checkout, 'rev-parse', 'HEAD') == second and (checkout / 'two.txt').exists()
+  assert (checkout / 'train.log').read_text() == 'step 100'
+  assert (checkout / 'notes.txt').read_text() == 'mine'
+  calls = (home / 'calls.log').read_text().splitlines()
+  assert [c.split()[0] for c in calls] == ['python3', 'pip', 'pip']  # one venv, reused
+  bad = _on_worker(worker, 'setup', REPO_URL=str(origin), REPO_REF='no-such-ref')
+  assert bad.returncode == 2 and 'REPO_REF no-such-ref is no branch, tag or commit' in bad.stderr
+  assert _git(checkout, 'rev-parse', 'HEAD') == second
+
+
+@pytest.mark.parametrize('variable', ['BUCKET', 'REPO_URL', 'REPO_REF', 'TPU_NAME'])
+def test_tpu_values_reach_the_worker_shell_quoted(worker, tmp_path, variable):
+  """A value with shell syntax in it is passed literally, never run on the workers."""
+  home, _ = worker
+  origin, _ = _origin_with_commit(tmp_path, 'one.txt')
+  value = 'x$(touch PWN1); touch PWN2; :'
+  settings = {'REPO_URL': str(origin), variable: value}
+  _on_worker(worker, 'setup', **settings)
+  _on_worker(worker, 'train', '--config', 'c.py', **settings)
+  assert not list(home.rglob('PWN*')) and not list(tmp_path.glob('PWN*'))
+  if variable in ('BUCKET', 'TPU_NAME'):  # the trainer got the workdir as it was written
+    bucket, name = (settings.get('BUCKET', 'gs://bucket'), settings.get('TPU_NAME', 'clip'))
+    calls = (home / 'calls.log').read_text()
+    assert f'python -m clip_jax.train --workdir {bucket}/runs/{name} --config c.py' in calls
+
+
+def test_tpu_setup_never_prints_the_repository_token(worker):
+  url = 'https://user:s3cret-token@127.0.0.1:9/clip_jax.git'  # the discard port: refused
+  dry = _on_worker(worker, '--dry_run', 'setup', REPO_URL=url)
+  assert dry.returncode == 0 and 'https://***@127.0.0.1:9/clip_jax.git' in dry.stdout
+  real = _on_worker(worker, 'setup', REPO_URL=url)
+  assert real.returncode != 0 and 'https://***@127.0.0.1:9/clip_jax.git' in real.stderr
+  for result in (dry, real):
+    assert 's3cret' not in result.stdout + result.stderr
 
 
 def test_tpu_dry_run_prints_without_running(fake_bin):
