@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import grain
@@ -123,6 +124,37 @@ class ModelMismatchError(ValueError):
   report as such, never a damaged checkpoint to move aside."""
 
 
+# Error codes of a tensorstore read that may succeed when tried again (tensorstore raises
+# ValueError('CODE: ...')); the same for Python's own I/O errors.
+TRANSIENT_CODES = ('UNAVAILABLE:', 'DEADLINE_EXCEEDED:')
+TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
+# What a damaged checkpoint raises: tensorstore's DATA_LOSS/OUT_OF_RANGE/NOT_FOUND and JSON
+# errors are ValueErrors, a missing item is a KeyError, a missing file FileNotFoundError.
+DAMAGE_ERRORS = (ValueError, KeyError, FileNotFoundError, EOFError)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and the errors it was raised from (orbax wraps tensorstore's in `Exception`)."""
+  chain: list[BaseException] = []
+  e: BaseException | None = error
+  while e is not None and e not in chain:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  return chain
+
+
+def transient(error: BaseException) -> bool:
+  """Whether a restore error may go away when tried again (a network or storage hiccup)."""
+  return any(isinstance(e, TRANSIENT_ERRORS) or
+             (isinstance(e, ValueError) and str(e).startswith(TRANSIENT_CODES))
+             for e in _chain(error))
+
+
+def damaged(error: BaseException) -> bool:
+  """Whether a restore error says the checkpoint's data is bad (and not transient)."""
+  return not transient(error) and any(isinstance(e, DAMAGE_ERRORS) for e in _chain(error))
+
+
 def config_differences(stored: dict, requested: CLIPConfig, most: int = 3) -> str:
   """'vision.layers 12 vs 6, ...': the first `most` fields whose stored value differs."""
   stored = traverse_util.flatten_dict(stored, sep='.')
@@ -177,25 +209,24 @@ class TrainCheckpoints:
   def restore_latest(self, state: dict, loader) -> tuple[int, dict, bool]:
     """(step, state, data restored?) from the newest checkpoint that restores.
 
-    A checkpoint that fails to restore on any process (a damaged or truncated file) is
-    moved aside to `<step>.unreadable` with a warning, and the next older one is tried.
-    When checkpoints exist but none restores, the run stops rather than silently starting
-    from scratch. A checkpoint of another model raises `ModelMismatchError` and moves nothing.
+    A checkpoint whose data is damaged on any process (a truncated or corrupt file, a
+    missing item: `damaged`) is moved aside to `<step>.unreadable` with a warning, and the
+    next older one is tried. Any other failure moves nothing and stops the run: a transient
+    I/O error (`transient`) after `RETRY_SECONDS` retries, anything else at once, since
+    neither says the checkpoint is bad and resuming from an older one would silently
+    discard steps. When checkpoints exist but none restores, the run stops rather than
+    starting from scratch. A checkpoint of another model raises `ModelMismatchError`.
     No checkpoint: (0, state, False).
     """
     failures: list[tuple[int, Exception]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        restored, data_restored = self.restore(step, state, loader)
-        error = None
-      except ModelMismatchError:
-        raise
-      except Exception as e:  # orbax and tensorstore raise many types for a bad file
-        error = e
+      restored, data_restored, error = self._restore_with_retries(step, state, loader)
       if on_all_processes(error is None):
         for bad_step, bad_error in failures:
           self._move_aside(bad_step, bad_error)
         return step, restored, data_restored
+      if not on_all_processes(error is None or damaged(error)):
+        raise self._not_restored(step, error)
       failures.append((step, error or RuntimeError('failed to restore on another process')))
     if failures:
       listing = '; '.join(f'{self.directory / str(s)}: {e!r}' for s, e in failures)
@@ -203,6 +234,41 @@ class TrainCheckpoints:
           f'No checkpoint in {self.directory} restores ({listing}). Not starting from scratch '
           'over them: move them away (or use a new --workdir) to start a new run.')
     return 0, state, False
+
+  # Seconds to wait before each retry of a restore that met a transient I/O error.
+  RETRY_SECONDS = (2.0, 8.0, 30.0)
+
+  def _restore_with_retries(self, step: int, state: dict, loader
+                            ) -> tuple[dict, bool, Exception | None]:
+    """`restore(step)` as (state, data restored?, None), or ({}, False, the error), retried
+    after `RETRY_SECONDS` while the error is transient."""
+    retries = iter(self.RETRY_SECONDS)
+    while True:
+      try:
+        return (*self.restore(step, state, loader), None)
+      except ModelMismatchError:
+        raise
+      except Exception as e:  # orbax and tensorstore raise many types; `damaged` sorts them
+        wait = next(retries, None) if transient(e) else None
+        if wait is None:
+          return {}, False, e
+        logging.warning('Restoring checkpoint %s: %r; retrying in %.0f s.',
+                        self.directory / str(step), e, wait)
+        time.sleep(wait)
+
+  def _not_restored(self, step: int, error: Exception | None) -> RuntimeError:
+    """The error that stops a run whose checkpoint failed for a reason other than damage."""
+    path = self.directory / str(step)
+    if error is None:
+      return RuntimeError(f'Checkpoint {path} failed to restore on another process (its log '
+                          'says why); it is left in place. Restart when that is fixed.')
+    if transient(error):
+      cause, then = f'{len(self.RETRY_SECONDS) + 1} tries', 'when the storage answers again'
+    else:
+      cause, then = 'not a sign of damaged data', 'once that is fixed'
+    return RuntimeError(
+        f'Checkpoint {path} could not be read ({cause}): {error!r}. It is left in place and '
+        f'the run stops rather than resuming from an older step: restart {then}.')
 
   def restore(self, step: int, state: dict, loader) -> tuple[dict, bool]:
     """(state on the shardings of `state`, whether the input pipeline state was restored).

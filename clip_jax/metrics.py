@@ -73,9 +73,13 @@ class MetricLogger:
 
   `tensorboard=False` leaves TensorBoard out: its event files are written by TensorFlow's
   own file system, which cannot be pointed at a GCS emulator (README, "gs://").
+  `start_step` is the step the run starts after (0, or the restored checkpoint's): the
+  lines an earlier run logged after it are dropped, as this run logs those steps again, so
+  `metrics.jsonl` holds each step once, with the values of the run that continued. None
+  keeps the file as it is.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, start_step: int | None = None):
     self.enabled = jax.process_index() == 0
     self.workdir = epath.Path(workdir)
     self.writer = None
@@ -86,7 +90,7 @@ class MetricLogger:
         # TensorBoard only: the trainer writes its own console line (or progress bar), so
         # clu's LoggingWriter would print every scalar a second time.
         self.writer = metric_writers.SummaryWriter(str(self.workdir / 'tensorboard'))
-      self.jsonl = JsonlLog(self.workdir / 'metrics.jsonl')
+      self.jsonl = JsonlLog(self.workdir / 'metrics.jsonl', keep_through=start_step)
 
   def write_config(self, config: Any, param_overview: str) -> None:
     if not self.enabled:
@@ -123,16 +127,25 @@ class JsonlLog:
   one write per second to an object, so there the whole text is kept and rewritten at most
   every `UPLOAD_SECONDS`, at each `flush()` (a checkpoint: a resumed run finds every line up
   to its step) and at `close()`.
+
+  `keep_through`: a step; the lines of later steps (and a torn last line) are dropped first,
+  locally by an atomic rewrite (a crash leaves the old file or the new one, never half).
   """
   UPLOAD_SECONDS = 30.0
 
-  def __init__(self, path: epath.Path):
+  def __init__(self, path: epath.Path, keep_through: int | None = None):
     self.path = path
     self.remote = '://' in str(path)
+    text = path.read_text() if path.exists() else ''
+    kept = text if keep_through is None else lines_through(text, keep_through)
     if self.remote:
-      self.text = path.read_text() if path.exists() else ''
+      self.text = kept
       self.uploaded = time.monotonic()
     else:
+      if kept != text:
+        temporary = path.with_name(f'.{path.name}.tmp')
+        temporary.write_text(kept)
+        os.replace(temporary, path)
       self.file = path.open('a')
 
   def write(self, line: str) -> None:
@@ -154,6 +167,20 @@ class JsonlLog:
       self.flush()
     else:
       self.file.close()
+
+
+def lines_through(text: str, step: int) -> str:
+  """The lines of a metrics log whose step is at most `step`; a line that does not parse
+  (the torn last line of a killed run) is dropped."""
+  kept = []
+  for line in text.splitlines():
+    try:
+      earlier = json.loads(line)['step'] <= step
+    except (ValueError, KeyError, TypeError):
+      continue
+    if earlier:
+      kept.append(line + '\n')
+  return ''.join(kept)
 
 
 def _hide_gpus_from_tensorflow() -> None:

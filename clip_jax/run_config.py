@@ -2,10 +2,11 @@
 
 `resolve(config, num_devices)` runs every check that needs no data file (loss, schedule,
 mesh, batch divisibility, steps, the model preset and its overrides, the distillation
-teacher's fit, an empty `data.train`) and returns a `RunConfig`: the model's `CLIPConfig`,
-the input pipeline's `PipelineConfig` (tokenizer loaded once) and the frozen `StepConfig`
-that the jitted step reads. Everything below the binaries takes these, never the raw
-ConfigDict, so the preset is resolved and the tokenizer loaded once per start.
+teacher's fit, a checkpoint at `init_from`, an empty `data.train`) and returns a
+`RunConfig`: the model's `CLIPConfig`, the input pipeline's `PipelineConfig` (tokenizer
+loaded once) and the frozen `StepConfig` that the jitted step reads. Everything below the
+binaries takes these, never the raw ConfigDict, so the preset is resolved and the tokenizer
+loaded once per start.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from clip_jax import accumulate, distill, sharding
+from clip_jax import checkpoint as ckpt
 from clip_jax.data.pipeline import PipelineConfig
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.losses import KINDS
@@ -81,10 +83,21 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int, data: bool = Tr
   step = _step_config(config, model)
   _check(config, model, step, num_devices)
   distill.check(config, model)  # reads the teacher's model config
+  _check_init_from(config.init_from)
   return RunConfig(preset=config.model.name, model=model, step=step, mesh=dict(config.mesh),
                    sharding_rules=tuple(tuple(r) for r in config.sharding_rules),
                    pipeline=pipeline_config(config, model) if data else None,
                    init_from=config.init_from)
+
+
+def _check_init_from(init_from: str) -> None:
+  """A missing `init_from` is named before the trainer creates its workdir or compiles."""
+  if not init_from:
+    return
+  try:
+    ckpt.resolve_checkpoint(init_from)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'config.init_from={init_from}: {e}') from e
 
 
 def pipeline_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> PipelineConfig:

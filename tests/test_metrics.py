@@ -1,9 +1,12 @@
-"""The MFU peak table: device kinds are matched exactly, never by substring."""
+"""The MFU peak table: device kinds are matched exactly, never by substring; a resumed run's
+metrics log."""
+
+import json
 
 import jax
 import pytest
 
-from clip_jax.metrics import peak_flops_per_device
+from clip_jax.metrics import MetricLogger, peak_flops_per_device
 
 
 @pytest.mark.parametrize('kind, peak', [
@@ -47,3 +50,17 @@ def test_default_kind_is_the_first_devices(monkeypatch):
 def test_override_wins():
   assert peak_flops_per_device(123e12) == 123e12
   assert peak_flops_per_device(123e12, device_kind='TPU v5') == 123e12
+
+
+def test_a_resumed_logger_drops_the_lines_after_its_start_step(tmp_path):
+  """The lines a killed run logged after the restored step (and its torn last line) go; the
+  resumed run's lines for those steps are the only ones."""
+  earlier = [json.dumps({'step': step, 'loss': 10.0 + step}) for step in range(1, 6)]
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(earlier) + '\n{"step": 6, "lo')
+  logger = MetricLogger(str(tmp_path), tensorboard=False, start_step=3)
+  logger.write(4, {'loss': 1.0})
+  logger.close()
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert records == [{'step': 1, 'loss': 11.0}, {'step': 2, 'loss': 12.0},
+                     {'step': 3, 'loss': 13.0}, {'step': 4, 'loss': 1.0}]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['metrics.jsonl']  # no temporary left
