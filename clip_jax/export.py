@@ -5,6 +5,11 @@
 writes OUT/open_clip_model.safetensors, OUT/open_clip_pytorch_model.bin (when PyTorch is
 installed) and OUT/open_clip_config.json, so that in PyTorch
 `open_clip.create_model_and_transforms('local-dir:OUT')` loads it with strict keys.
+
+An export is never half-written and never silently replaces another: the files are written
+into a temporary sibling folder, then moved into place (`publish`). A non-empty OUT is
+refused unless `--overwrite`, which replaces an earlier export only once the new one is
+complete, and never a folder holding other files.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import uuid
 
 import numpy as np
 from etils import epath
@@ -25,6 +31,7 @@ from clip_jax.convert.open_clip_config import open_clip_config
 SAFETENSORS_NAME = 'open_clip_model.safetensors'
 BIN_NAME = 'open_clip_pytorch_model.bin'
 CONFIG_NAME = 'open_clip_config.json'
+EXPORT_NAMES = (SAFETENSORS_NAME, BIN_NAME, CONFIG_NAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,28 +43,87 @@ class Exported:
   parameters: int
 
 
-def export(checkpoint: str, out: str, ema: bool = False) -> epath.Path:
+def export(checkpoint: str, out: str, ema: bool = False, overwrite: bool = False) -> epath.Path:
   """Writes the OpenCLIP files of the params (`ema`: of their EMA) to `out`."""
-  return export_files(checkpoint, out, ema).out
+  return export_files(checkpoint, out, ema, overwrite).out
 
 
-def export_files(checkpoint: str, out: str, ema: bool = False) -> Exported:
+def export_files(checkpoint: str, out: str, ema: bool = False,
+                 overwrite: bool = False) -> Exported:
   """`export`, also saying which files it wrote (no .bin without PyTorch)."""
+  out_dir = epath.Path(out)
+  check_out(out_dir, overwrite)  # before the slow load
   with naming('--checkpoint'):
     source = resolve_checkpoint(checkpoint)
     cfg, params = load_params(source, ema=ema)
   config = open_clip_config(cfg)  # raises before anything is written if OpenCLIP can't build it
   state_dict = params_to_open_clip(cfg, params)
-  out_dir = epath.Path(out)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  files = [out_dir / SAFETENSORS_NAME]
-  write_safetensors(state_dict, files[0])
-  if write_torch_bin(state_dict, out_dir / BIN_NAME):
-    files.append(out_dir / BIN_NAME)
-  files.append(out_dir / CONFIG_NAME)
-  files[-1].write_text(json.dumps(config, indent=2))
+  temp = out_dir.parent / f'.{out_dir.name}.export-{uuid.uuid4().hex[:8]}.tmp'
+  try:
+    names = write_files(temp, state_dict, config)
+    check_out(out_dir, overwrite)  # again: another process may have written there meanwhile
+    publish(temp, out_dir, names)
+  finally:
+    if temp.exists():
+      temp.rmtree()
   count = sum(int(np.size(v)) for v in state_dict.values())
-  return Exported(source, out_dir, tuple(files), count)
+  return Exported(source, out_dir, tuple(out_dir / name for name in names), count)
+
+
+def check_out(out: epath.Path, overwrite: bool) -> None:
+  """Refuses an `out` that is a file, or a non-empty folder (without `overwrite`, or, with
+  it, one holding anything but an export's files: those are the user's, not ours to drop)."""
+  if out.exists() and not out.is_dir():
+    raise NotADirectoryError(f'--out {out} is a file; give a directory.')
+  present = sorted(path.name for path in out.iterdir()) if out.exists() else []
+  if present and not overwrite:
+    raise FileExistsError(f'--out {out} is not empty; choose a new directory, or pass '
+                          '--overwrite to replace the export there.')
+  foreign = [name for name in present if name not in EXPORT_NAMES]
+  if foreign:
+    raise FileExistsError(f'--out {out} holds {foreign[0]}, which is no file of an export; '
+                          '--overwrite replaces only an earlier export: choose another directory.')
+
+
+def write_files(folder: epath.Path, state_dict: dict, config: dict) -> list[str]:
+  """Writes the export's files into `folder`, the config last; returns their names."""
+  folder.mkdir(parents=True)
+  names = [SAFETENSORS_NAME]
+  write_safetensors(state_dict, folder / SAFETENSORS_NAME)
+  if write_torch_bin(state_dict, folder / BIN_NAME):
+    names.append(BIN_NAME)
+  (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+  return [*names, CONFIG_NAME]
+
+
+def publish(temp: epath.Path, out: epath.Path, names: list[str]) -> None:
+  """Moves the complete export in `temp` to `out`, replacing an earlier export there.
+
+  Locally, folder renames: the earlier export is moved aside, the new one into place, then
+  the earlier one is removed (restored if the second rename fails). gs:// has no rename (a
+  move is a copy and a delete per object), so there the config, which OpenCLIP's
+  `local-dir:` loading starts from, marks a whole export: the earlier config is deleted
+  first, the other files are copied in server-side, the config last. An interrupted
+  overwrite on gs:// leaves an export without its config, never a mix that loads.
+  """
+  if '://' in str(out):
+    present = [out / name for name in EXPORT_NAMES if (out / name).exists()]
+    for stale in sorted(present, key=lambda path: path.name != CONFIG_NAME):  # config first
+      stale.unlink()
+    for name in names:  # the config last
+      (temp / name).copy(out / name)
+    return
+  if not out.exists():
+    temp.rename(out)
+    return
+  old = out.parent / f'{temp.name}.old'
+  out.rename(old)
+  try:
+    temp.rename(out)
+  except OSError:
+    old.rename(out)
+    raise
+  old.rmtree()
 
 
 def report(done: Exported, ema: bool) -> str:
@@ -82,10 +148,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--out', required=True, help='output directory')
   parser.add_argument('--ema', action='store_true',
                       help='export the EMA of the params (runs with config.optim.ema_decay)')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace an earlier export in --out, once the new one is complete')
   args = parser.parse_args(argv)
-  if epath.Path(args.out).exists() and not epath.Path(args.out).is_dir():
-    raise NotADirectoryError(f'--out {args.out} is a file; give a directory.')
-  print(report(export_files(args.checkpoint, args.out, ema=args.ema), args.ema))
+  print(report(export_files(args.checkpoint, args.out, args.ema, args.overwrite), args.ema))
 
 
 if __name__ == '__main__':
