@@ -17,25 +17,31 @@ every example counts once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from typing import cast
 
 import jax
 import numpy as np
+from etils import epath
 
 from clip_jax import sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.cli import naming, positive_int, user_errors
 from clip_jax.data.tokenizers import tokenizer_from_spec
-from clip_jax.eval import clip_benchmark, retrieval, zeroshot
+from clip_jax.eval import clip_benchmark, retrieval, skips, zeroshot
 from clip_jax.eval.encoder import Encoder
 from clip_jax.models.functional import FunctionalModel
 
+KINDS = ('zeroshot', 'retrieval', 'clip_benchmark')
 
-def image_text_retrieval(encoder: Encoder, tokenizer, examples, total: int | None = None
-                         ) -> dict[str, float]:
+
+def image_text_retrieval(encoder: Encoder, tokenizer, examples, total: int | None = None,
+                         skipped: skips.Skipped | None = None) -> dict:
+  """Recall@k of (image, captions) examples that every process passes alike, streamed."""
   image_features, captions = encoder.image_stream(examples, total, desc='retrieval')
   texts = [c for caps in captions for c in caps]
   owners = np.array([i for i, caps in enumerate(captions) for _ in caps])
@@ -43,20 +49,35 @@ def image_text_retrieval(encoder: Encoder, tokenizer, examples, total: int | Non
     raise ValueError('The retrieval shards hold no captions.')
   text_features = encoder.texts(tokenizer(texts))
   return {**retrieval.recall_at_k(image_features, text_features, owners),
-          'num_images': len(captions), 'num_texts': len(texts)}
+          'num_images': len(captions), 'num_texts': len(texts),
+          'skipped': (skipped or skips.Skipped()).as_dict()}
 
 
 def benchmark_metrics(encoder: Encoder, tokenizer, dataset: clip_benchmark.Dataset, size: int,
                       preprocess) -> dict:
   """Zero-shot classification or retrieval of a CLIP_benchmark dataset, under its names."""
-  examples = clip_benchmark.examples(dataset, size, preprocess)
+  skipped = skips.Skipped()
   total = clip_benchmark.count(dataset)
   if dataset.kind == 'retrieval':
+    examples = clip_benchmark.examples(dataset, size, preprocess, skipped)
     return clip_benchmark.retrieval_metrics(image_text_retrieval(encoder, tokenizer, examples,
-                                                                 total))
-  labelled = cast(Iterator[zeroshot.Example], examples)  # a classification set's targets
+                                                                 total, skipped))
+  # A classification set's targets are labels; each process scores its share.
+  labelled = cast(Iterator[zeroshot.Example], clip_benchmark.examples(
+      dataset, size, preprocess, skipped, _part()))
   return clip_benchmark.classification_metrics(zeroshot.run(
-      encoder, tokenizer, dataset.classnames, dataset.templates, labelled, total))
+      encoder, tokenizer, dataset.classnames, dataset.templates, labelled, _share(total),
+      skipped))
+
+
+def _part() -> tuple[int, int]:
+  """This process's share of the examples a zero-shot evaluation scores (summed after)."""
+  return jax.process_index(), jax.process_count()
+
+
+def _share(total: int) -> int:
+  """The largest share of `total` examples any process gets."""
+  return -(-total // jax.process_count())
 
 
 def numbered_classnames(args) -> list[tuple[int, str]] | None:
@@ -70,6 +91,7 @@ def numbered_classnames(args) -> list[tuple[int, str]] | None:
 
 
 def evaluate(args) -> dict:
+  """Checks every input, scores the checkpoint, prints the results, then saves them."""
   if not (args.image_folder or args.zeroshot_shards or args.tfds or args.retrieval_shards
           or args.clip_benchmark):
     raise ValueError('Nothing to evaluate: pass --image_folder, --zeroshot_shards, --tfds, '
@@ -79,8 +101,10 @@ def evaluate(args) -> dict:
   class_lines = numbered_classnames(args)
   source = ('--imagenet_classnames' if args.imagenet_classnames
             else f'--classnames {args.classnames}')
-  # --zeroshot_shards and --imagenet_classnames come with class lines (checked above).
-  classnames = zeroshot.label_classnames(class_lines or (), source) if args.zeroshot_shards else []
+  if args.zeroshot_shards:  # comes with class lines (checked above), one per label
+    classnames = zeroshot.label_classnames(class_lines or (), source)
+    labels = zeroshot.labelled_shards(args.zeroshot_shards, '--zeroshot_shards', classnames,
+                                      source)
   if args.image_folder:  # class folders and their names are checked before any work
     folders, items = zeroshot.folder_dataset(args.image_folder)
     folder_names = zeroshot.folder_classnames(folders, class_lines, source, args.image_folder)
@@ -90,34 +114,92 @@ def evaluate(args) -> dict:
     templates = zeroshot.load_templates(args.templates)
   with naming('--checkpoint' if args.checkpoint else '--workdir'):
     checkpoint = resolve_checkpoint(args.checkpoint or args.workdir)
+    results_file = checkpoint / ('eval_results_ema.json' if args.ema else 'eval_results.json')
+    if jax.process_index() == 0:
+      _warn_unless_writable(results_file)
     cfg, params = load_params(checkpoint, ema=args.ema)
   mesh = sharding.make_mesh({'data': -1})
   encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params), mesh, args.batch_size)
   tokenizer = tokenizer_from_spec(args.tokenizer or cfg.text.tokenizer, cfg.text.context_length)
   size, pre = cfg.vision.image_size, cfg.preprocess
-  results = {'checkpoint': str(checkpoint), 'ema': args.ema}
+  found: dict[str, dict[str, dict]] = {kind: {} for kind in KINDS}
   if args.image_folder:
-    results['image_folder'] = zeroshot.run(encoder, tokenizer, folder_names, templates,
-                                        zeroshot.folder_images(items, size, pre), len(items))
+    skipped = skips.Skipped()
+    found['zeroshot'][args.image_folder] = zeroshot.run(
+        encoder, tokenizer, folder_names, templates,
+        zeroshot.folder_images(items, size, pre, skipped, _part()), _share(len(items)), skipped)
   if args.zeroshot_shards:
-    results['zeroshot_shards'] = zeroshot.run(encoder, tokenizer, classnames, templates,
-                                           zeroshot.shard_images(args.zeroshot_shards, size, pre))
+    skipped = skips.Skipped()
+    found['zeroshot'][args.zeroshot_shards] = zeroshot.run(
+        encoder, tokenizer, classnames, templates,
+        zeroshot.shard_images(args.zeroshot_shards, size, pre, part=_part(), skipped=skipped),
+        _share(labels.count), skipped)
   if args.tfds:
     names, total, examples = zeroshot.tfds_dataset(args.tfds, args.tfds_split, args.tfds_data_dir,
-                                                   size, pre)
+                                                   size, pre, _part())
     names = [text for _, text in class_lines or ()] if args.imagenet_classnames else names
-    results[f'tfds/{args.tfds}'] = zeroshot.run(encoder, tokenizer, names, templates, examples,
-                                             total)
+    found['zeroshot'][f'tfds:{args.tfds}/{args.tfds_split}'] = zeroshot.run(
+        encoder, tokenizer, names, templates, examples, _share(total))
   if args.retrieval_shards:
-    results['retrieval'] = image_text_retrieval(
-        encoder, tokenizer, retrieval.retrieval_examples(args.retrieval_shards, size, pre))
-  if benchmarks:
-    results['clip_benchmark'] = {
-        b.root: benchmark_metrics(encoder, tokenizer, b, size, pre) for b in benchmarks}
+    skipped = skips.Skipped()
+    found['retrieval'][args.retrieval_shards] = image_text_retrieval(
+        encoder, tokenizer,
+        retrieval.retrieval_examples(args.retrieval_shards, size, pre, skipped), None, skipped)
+  for b in benchmarks:
+    found['clip_benchmark'][b.root] = benchmark_metrics(encoder, tokenizer, b, size, pre)
+  step = int(checkpoint.name) if checkpoint.name.isdigit() else None
+  results = {'checkpoint': str(checkpoint), 'ema': args.ema, **{
+      kind: {data: {**metrics, 'step': step, 'data': data} for data, metrics in entries.items()}
+      for kind, entries in found.items() if entries}}
+  print(json.dumps(results, indent=2), flush=True)  # first: a failed save loses nothing
   if jax.process_index() == 0:
-    name = 'eval_results_ema.json' if args.ema else 'eval_results.json'
-    (checkpoint / name).write_text(json.dumps(results, indent=2))
+    save_results(results, results_file)
   return results
+
+
+def _warn_unless_writable(results_file: epath.Path) -> None:
+  """Says before any compute that the results will only be printed (e.g. a read-only
+  checkpoint folder), by writing and removing a probe file beside the results file."""
+  probe = results_file.with_name(f'.{results_file.name}.{os.getpid()}.probe')
+  try:
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    logging.warning('%s is not writable (%s): the results will be printed, not saved.',
+                    results_file.parent, e.strerror or e)
+
+
+def save_results(results: dict, path: epath.Path) -> None:
+  """Merges `results` into the results file `path`, per kind and dataset, atomically.
+
+  An earlier evaluation of another dataset or kind stays in the file (a dataset evaluated
+  again gets its new entry); the merged file is written beside it and renamed over it, so
+  the file is whole or the previous one. A file that is not a results object is left as it
+  is, and a folder that cannot be written (read-only) only costs the save: each is one
+  warning line, as the results were printed already.
+  """
+  try:
+    saved = json.loads(path.read_text()) if path.exists() else {}
+  except (OSError, ValueError) as e:
+    saved = e
+  if not isinstance(saved, dict):
+    logging.warning('Results not saved: %s is not a JSON object of results (%s); it is left as '
+                    'it is.', path, saved if isinstance(saved, Exception) else type(saved).__name__)
+    return
+  for kind in KINDS:
+    if kind in results:
+      earlier = saved.get(kind)
+      saved[kind] = {**(earlier if isinstance(earlier, dict) else {}), **results[kind]}
+  saved.update(checkpoint=results['checkpoint'], ema=results['ema'])
+  temporary = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+  try:
+    temporary.write_text(json.dumps(saved, indent=2))
+    temporary.replace(path)
+  except OSError as e:
+    logging.warning('Results not saved: %s is not writable (%s); they are printed above.',
+                    path.parent, e.strerror or e)
+    with contextlib.suppress(OSError):
+      temporary.unlink(missing_ok=True)
 
 
 def parse_args(argv=None):
@@ -155,8 +237,7 @@ def parse_args(argv=None):
 @user_errors
 def main(argv=None) -> None:
   logging.basicConfig(level=logging.WARNING)
-  results = evaluate(parse_args(argv))
-  print(json.dumps(results, indent=2))
+  evaluate(parse_args(argv))
 
 
 if __name__ == '__main__':

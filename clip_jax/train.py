@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from absl import app, flags
 from clu import parameter_overview
@@ -37,7 +36,7 @@ from clip_jax import cli, distributed, optim, run_config, sharding
 from clip_jax import step as step_lib
 from clip_jax.data.pipeline import Loader
 from clip_jax.data.specs import parse_spec
-from clip_jax.eval import zeroshot
+from clip_jax.eval import skips, zeroshot
 from clip_jax.eval.encoder import Encoder
 from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_per_sample
 from clip_jax.models.functional import FunctionalModel
@@ -53,15 +52,28 @@ StepFn = Callable[[State, dict], tuple[State, dict]]
 
 # --- config -------------------------------------------------------------------------------
 
-def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int) -> RunConfig:
+def validate(config: ml_collections.ConfigDict, workdir: str, mesh_devices: int
+             ) -> tuple[RunConfig, zeroshot.Labels | None]:
   """Every check that can fail before any compile, each naming the key or flag; returns the
-  config resolved (`run_config.resolve`: preset, pipeline and tokenizer, step keys)."""
+  config resolved (`run_config.resolve`: preset, pipeline and tokenizer, step keys) and the
+  zero-shot shards' labels (None without them), which the periodic evaluation reuses."""
   run = run_config.resolve(config, mesh_devices)
   pipeline = run.data
   if pipeline.kind == 'tar':
     parse_spec(pipeline.train, pipeline.weights or None)  # names a spec with no file
+  labels = _check_zeroshot(config) if config.eval.zeroshot_shards else None
   _check_workdir(workdir)
-  return run
+  return run, labels
+
+
+def _check_zeroshot(config: ml_collections.ConfigDict) -> zeroshot.Labels:
+  """The eval shards hold labelled samples, and the class names cover their largest label."""
+  if not config.eval.classnames:
+    raise ValueError('config.eval.zeroshot_shards needs config.eval.classnames (a file, one '
+                     'class name per label in label order).')
+  source = f'config.eval.classnames={config.eval.classnames}'
+  return zeroshot.labelled_shards(config.eval.zeroshot_shards, 'config.eval.zeroshot_shards',
+                                  zeroshot.read_lines(config.eval.classnames, source), source)
 
 
 def _check_workdir(workdir: str) -> None:
@@ -78,14 +90,17 @@ def _check_workdir(workdir: str) -> None:
 # --- evaluation ---------------------------------------------------------------------------
 
 class ZeroShotEval:
-  """Periodic zero-shot accuracy on labelled tar shards, streamed.
+  """Periodic zero-shot accuracy on labelled tar shards, streamed (`zeroshot.run`, as the
+  evaluate CLI).
 
   Images are decoded batch by batch at each evaluation, never all held in host RAM (ImageNet
   val at 224 px would be ~7.5 GB per process); each process decodes every P-th labelled
-  image and the hit counts are summed over processes.
+  image and the counts are summed over processes. Bad samples are skipped and counted
+  (`zeroshot_skipped/KIND` in the metrics), so one bad file does not end the run.
   """
 
-  def __init__(self, config, model: FunctionalModel, mesh, tokenizer):
+  def __init__(self, config, model: FunctionalModel, mesh, tokenizer,
+               labels: zeroshot.Labels | None = None):
     cfg = model.cfg
     self.classnames = zeroshot.read_lines(config.eval.classnames, 'config.eval.classnames')
     self.templates = list(config.eval.templates)
@@ -93,24 +108,19 @@ class ZeroShotEval:
     self.tokenizer = tokenizer
     self.spec, self.size, self.preprocess = (config.eval.zeroshot_shards, cfg.vision.image_size,
                                              cfg.preprocess)
-    self.total = zeroshot.count_labelled(self.spec)
-    if not self.total:
-      raise ValueError(f'config.eval.zeroshot_shards={self.spec!r} holds no labelled sample.')
+    self.total = (labels or _check_zeroshot(config)).count
     self.encoder = Encoder(model, None, mesh)  # params are set at each evaluation
 
   def __call__(self, params: Params) -> dict[str, float]:
     self.encoder.params = params
-    classifier = zeroshot.build_classifier(self.encoder.texts, self.tokenizer, self.classnames,
-                                           self.templates)
-    part = (jax.process_index(), jax.process_count())
-    examples = zeroshot.shard_images(self.spec, self.size, self.preprocess, part=part)
-    hits = np.zeros(2, np.int64)
-    most = -(-self.total // jax.process_count())
-    for features, labels in self.encoder.local_image_batches(examples, most, desc='zero-shot'):
-      if labels:
-        hits += zeroshot.correct_counts(features @ classifier.T, np.asarray(labels))
-    hits = distributed.sum_over_processes(hits)
-    return {'zeroshot_top1': hits[0] / self.total, 'zeroshot_top5': hits[1] / self.total}
+    skipped = skips.Skipped()
+    examples = zeroshot.shard_images(self.spec, self.size, self.preprocess,
+                                     part=(jax.process_index(), jax.process_count()),
+                                     skipped=skipped)
+    result = zeroshot.run(self.encoder, self.tokenizer, self.classnames, self.templates,
+                          examples, -(-self.total // jax.process_count()), skipped)
+    return {'zeroshot_top1': result['top1'], 'zeroshot_top5': result['top5'],
+            **{f'zeroshot_skipped/{k}': n for k, n in result['skipped'].items()}}
 
 
 # --- preemption ---------------------------------------------------------------------------
@@ -191,7 +201,7 @@ class Run:
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Config (resolved once) -> mesh -> model, optimizer state and step (`clip_jax.step`)
   -> data -> restore -> evaluation."""
-  run = validate(config, workdir, jax.device_count())
+  run, eval_labels = validate(config, workdir, jax.device_count())
   mesh = sharding.make_mesh(run.mesh)
   program = step_lib.build(run, mesh)
   loader = Loader(run.data, program.batch_sharding)
@@ -218,8 +228,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       unmasked_from=run.step.unmasked_from,
       unmasked_flops_per_step=flops_per_step(run.model.replace(**{'vision.patch_dropout': 0.0})),
       loader=loader, checkpoints=checkpoints, logger=logger,
-      evaluate=(ZeroShotEval(config, program.model, mesh, run.data.tokenizer)
-                if config.eval.zeroshot_shards else None),
+      evaluate=(ZeroShotEval(config, program.model, mesh, run.data.tokenizer, eval_labels)
+                if eval_labels else None),
       schedule=optim.schedule(run.step.optim, config.total_steps),
       flops_per_step=flops_per_step(run.model),
       peak_flops=peak_flops_per_device(config.peak_flops_per_device),

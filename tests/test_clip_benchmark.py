@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
-from clip_jax.eval import clip_benchmark, zeroshot
+from clip_jax.eval import clip_benchmark, skips, zeroshot
 from clip_jax.evaluate import evaluate, parse_args
 from clip_jax.export import export
 
@@ -177,14 +177,19 @@ def test_missing_files_name_their_path(tmp_path):
   fails(ValueError, f"{root / 'dataset_type.txt'} says 'multilabel'")
 
 
-def test_samples_without_image_or_label_name_shard_and_key(tmp_path):
-  for files, message in (({'cls': b'1'}, 'has no image'), ({'png': b'x'}, 'has no integer'),
-                         ({'png': b'x', 'cls': b'cat'}, 'has no integer')):
+def test_samples_without_image_or_label_are_skipped_counted_and_named(tmp_path, caplog):
+  for files, kind, message in (({'cls': b'1'}, 'missing_image', 'no webp, png, jpg, jpeg'),
+                               ({'png': b'x'}, 'missing_caption', 'no label (.cls)'),
+                               ({'png': b'x', 'cls': b'cat'}, 'bad_caption', 'is not an integer'),
+                               ({'png': b'x', 'cls': b'1'}, 'bad_image', 'UnidentifiedImageError')):
     _write_shards(tmp_path / 'test', [('k7', files)])
     dataset = clip_benchmark.Dataset(str(tmp_path), 'classification',
                                      (str(tmp_path / 'test' / '0.tar'),))
-    with pytest.raises(ValueError, match=re.escape(f'{tmp_path / "test" / "0.tar"}:k7 {message}')):
-      next(clip_benchmark.examples(dataset, 64, None))
+    skipped = skips.Skipped()
+    caplog.clear()
+    assert list(clip_benchmark.examples(dataset, 64, None, skipped)) == []
+    assert skipped.as_dict() == {kind: 1}
+    assert f'{tmp_path / "test" / "0.tar"}:k7 ({kind})' in caplog.text and message in caplog.text
     shutil.rmtree(tmp_path / 'test')
 
 

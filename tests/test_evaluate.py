@@ -72,7 +72,7 @@ def test_folder_zero_shot_agrees_with_open_clip(trained_demo, eval_folder, templ
   args = parse_args(['--workdir', str(trained_demo), '--image_folder', str(eval_folder),
                      '--classnames', str(eval_folder.parent / 'classnames_sorted.txt'),
                      '--templates', str(templates_file), '--batch_size', '64'])
-  ours = evaluate(args)['image_folder']
+  ours = evaluate(args)['zeroshot'][str(eval_folder)]
   assert ours['num_images'] == 300 and ours['num_classes'] == 40
   assert ours['top1'] > 3 / 40  # trained: well above chance
 
@@ -113,15 +113,16 @@ def test_shards_tfds_and_retrieval_and_summary_file(trained_demo, demo_data, tmp
         '--classnames', str(demo_data / 'classnames.txt'), '--templates', 'generic',
         '--tfds', 'cifar10', '--tfds_split', 'test',
         '--retrieval_shards', str(retrieval / '00000.tar'), '--batch_size', '32']))
-  assert results['zeroshot_shards']['num_images'] == 300
-  assert results['zeroshot_shards']['top1'] > 3 / 40
-  cifar = results['tfds/cifar10']
+  shards = results['zeroshot'][str(demo_data / 'eval' / '00000.tar')]
+  assert shards['num_images'] == 300 and shards['step'] == 120
+  assert shards['top1'] > 3 / 40
+  cifar = results['zeroshot']['tfds:cifar10/test']
   assert cifar['num_images'] == 12 and cifar['num_classes'] == 10
-  r = results['retrieval']
-  assert r['num_images'] == 20 and r['num_texts'] == 40
+  r = results['retrieval'][str(retrieval / '00000.tar')]
+  assert r['num_images'] == 20 and r['num_texts'] == 40 and r['skipped'] == {}
   assert r['image_to_text_R@10'] >= r['image_to_text_R@5'] >= r['image_to_text_R@1'] > 0.1
   summary = json.loads((trained_demo / 'checkpoints' / '120' / 'eval_results.json').read_text())
-  assert summary['retrieval'] == r
+  assert summary['retrieval'][str(retrieval / '00000.tar')] == r
 
 
 def test_recall_at_k_counts_any_matching_caption():
@@ -162,6 +163,7 @@ def test_shards_without_class_names_fail_before_loading_anything(tmp_path):
 def test_samples_without_captions_are_left_out_of_retrieval(tmp_path):
   from clip_jax.data.shard_writer import ShardWriter
   from clip_jax.eval.retrieval import retrieval_examples
+  from clip_jax.eval.skips import Skipped
   from clip_jax.models.config import PreprocessConfig
   buffer = io.BytesIO()
   Image.new('RGB', (20, 20), 'red').save(buffer, 'JPEG')
@@ -169,7 +171,8 @@ def test_samples_without_captions_are_left_out_of_retrieval(tmp_path):
   writer.write(buffer.getvalue(), 'jpg', 'a red square')
   writer.write(buffer.getvalue(), 'jpg', '\n')  # whitespace only: no caption
   writer.close()
-  examples = list(retrieval_examples(str(tmp_path / '00000.tar'), 16, PreprocessConfig()))
+  examples = list(retrieval_examples(str(tmp_path / '00000.tar'), 16, PreprocessConfig(),
+                                     Skipped()))
   assert [captions for _, captions in examples] == [['a red square']]
 
 
@@ -191,7 +194,7 @@ def test_permuted_or_tab_separated_class_names_score_like_the_sorted_ones(
   }
   results = {what: evaluate(parse_args([
       '--workdir', str(trained_demo), '--image_folder', str(named_folder), '--classnames', path,
-      '--templates', str(templates_file), '--batch_size', '64']))['image_folder']
+      '--templates', str(templates_file), '--batch_size', '64']))['zeroshot'][str(named_folder)]
              for what, path in files.items()}
   assert results['sorted']['top1'] > 3 / 40  # trained: well above chance
   assert results['label_order'] == results['sorted']

@@ -11,7 +11,8 @@ its first of webp, png, jpg, jpeg; its label the integer in `.cls`; its captions
 of `.txt` (`str.splitlines`). Metrics carry clip_benchmark's names and definitions: acc1,
 acc5, mean_per_class_recall (sklearn's balanced accuracy), and image_retrieval_recall@k
 (per caption: its image is among the k nearest) and text_retrieval_recall@k (per image: one
-of its captions is). A sample it could not read (no image, no label) is an error here too.
+of its captions is). A sample clip_benchmark could not read (no image, no label, an image
+that does not decode) is skipped here, counted by kind (`eval/skips.py`) and named.
 Unlike clip_benchmark, blank lines of classnames.txt and the templates are skipped.
 """
 
@@ -24,8 +25,8 @@ import numpy as np
 from etils import epath
 
 from clip_jax.data.tar_samples import Skip, count_groups, read_groups
-from clip_jax.data.transforms import decode_image, eval_pixels
-from clip_jax.eval import retrieval, zeroshot
+from clip_jax.data.transforms import eval_pixels
+from clip_jax.eval import retrieval, skips, zeroshot
 from clip_jax.models.config import PreprocessConfig
 
 IMAGE_ORDER = ('webp', 'png', 'jpg', 'jpeg')  # clip_benchmark's to_tuple order
@@ -72,46 +73,78 @@ def count(dataset: Dataset) -> int:
   return sum(count_groups(shard) for shard in dataset.shards)
 
 
-def examples(dataset: Dataset, size: int, preprocess: PreprocessConfig
-             ) -> Iterator[tuple[np.ndarray, int | list[str]]]:
-  """(uint8 image, label or captions) of every sample, in shard order."""
-  for shard in dataset.shards:
-    for group in read_groups(shard):
-      if isinstance(group, Skip):
-        raise ValueError(f'CLIP_benchmark shard {group.where}: {group.reason}.')
-      key, files = group
-      image = next((files[ext] for ext in IMAGE_ORDER if ext in files), None)
-      if image is None:
-        raise ValueError(f'{shard}:{key} has no image ({", ".join(IMAGE_ORDER)}).')
-      target = _target(dataset.kind, files, f'{shard}:{key}')
+def examples(dataset: Dataset, size: int, preprocess: PreprocessConfig, skipped: skips.Skipped,
+             part: tuple[int, int] = (0, 1)) -> Iterator[tuple[np.ndarray, int | list[str]]]:
+  """(uint8 image, label or captions) of every sample, in shard order; `part=(i, n)`: every
+  n-th readable sample from the i-th (one process's share).
+
+  Bad samples are skipped and counted into `skipped`: images that do not decode by the
+  process that decodes them, the rest (no image, no label or caption, shard problems) by
+  part 0 alone, as every process reads every sample's files.
+  """
+  index, count = part
+  readable = (sample for shard in dataset.shards for group in read_groups(shard)
+              if (sample := _sample(dataset.kind, shard, group,
+                                    skipped if index == 0 else None)) is not None)
+  for number, (image, target, where) in enumerate(readable):
+    if number % count == index:
       # Full-scale JPEG decoding, as clip_benchmark's PIL: a reduced-scale one (the other
       # evaluators' draft) moved recalls by up to 0.9 point (docs/evaluation.md).
-      yield eval_pixels(decode_image(image, None), size, preprocess), target
+      decoded = skips.decoded(image, None, where, skipped)
+      if decoded is not None:
+        yield eval_pixels(decoded, size, preprocess), target
 
 
-def _target(kind: str, files: dict[str, bytes], where: str) -> int | list[str]:
+def _sample(kind: str, shard: str, group: tuple[str, dict[str, bytes]] | Skip,
+            skipped: skips.Skipped | None) -> tuple[bytes, int | list[str], str] | None:
+  """(image bytes, target, SHARD:KEY) of a key group; None (counted) for a bad sample."""
+  if isinstance(group, Skip):
+    problem = group.reason, group.where, ''
+  else:
+    key, files = group
+    where = f'{shard}:{key}'
+    image = next((files[ext] for ext in IMAGE_ORDER if ext in files), None)
+    target = _target(kind, files)
+    if isinstance(target, tuple):
+      problem = target[0], where, target[1]
+    elif image is None:
+      problem = 'missing_image', where, f'no {", ".join(IMAGE_ORDER)}'
+    else:
+      return image, target, where
+  if skipped is not None:
+    skipped.add(*problem)
+  return None
+
+
+def _target(kind: str, files: dict[str, bytes]) -> int | list[str] | tuple[str, str]:
+  """The label (`.cls`) or captions (`.txt` lines), or (skip kind, why) when they are bad."""
   if kind == 'retrieval':
-    captions = files.get('txt', b'').decode('utf-8').splitlines()
-    if not captions:
-      raise ValueError(f'{where} has no caption (.txt, one per line).')
-    return captions
+    try:
+      captions = files.get('txt', b'').decode('utf-8').splitlines()
+    except UnicodeDecodeError as e:
+      return 'bad_caption', f'.txt: {e}'
+    return captions or ('missing_caption', 'no caption (.txt, one per line)')
+  if 'cls' not in files:
+    return 'missing_caption', 'no label (.cls)'
   try:
     return int(files['cls'])
-  except (KeyError, ValueError):
-    raise ValueError(f'{where} has no integer label in .cls.') from None
+  except ValueError:
+    return 'bad_caption', f'.cls {files["cls"][:20]!r} is not an integer label'
 
 
 def classification_metrics(result: dict) -> dict:
   """zeroshot.run's result under clip_benchmark's names (acc5 is None below 5 classes)."""
   return {'acc1': result['top1'], 'acc5': result['top5'] if result['num_classes'] >= 5 else None,
           'mean_per_class_recall': result['mean_per_class_recall'],
-          'num_images': result['num_images'], 'num_classes': result['num_classes']}
+          'num_images': result['num_images'], 'num_classes': result['num_classes'],
+          'skipped': result.get('skipped', {})}
 
 
 def retrieval_metrics(result: dict) -> dict:
   """retrieval.recall_at_k's result under clip_benchmark's names: its image retrieval is
   our text->image (per caption, its image among the top k), text retrieval image->text."""
-  renamed = {'num_images': result['num_images'], 'num_texts': result['num_texts']}
+  renamed = {'num_images': result['num_images'], 'num_texts': result['num_texts'],
+             'skipped': result['skipped']}
   for k in retrieval.KS:
     renamed[f'image_retrieval_recall@{k}'] = result[f'text_to_image_R@{k}']
     renamed[f'text_retrieval_recall@{k}'] = result[f'image_to_text_R@{k}']

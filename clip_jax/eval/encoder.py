@@ -6,6 +6,7 @@ the padding rows are dropped from the outputs, so every example counts exactly o
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -73,20 +74,25 @@ class Encoder:
     """[n, D] features of this process's token rows (a collective, see `_local`)."""
     return self._local(self._local_text, tokens, tokens.shape[1:])
 
-  def local_image_batches(self, examples: Iterable[tuple[np.ndarray, Any]], most: int,
-                          desc: str = 'images') -> Iterator[tuple[np.ndarray, list]]:
+  def local_image_batches(self, examples: Iterable[tuple[np.ndarray, Any]],
+                          most: int | None = None, desc: str = 'images'
+                          ) -> Iterator[tuple[np.ndarray, list]]:
     """(features, targets) of this process's (image, target) pairs, batch by batch.
 
     Each process feeds its own examples (`batch_size / process_count` rows per batch, zero
     padded) and gets back the features of those rows only, so no process decodes or holds
     more than a batch of images. `most` is the largest example count of any process: every
-    process runs the same number of batches, as the collective program requires.
+    process runs the same number of batches, as the collective program requires (padded
+    with empty ones). `None`: as many batches as the examples fill, for one process or
+    processes that all pass the same examples.
     """
     local = self.batch_size // jax.process_count()
-    chunks = _chunks(examples, local)
-    for _ in tqdm(range(-(-most // local)), desc=desc, unit='batch',
-                  disable=jax.process_index() != 0):
-      images, targets = next(chunks, ([], []))
+    chunks: Iterable[tuple[list, list]] = _chunks(examples, local)
+    steps = None if most is None else -(-most // local)
+    if steps is not None:
+      chunks = itertools.islice(itertools.chain(chunks, itertools.repeat(([], []))), steps)
+    for images, targets in tqdm(chunks, total=steps, desc=desc, unit='batch',
+                                disable=jax.process_index() != 0):
       rows = np.stack(images) if images else np.zeros((0, *self._image_shape), np.uint8)
       yield self.local_images(rows), targets
 
@@ -94,14 +100,12 @@ class Encoder:
                    desc: str = 'images') -> tuple[np.ndarray, list]:
     """Features of (image, target) pairs from an iterator, batch by batch, with progress.
 
-    Every process passes the same examples and gets all their features.
+    Every process passes the same examples and gets all their features; only the features
+    (not the images) of all examples are held. `total`: the example count, when known.
     """
-    if total is None:
-      examples = list(examples)
-      total = len(examples)
-    if not total:
-      raise ValueError('No images to evaluate.')
     batches = list(self.local_image_batches(examples, total, desc))
+    if not any(targets for _, targets in batches):
+      raise ValueError('No images to evaluate.')
     return (np.concatenate([f for f, _ in batches]),
             [t for _, targets in batches for t in targets])
 

@@ -7,33 +7,43 @@ text->image when the caption's image does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import numpy as np
 
-from clip_jax.data.tar_samples import RawSample, read_samples
-from clip_jax.data.transforms import decode_image, eval_pixels
+from clip_jax.data.tar_samples import RawSample
+from clip_jax.data.transforms import eval_pixels
+from clip_jax.eval import skips
 from clip_jax.models.config import PreprocessConfig
 
 KS = (1, 5, 10)
 
 
-def captions_of(record: RawSample) -> list[str]:
+def captions_of(record: RawSample, skipped: skips.Skipped) -> list[str] | None:
+  """The sample's captions; None (counted as `bad_caption`) when its `.json` is no object."""
+  where = f'{record.shard}:{record.key}'
   if record.meta:
-    captions = json.loads(record.meta).get('captions')
+    meta = skips.json_object(record.meta, where, skipped)
+    if meta is None:
+      return None
+    captions = meta.get('captions')
     if isinstance(captions, list) and captions:
       return [str(c) for c in captions]
   return [line for line in record.caption.splitlines() if line.strip()]
 
 
-def retrieval_examples(spec: str, size: int, preprocess: PreprocessConfig
+def retrieval_examples(spec: str, size: int, preprocess: PreprocessConfig,
+                       skipped: skips.Skipped | None = None
                        ) -> Iterator[tuple[np.ndarray, list[str]]]:
-  """(uint8 image, captions) of every sample with at least one caption."""
-  for sample in read_samples(spec):
-    captions = captions_of(sample)
+  """(uint8 image, captions) of every sample with at least one caption; bad samples are
+  counted into `skipped` and named."""
+  skipped = skipped if skipped is not None else skips.Skipped()
+  for sample in skips.samples(spec, skipped):
+    captions = captions_of(sample, skipped)
     if captions:  # an image without a caption has nothing to be retrieved by
-      yield eval_pixels(decode_image(sample.image, size), size, preprocess), captions
+      image = skips.decoded(sample.image, size, f'{sample.shard}:{sample.key}', skipped)
+      if image is not None:
+        yield eval_pixels(image, size, preprocess), captions
 
 
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray,

@@ -14,16 +14,18 @@ then taken by sorted position (and the first pairs are logged so a mismatch show
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from etils import epath
 from PIL import Image
 
-from clip_jax.data.tar_samples import IMAGE_EXTENSIONS, read_samples
-from clip_jax.data.transforms import decode_image, eval_pixels
+from clip_jax import distributed
+from clip_jax.data.tar_samples import IMAGE_EXTENSIONS, RawSample
+from clip_jax.data.transforms import eval_pixels
+from clip_jax.eval import skips
 from clip_jax.models.config import PreprocessConfig
 
 ASSETS = epath.resource_path('clip_jax.eval') / 'assets'
@@ -76,33 +78,56 @@ def build_classifier(encode_text: Callable[[np.ndarray], np.ndarray], tokenizer,
   return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  top1, top5 = correct_counts(logits, labels)
-  return {'top1': top1 / len(labels), 'top5': top5 / len(labels),
-          'mean_per_class_recall': mean_per_class_recall(logits.argmax(1), labels)}
-
-
-def mean_per_class_recall(predictions: np.ndarray, labels: np.ndarray) -> float:
-  """Top-1 of each class present in `labels`, averaged: unlike top-1, an unbalanced
-  dataset's big classes do not dominate (sklearn's balanced accuracy, CLIP_benchmark's)."""
-  labels = np.asarray(labels)
-  return float(np.mean([(predictions[labels == c] == c).mean() for c in np.unique(labels)]))
-
-
-def correct_counts(logits: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
-  """(top-1 hits, top-5 hits): sums that add up across batches and processes."""
+def class_counts(logits: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+  """[3, classes] per-class counts of (images, top-1 hits, top-5 hits): sums that add up
+  across batches and processes, and give the mean per-class recall too."""
+  truth = np.asarray(labels, np.int64)
+  classes = logits.shape[1]
+  if len(truth) and truth.max() >= classes:
+    raise ValueError(f'label {truth.max()} has no class name: there are {classes} names, one '
+                     'per label in label order.')
   top5 = np.argsort(-logits, axis=1)[:, :5]
-  labels = np.asarray(labels)
-  return int((top5[:, 0] == labels).sum()), int((top5 == labels[:, None]).any(1).sum())
+  hits = [np.ones(len(truth), bool), top5[:, 0] == truth, (top5 == truth[:, None]).any(1)]
+  return np.stack([np.bincount(truth, h, classes) for h in hits]).astype(np.int64)
+
+
+def scores(counts: np.ndarray) -> dict[str, float]:
+  """Top-1, top-5 and the mean per-class recall from `class_counts`.
+
+  The mean per-class recall is each present class's top-1 averaged: unlike top-1, an
+  unbalanced dataset's big classes do not dominate (sklearn's balanced accuracy,
+  CLIP_benchmark's)."""
+  images, top1, top5 = counts
+  total = int(images.sum())
+  if not total:
+    raise ValueError('No images to evaluate (every sample was skipped).')
+  present = images > 0
+  return {'top1': float(top1.sum() / total), 'top5': float(top5.sum() / total),
+          'mean_per_class_recall': float(np.mean(top1[present] / images[present])),
+          'num_images': total, 'num_classes': len(images)}
+
+
+def accuracy(logits: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
+  return scores(class_counts(logits, labels))
 
 
 def run(encoder, tokenizer, classnames: Sequence[str], templates: Sequence[str],
-        examples: Iterator[Example], total: int | None = None) -> dict[str, float]:
-  """Top-1/top-5 of (image, label) examples, with an `eval.encoder.Encoder`."""
+        examples: Iterable[Example], most: int | None = None,
+        skipped: skips.Skipped | None = None) -> dict:
+  """Top-1/top-5 of this process's (image, label) examples, with an `eval.encoder.Encoder`.
+
+  Streamed: each batch's images are decoded, encoded and reduced to per-class counts, which
+  are summed over processes (each passes its own share: `part` of the example readers);
+  `most` is the largest share (see `Encoder.local_image_batches`). The CLI and the trainer's
+  periodic evaluation both score through here. `skipped`: the readers' skip counts, summed
+  into the result.
+  """
   classifier = build_classifier(encoder.texts, tokenizer, classnames, templates)
-  features, labels = encoder.image_stream(examples, total, desc='zero-shot')
-  result = accuracy(features @ classifier.T, np.asarray(labels))
-  return {**result, 'num_images': len(labels), 'num_classes': len(classnames)}
+  counts = np.zeros((3, len(classnames)), np.int64)
+  for features, labels in encoder.local_image_batches(examples, most, desc='zero-shot'):
+    counts += class_counts(features @ classifier.T, labels)
+  summed = distributed.sum_over_processes(counts.ravel()).reshape(counts.shape)
+  return {**scores(summed), 'skipped': (skipped or skips.Skipped()).summed()}
 
 
 def folder_dataset(folder: str) -> tuple[list[str], list[tuple[epath.Path, int]]]:
@@ -190,46 +215,112 @@ def label_classnames(lines: Sequence[tuple[int, str]], source: str) -> list[str]
   return [text for _, text in lines]
 
 
-def folder_images(items, size: int, preprocess: PreprocessConfig) -> Iterator[Example]:
-  for path, label in items:
-    with path.open('rb') as f:
-      image = decode_image(f.read(), size)
-    yield eval_pixels(image, size, preprocess), label
+def folder_images(items: Sequence[tuple[epath.Path, int]], size: int,
+                  preprocess: PreprocessConfig, skipped: skips.Skipped,
+                  part: tuple[int, int] = (0, 1)) -> Iterator[Example]:
+  """(image, label) of `folder_dataset`'s items; `part=(i, n)`: every n-th from the i-th.
+
+  A file that does not read or decode is skipped, counted as `bad_image` and named."""
+  index, count = part
+  for path, label in items[index::count]:
+    try:
+      data = path.read_bytes()
+    except OSError as e:
+      skipped.add('bad_image', str(path), e)
+      continue
+    image = skips.decoded(data, size, str(path), skipped)
+    if image is not None:
+      yield eval_pixels(image, size, preprocess), label
 
 
 def shard_images(spec: str, size: int, preprocess: PreprocessConfig,
-                 label_key: str = 'label', part: tuple[int, int] = (0, 1)) -> Iterator[Example]:
+                 label_key: str = 'label', part: tuple[int, int] = (0, 1),
+                 skipped: skips.Skipped | None = None) -> Iterator[Example]:
   """Labelled images of tar shards (their `.json` holds `label_key`), in shard order.
 
   `part=(i, n)` decodes only every n-th labelled image from the i-th (one process's share).
+  Bad samples are counted into `skipped`: images that do not decode by the process that
+  decodes them, the rest (shard problems, a `.json` that is no object, a bad label) by
+  part 0 alone, as every process reads every `.json`.
   """
   index, count = part
-  for number, (sample, label) in enumerate(_labelled(spec, label_key)):
+  skipped = skipped if skipped is not None else skips.Skipped()
+  for number, (sample, label) in enumerate(_labelled(spec, label_key,
+                                                     skipped if index == 0 else None)):
     if number % count == index:
-      yield eval_pixels(decode_image(sample.image, size), size, preprocess), label
+      where = f'{sample.shard}:{sample.key}'
+      image = skips.decoded(sample.image, size, where, skipped)
+      if image is not None:
+        yield eval_pixels(image, size, preprocess), label
 
 
-def count_labelled(spec: str, label_key: str = 'label') -> int:
-  """How many labelled samples the shards hold (reads the tars, decodes no image)."""
-  return sum(1 for _ in _labelled(spec, label_key))
+@dataclasses.dataclass(frozen=True)
+class Labels:
+  """What a pass over labelled shards found, before any image is decoded or model loaded."""
+  count: int  # labelled samples
+  largest: int = -1  # the largest label, -1 for none
+  largest_in: str = ''  # SHARD:KEY of its first sample
 
 
-def _labelled(spec: str, label_key: str):
-  for sample in read_samples(spec):
-    label = json.loads(sample.meta).get(label_key) if sample.meta else None
-    if label is not None:
-      yield sample, int(label)
+def scan_labels(spec: str, label_key: str = 'label') -> Labels:
+  """The labelled sample count and largest label of the shards (reads the tars' files)."""
+  count, largest, where = 0, -1, ''
+  for sample, label in _labelled(spec, label_key, None):
+    count += 1
+    if label > largest:
+      largest, where = label, f'{sample.shard}:{sample.key}'
+  return Labels(count, largest, where)
+
+
+def labelled_shards(spec: str, spec_source: str, classnames: Sequence[str],
+                    names_source: str) -> Labels:
+  """`scan_labels` of shards named by `spec_source` (a flag or key), checked before any model
+  is loaded or compiled: some labelled sample, and a class name for the largest label (the
+  images of a label without a name could never be classified right, and the accuracy would
+  look like a poor result)."""
+  try:
+    labels = scan_labels(spec)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'{spec_source}: {e}') from e
+  if not labels.count:
+    raise ValueError(f'{spec_source}={spec!r} holds no labelled sample (a .json with "label").')
+  if labels.largest >= len(classnames):
+    raise ValueError(f'{names_source} has {len(classnames)} class names but label '
+                     f'{labels.largest} (in {labels.largest_in}) needs at least '
+                     f'{labels.largest + 1}: one name per label, in label order.')
+  return labels
+
+
+def _labelled(spec: str, label_key: str, skipped: skips.Skipped | None
+              ) -> Iterator[tuple[RawSample, int]]:
+  """(sample, label) of the samples whose `.json` has `label_key`; others with a `.json` that
+  is not an object or a label that is not a class index are counted (`skipped`)."""
+  for sample in skips.samples(spec, skipped):
+    where = f'{sample.shard}:{sample.key}'
+    meta = skips.json_object(sample.meta, where, skipped) if sample.meta else None
+    label = meta.get(label_key) if meta else None
+    if label is None:
+      continue
+    if isinstance(label, bool) or not (isinstance(label, int) or str(label).isdigit()) \
+        or int(label) < 0:
+      if skipped is not None:
+        skipped.add('bad_caption', where, f'{label_key} {label!r} is not a class index')
+      continue
+    yield sample, int(label)
 
 
 def tfds_dataset(name: str, split: str, data_dir: str | None, size: int,
-                 preprocess: PreprocessConfig) -> tuple[list[str], int, Iterator[Example]]:
-  """(class names, length, examples) of a locally prepared TFDS dataset (array_record)."""
+                 preprocess: PreprocessConfig, part: tuple[int, int] = (0, 1)
+                 ) -> tuple[list[str], int, Iterator[Example]]:
+  """(class names, length, examples) of a locally prepared TFDS dataset (array_record);
+  `part=(i, n)`: the examples are every n-th from the i-th."""
   import tensorflow_datasets as tfds
   source = tfds.data_source(name, split=split, data_dir=data_dir)
   names = [n.replace('_', ' ') for n in source.dataset_info.features['label'].names]
 
   def examples():
-    for record in source:
+    for number in range(part[0], len(source), part[1]):
+      record = source[number]
       image = Image.fromarray(np.asarray(record['image'])).convert('RGB')
       yield eval_pixels(image, size, preprocess), int(record['label'])
 
