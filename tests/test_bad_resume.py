@@ -130,7 +130,7 @@ def test_a_truncated_data_file_is_still_moved_aside(workdir):
 
 COMMON = ['--config.log_every=1', '--config.eval.zeroshot_shards=', '--config.batch_size=16',
           '--config.checkpoint_every=1000', '--config.optim.schedule=constant',
-          '--config.model.name=tiny']
+          '--config.optim.warmup_steps=0', '--config.model.name=tiny']
 
 
 def _lines_per_step(workdir):

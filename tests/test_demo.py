@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 import clip_jax
+from clip_jax import demo
 from clip_jax.checkpoint import save_model
 from clip_jax.data import make_demo as make_demo_module
 from clip_jax.data.make_demo import ensure_demo, make_demo
@@ -137,18 +139,36 @@ def test_demo_preset_exports_to_open_clip(tmp_path):
     assert float(np.abs(theirs - ours).max()) <= 1e-5
 
 
-def test_demo_runs_from_random_init():
-  result = subprocess.run([sys.executable, '-m', 'clip_jax.demo', '--images', '6'],
-                          capture_output=True, text=True, check=True)
-  lines = result.stdout.strip().splitlines()
+def _run_demo(monkeypatch, capsys, *argv):
+  """`clip_jax.demo` in-process: (the model it classified with, its printed lines)."""
+  used = []
+  classify = demo.zero_shot
+
+  def recording(model, *args):
+    used.append(model)
+    return classify(model, *args)
+
+  monkeypatch.setattr(demo, 'zero_shot', recording)
+  demo.main([*argv])
+  return used[0], capsys.readouterr().out.strip().splitlines()
+
+
+def _same_params(a, b):
+  return all(jax.tree.leaves(jax.tree.map(np.array_equal, get_params(a), get_params(b))))
+
+
+def test_demo_runs_from_random_init(monkeypatch, capsys):
+  model, lines = _run_demo(monkeypatch, capsys, '--images', '6')
   assert len(lines) == 1 + 6 + 1
   assert 'random init' in lines[-1] and 'over 40 classes' in lines[-1]
+  assert _same_params(model, clip_jax.create_model('tiny'))  # the preset, freshly initialised
 
 
-def test_demo_loads_a_checkpoint(tmp_path):
-  model = clip_jax.create_model('tiny-quickgelu', seed=3)
-  save_model(tmp_path / 'ckpt', model.cfg, get_params(model))
-  result = subprocess.run([sys.executable, '-m', 'clip_jax.demo', '--checkpoint',
-                           str(tmp_path / 'ckpt'), '--images', '3'],
-                          capture_output=True, text=True, check=True)
-  assert 'trained' in result.stdout.splitlines()[-1]
+def test_demo_loads_a_checkpoint(tmp_path, monkeypatch, capsys):
+  saved = clip_jax.create_model('tiny-quickgelu', seed=3)
+  save_model(tmp_path / 'ckpt', saved.cfg, get_params(saved))
+  model, lines = _run_demo(monkeypatch, capsys, '--checkpoint', str(tmp_path / 'ckpt'),
+                           '--images', '3')
+  assert 'trained' in lines[-1]
+  assert model.cfg == saved.cfg and _same_params(model, saved)  # the checkpoint's weights
+  assert not _same_params(model, clip_jax.create_model('tiny-quickgelu'))
