@@ -1,6 +1,6 @@
 """Bad input through the real commands: one shard holding a sample of every bad kind.
 
-  python bench/bad_input.py [--steps 4] [--timeout 600]
+  python bench/bad_input.py [--steps 6] [--timeout 600] [--keep DIR]
 
 Writes one tar shard of good samples (64 px JPEGs, a caption and a `label`) with one sample
 of each bad kind (`bad_samples`) among them and its last member cut short, then runs over
@@ -22,6 +22,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -157,9 +158,17 @@ def run(cmd: list[str], env: dict[str, str], timeout: float) -> Outcome:
     sampler.join()
     out.seek(0)
     err.seek(0)
-    stderr_lines = [line for line in err.read().splitlines() if line.strip()]
-    return Outcome(result, '' if result == 'ok' else (stderr_lines or [''])[-1][:300],
+    return Outcome(result, '' if result == 'ok' else last_line(err.read()),
                    time.perf_counter() - start, peak[0], out.read())
+
+
+_PROGRESS = re.compile(r'^.*?\[\d+:\d+[^\]]*\]')  # a tqdm bar, up to its '[elapsed, rate]'
+
+
+def last_line(stderr: str) -> str:
+  """The last line of `stderr` that is not a progress bar (a warning may follow one)."""
+  lines = [_PROGRESS.sub('', line).strip() for line in stderr.splitlines()]
+  return next((line[:300] for line in reversed(lines) if line), '')
 
 
 # --- skip counts from whatever a command reports ------------------------------------------
@@ -203,8 +212,10 @@ def skip_counts(value, scope: str = '') -> dict[str, int]:
   return counts
 
 
-def reported_skips(outcome: Outcome, folders: list[pathlib.Path]) -> dict[str, int]:
-  """The skip counts in a command's stdout and in the JSON files it wrote under `folders`."""
+def reported_skips(outcome: Outcome, folders: list[pathlib.Path], tmp: pathlib.Path
+                   ) -> dict[str, int]:
+  """The skip counts in a command's stdout and in the JSON files it wrote under `folders`
+  (paths under `tmp` named relative to it)."""
   texts = [outcome.stdout]
   for folder in folders:
     texts += [p.read_text(errors='replace') for p in folder.rglob('*')
@@ -212,6 +223,7 @@ def reported_skips(outcome: Outcome, folders: list[pathlib.Path]) -> dict[str, i
   counts: dict[str, int] = {}
   for value in (v for text in texts for v in json_values(text)):
     for kind, count in skip_counts(value).items():
+      kind = kind.replace(f'{tmp}/', '')
       counts[kind] = max(counts.get(kind, 0), count)
   return counts
 
@@ -254,15 +266,19 @@ def table(outcomes: dict[str, Outcome], skips: dict[str, dict[str, int]]) -> str
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--steps', type=int, default=4, help='training steps')
+  parser.add_argument('--steps', type=int, default=6, help='training steps')
   parser.add_argument('--timeout', type=float, default=600, help='seconds per command')
+  parser.add_argument('--keep', help='write into this new folder and keep it (default: a '
+                      'temporary one) to read what the commands wrote')
   args = parser.parse_args()
   import clip_jax
   from clip_jax.checkpoint import save_model
   from clip_jax.models.functional import get_params
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
   with tempfile.TemporaryDirectory() as name:
-    tmp = pathlib.Path(name)
+    tmp = pathlib.Path(args.keep or name)
+    if args.keep:
+      tmp.mkdir()  # a new folder, so nothing already there is overwritten
     shard, classnames = tmp / 'bad.tar', tmp / 'classnames.txt'
     kinds = write_shard(shard)
     classnames.write_text('\n'.join(CLASSES) + '\n')
@@ -274,7 +290,7 @@ def main():
     for command, (cmd, folders) in commands(tmp, shard, classnames, tmp / 'checkpoint',
                                             args.steps).items():
       outcomes[command] = run(cmd, env, args.timeout)
-      skips[command] = reported_skips(outcomes[command], folders)
+      skips[command] = reported_skips(outcomes[command], folders, tmp)
       print(f'{command}: {outcomes[command].result} in {outcomes[command].seconds:.0f} s',
             flush=True)
     print(table(outcomes, skips))
