@@ -9,9 +9,12 @@
   python -m clip_jax.evaluate --checkpoint DIR --clip_benchmark wds_cars gs://b/wds_flickr30k
 
 `--ema` evaluates the EMA of the params (a run with `config.optim.ema_decay`).
-Prints a JSON summary and writes it to CHECKPOINT/eval_results.json (eval_results_ema.json
-with --ema). Batches are sharded over all devices, padded to a fixed size and masked, so
-every example counts once.
+Prints a JSON summary, then merges it into CHECKPOINT/eval_results.json
+(eval_results_ema.json with --ema) per kind (`zeroshot`, `retrieval`, `clip_benchmark`) and
+dataset, each entry with the checkpoint step and its data; the file is replaced by a rename,
+and a folder that cannot be written only costs the save (a warning). Images are streamed
+batch by batch, sharded over all devices, padded to a fixed size and masked, so every
+example counts once; bad samples are skipped and counted (`eval/skips.py`).
 """
 
 from __future__ import annotations

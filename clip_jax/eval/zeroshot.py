@@ -10,6 +10,9 @@ An image folder's class i is its i-th subfolder in sorted order. A class-names f
 may list the folder names in any order (matched by name, `_` matching a space), give
 `FOLDER<TAB>NAME` lines (the prompt name of each folder), or list other names, which are
 then taken by sorted position (and the first pairs are logged so a mismatch shows).
+Labelled shards need a class name for their largest label (`labelled_shards`, checked
+before any model is loaded). Images that do not decode and `.json` files that are not
+objects are skipped and counted (`eval/skips.py`).
 """
 
 from __future__ import annotations
