@@ -125,12 +125,15 @@ def test_fewer_shards_than_processes_is_a_clear_error(tmp_path):
 
 def test_fewer_shards_than_workers_does_not_hang(tmp_path):
   spec = _write_shards(tmp_path, 'w', 1, 8)
-  loader = Loader(_config(spec, workers=3, global_batch_size=2))
+  loader = Loader(_config(spec, workers=3, global_batch_size=2, cycle_length=1))
   try:
-    batches = [_captions(next(loader)) for _ in range(6)]
+    batches = [_captions(next(loader)) for _ in range(12)]
   finally:
     loader.close()
-  assert len(batches) == 6
+  # Each worker reads the whole shard and the workers take batches in turn: worker 0's
+  # first 4 batches are one shuffled pass over it, every sample once; nothing else comes.
+  assert sorted(c for batch in batches[::3] for c in batch) == [_name(i) for i in range(8)]
+  assert {c for batch in batches for c in batch} == {_name(i) for i in range(8)}
 
 
 def test_mixture_proportions_follow_the_weights(tmp_path):

@@ -13,6 +13,7 @@ from clip_jax.data.tokenizers import (
   SentencePieceTokenizer,
   clean_canonicalize,
   clean_lower,
+  max_chars,
 )
 from tests.text_corpus import corpus
 
@@ -32,6 +33,21 @@ def test_clip_bpe_ids_match_open_clip(context_length):
   mismatched = [CORPUS[i] for i in np.nonzero((ours != reference).any(-1))[0]]
   assert not mismatched, f'{len(mismatched)} strings differ, e.g. {mismatched[:3]!r}'
   assert ours.dtype == np.int32 and ours.shape == (len(CORPUS), context_length)
+
+
+def _long_captions(length):
+  """Captions of real-looking text (the corpus, joined) of at least `length` characters."""
+  joined = ' '.join(CORPUS)
+  return [(joined[start:] + joined)[:length] for start in range(0, len(joined), len(joined) // 7)]
+
+
+@pytest.mark.parametrize('context_length', [77, 16])
+def test_text_cut_to_max_chars_keeps_open_clips_ids_for_the_whole_text(context_length):
+  """The cut before cleaning (`max_chars`) never changes the ids of real-looking text."""
+  captions = _long_captions(3 * max_chars(context_length))
+  ours = CLIPTokenizer(context_length=context_length)(captions)
+  reference = oc_tokenizer.SimpleTokenizer(context_length=context_length)(captions).numpy()
+  np.testing.assert_array_equal(ours, reference)
 
 
 def test_overlong_text_ends_with_eot():
@@ -91,6 +107,20 @@ def test_sentencepiece_tokenizer_appends_eos_and_pads(spm_model):
     assert row[:len(expected)].tolist() == expected
     assert (row[len(expected):] == 0).all()
   assert ids[2, -1] == 1  # truncated text keeps EOS last
+
+
+def test_sentencepiece_cuts_long_text_before_cleaning_and_keeps_its_ids(spm_model, monkeypatch):
+  import sentencepiece
+  sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+  tok = clip_jax.get_tokenizer(str(spm_model), context_length=16)
+  cleaned = []
+  monkeypatch.setattr(tok, 'clean', lambda text: cleaned.append(len(text)) or
+                      clean_canonicalize(text))
+  captions = _long_captions(3 * max_chars(16))
+  ids = tok(captions)
+  assert max(cleaned) <= max_chars(16)  # not the whole text
+  for text, row in zip(captions, ids):  # the ids of the whole text
+    assert row.tolist() == sp.encode(clean_canonicalize(text))[:15] + [1]
 
 
 def test_train_tokenizer_reports_bad_input(tmp_path):

@@ -7,7 +7,10 @@
 
 A folder holds images with caption sidecars (`x.jpg` + `x.txt`). In a table, relative
 paths are taken relative to the table's folder. Images are stored as their original
-bytes; pairs whose image or caption is missing are skipped and counted in `_stats.json`.
+bytes once they decode; pairs whose image or caption is missing, or whose image does not
+decode or is over the pixel cap, are skipped and counted in `_stats.json` (under the
+training pipeline's names: `missing_caption`, `missing_image`, `bad_image`,
+`oversized_image`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tqdm import tqdm
 from clip_jax.cli import positive_int, user_errors
 from clip_jax.data.shard_writer import ShardWriter
 from clip_jax.data.tar_samples import IMAGE_EXTENSIONS
+from clip_jax.data.transforms import decode_or_skip
 
 Pair = tuple[epath.Path, str | None]
 
@@ -76,6 +80,12 @@ def make_shards(input_path: str, output: str, samples_per_shard: int = 10000,
       image = path.read_bytes()
     except OSError:
       skipped['missing_image'] += 1
+      continue
+    # A file named `.jpg` can hold anything: it is decoded as training will (JPEGs at 1/8
+    # scale: every byte still read, a fraction of the work) and skipped as training would.
+    decoded = decode_or_skip(image, min_size=1)
+    if isinstance(decoded, str):
+      skipped[decoded] += 1
       continue
     writer.write(image, path.suffix.lower().lstrip('.'), caption, {'source': str(path)})
   return writer.close({'skipped': dict(skipped)})

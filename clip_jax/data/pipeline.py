@@ -32,7 +32,12 @@ from PIL import Image
 
 from clip_jax.data.specs import Source, parse_spec
 from clip_jax.data.tar_samples import SKIP_REASONS, ShardDataset, Skip
-from clip_jax.data.transforms import decode_image, random_resized_crop, resize_and_crop
+from clip_jax.data.transforms import (
+  MAX_IMAGE_PIXELS,
+  decode_or_skip,
+  random_resized_crop,
+  resize_and_crop,
+)
 
 AUGMENTATIONS = ('random_resized_crop', 'center_crop', 'squash')
 KINDS = ('tar', 'synthetic')
@@ -62,6 +67,10 @@ class PipelineConfig:
   workers: int = 2                        # mp_prefetch processes (0: in-process)
   worker_buffer: int = 2                  # batches buffered per worker
   max_bad_before_first_good: int = 1000
+  # Images whose header declares more pixels (width x height) are skipped undecoded and
+  # counted as `oversized_image`, as are those over PIL's own bomb limit, the same number
+  # by default (clip_jax.data.transforms.MAX_IMAGE_PIXELS says why that number).
+  max_image_pixels: int = MAX_IMAGE_PIXELS
   num_epochs: int = 0                     # passes over the shards; 0: endless (training)
 
   def __post_init__(self):
@@ -70,6 +79,9 @@ class PipelineConfig:
     if self.augment not in AUGMENTATIONS:
       raise ValueError(f'config.data.augment must be one of {AUGMENTATIONS}, '
                        f'got {self.augment!r}')
+    if self.max_image_pixels <= 0:
+      raise ValueError(f'config.data.max_image_pixels must be positive, '
+                       f'got {self.max_image_pixels}')
 
 
 TRAINER_FIELDS = ('global_batch_size', 'image_size', 'tokenizer', 'seed', 'vocab_size',
@@ -83,7 +95,8 @@ def data_defaults() -> dict[str, Any]:
 
 
 class ImageTextMapper:
-  """RawSample -> {'image': uint8 HWC, 'text': int32 [context]}, or Skip('bad_image')."""
+  """RawSample -> {'image': uint8 HWC, 'text': int32 [context]}, or a Skip
+  ('oversized_image', 'bad_image')."""
 
   def __init__(self, cfg: PipelineConfig):
     self.cfg = cfg
@@ -91,10 +104,9 @@ class ImageTextMapper:
   def __call__(self, record, rng: np.random.Generator):
     if isinstance(record, Skip):
       return record
-    try:
-      image = decode_image(record.image, self.cfg.image_size)
-    except Exception:  # PIL raises many types for corrupt data
-      return Skip('bad_image', f'{record.shard}:{record.key}')
+    image = decode_or_skip(record.image, self.cfg.image_size, self.cfg.max_image_pixels)
+    if isinstance(image, str):
+      return Skip(image, f'{record.shard}:{record.key}')
     image = augment(image, self.cfg, rng)
     return {'image': np.asarray(image, np.uint8), 'text': self.cfg.tokenizer([record.caption])[0]}
 

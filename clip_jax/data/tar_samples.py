@@ -25,7 +25,7 @@ IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 MAX_MEMBER_BYTES = 64 << 20
 SKIP_REASONS = ('unreadable_shard', 'empty_shard', 'truncated_shard', 'oversized_member',
                 'missing_image', 'multiple_images', 'empty_image', 'missing_caption',
-                'bad_caption', 'bad_image')
+                'bad_caption', 'bad_image', 'oversized_image')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +53,33 @@ def split_key(member_name: str) -> tuple[str, str]:
   return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ''
 
 
+class BadJSON(ValueError):
+  """A sample's `.json` is not UTF-8, not JSON, not a JSON object, or nested too deep."""
+
+
+def json_object(data: bytes) -> dict:
+  """A sample's `.json` as a dict; any other content raises `BadJSON`.
+
+  Files come from anywhere: valid JSON can still be a list, a string or a number (no
+  `.get`), nest deeper than the decoder's recursion limit (RecursionError), or hold an
+  integer too long to convert (ValueError). Each of those would otherwise escape as an
+  unexpected exception type and stop a data-loader worker.
+  """
+  try:
+    value = json.loads(data.decode('utf-8'))
+  except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError included
+    raise BadJSON(f'not UTF-8 JSON ({type(e).__name__})') from None
+  if not isinstance(value, dict):
+    raise BadJSON(f'a JSON {type(value).__name__}, not an object')
+  return value
+
+
 def _caption(files: dict[str, bytes], caption_key: str) -> str | None:
   """The caption from `txt`, or from field `caption_key` of `json` when no txt exists."""
   if 'txt' in files:
     return files['txt'].decode('utf-8').strip()
   if 'json' in files:
-    value = json.loads(files['json'].decode('utf-8')).get(caption_key)
+    value = json_object(files['json']).get(caption_key)
     return value.strip() if isinstance(value, str) else None
   return None
 
@@ -74,7 +95,7 @@ def assemble(key: str, shard: str, files: dict[str, bytes], caption_key: str) ->
     return Skip('empty_image', where)
   try:
     caption = _caption(files, caption_key)
-  except (UnicodeDecodeError, json.JSONDecodeError):
+  except (UnicodeDecodeError, BadJSON):
     return Skip('bad_caption', where)
   if caption is None:
     return Skip('missing_caption', where)

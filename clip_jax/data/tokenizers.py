@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
-import itertools
 import string
 from collections.abc import Callable, Sequence
 
@@ -21,7 +21,31 @@ Texts = str | Sequence[str]
 DEFAULT_BPE = epath.resource_path('clip_jax.data') / 'assets' / 'bpe_simple_vocab_16e6.txt.gz'
 SOT, EOT = '<start_of_text>', '<end_of_text>'
 _NUM_MERGES = 49152 - 256 - 2
-_CACHE_SIZE = 1 << 16
+_CACHE_SIZE = 1 << 16  # words, each at most _CACHED_CHARS long: tens of MB at most
+_CACHED_CHARS = 64
+# Longer words are cut to this many UTF-8 bytes before BPE (a 32 KB word took OpenCLIP's
+# BPE 37 s). Words in captions are far shorter, and a word this long already gives >= 128
+# tokens (a CLIP token is at most 32 bytes), more than a 77-token context holds.
+MAX_WORD_BYTES = 4096
+# A CLIP token covers at most this many characters of cleaned text (32 bytes), plus one
+# space after it.
+_CHARS_PER_TOKEN = 33
+
+
+def max_chars(context_length: int) -> int:
+  """How much of a text can matter for `context_length` tokens: the rest is cut before
+  cleaning, so a 50 MB caption costs what a short one does (it took 39 s and 0.8 GB).
+
+  Why the kept tokens cannot change: the first `context_length` tokens cover at most
+  `_CHARS_PER_TOKEN` cleaned characters each; the word holding the last of them starts
+  before that point, and BPE sees at most `MAX_WORD_BYTES` of it; the pre-tokenizer looks
+  ahead at most 15 characters (`<start_of_text>`), less than the two special tokens'
+  share. Twice that many raw characters suffice while cleaning (whitespace runs, HTML
+  entities) removes at most half of them, as in any real caption (tests/test_tokenizers.py
+  checks long captions against OpenCLIP's uncut result). Sentencepiece pieces are at most
+  16 characters (its default `max_sentencepiece_length`), so the bound serves it too.
+  """
+  return 2 * (_CHARS_PER_TOKEN * context_length + MAX_WORD_BYTES)
 
 
 def basic_clean(text: str) -> str:
@@ -99,36 +123,57 @@ class CLIPTokenizer:
     pieces = self._cache.get(token)
     if pieces is None:
       pieces = self._merge(token)
-      if len(self._cache) < _CACHE_SIZE:
+      if len(self._cache) < _CACHE_SIZE and len(token) <= _CACHED_CHARS:
         self._cache[token] = pieces
     return pieces
 
   def _merge(self, token: str) -> tuple[str, ...]:
-    """Applies BPE merges, lowest rank first, to one pre-tokenised word."""
+    """Applies BPE merges to one pre-tokenised word, as OpenCLIP does: every occurrence of
+    the lowest-ranked adjacent pair, left to right, then again, until no pair is ranked.
+
+    OpenCLIP rescans the word for each merge, O(n^2) (a 2,000-letter word took 1.2 s);
+    here the pairs wait in a heap by (rank, position) over a linked list of symbols. A
+    merge never re-forms the pair just merged, so one rank's occurrences are one batch.
+    """
     if token in (SOT, EOT):
       return (token,)
-    word = [*token[:-1], token[-1] + '</w>']
-    while len(word) > 1:
-      best = min(itertools.pairwise(word), key=lambda pair: self.ranks.get(pair, float('inf')))
-      if best not in self.ranks:
-        break
-      merged, i = [], 0
-      while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-          merged.append(word[i] + word[i + 1])
-          i += 2
-        else:
-          merged.append(word[i])
-          i += 1
-      word = merged
-    return tuple(word)
+    symbols: list[str | None] = [*token[:-1], token[-1] + '</w>']
+    right = [*range(1, len(symbols)), -1]  # the next symbol still present; -1: none
+    left = list(range(-1, len(symbols) - 1))
 
-  def encode(self, text: str) -> list[int]:
+    def rank_at(i: int) -> int | None:
+      """The rank of the pair starting at symbol i, None when it has no ranked pair."""
+      j = right[i]
+      return self.ranks.get((symbols[i], symbols[j])) if j >= 0 else None  # type: ignore[arg-type]
+
+    heap = [(rank, i) for i in range(len(symbols)) if (rank := rank_at(i)) is not None]
+    heapq.heapify(heap)
+    while heap:
+      rank, batch = heap[0][0], []
+      while heap and heap[0][0] == rank:
+        batch.append(heapq.heappop(heap)[1])
+      for i in batch:  # positions ascend: left to right
+        if symbols[i] is None or rank_at(i) != rank:
+          continue  # merged away since it was queued
+        j = right[i]
+        symbols[i], symbols[j] = symbols[i] + symbols[j], None
+        right[i] = right[j]
+        if right[i] >= 0:
+          left[right[i]] = i
+        for k in (left[i], i):  # the two pairs the merge formed
+          if k >= 0 and (new := rank_at(k)) is not None:
+            heapq.heappush(heap, (new, k))
+    return tuple(s for s in symbols if s is not None)
+
+  def encode(self, text: str, limit: int | None = None) -> list[int]:
+    """The ids of `text` (words cut to `MAX_WORD_BYTES`), stopping once `limit` are known."""
     alphabet = byte_alphabet()
     ids: list[int] = []
-    for token in self.pattern.findall(self.clean(text)):
-      chars = ''.join(alphabet[b] for b in token.encode('utf-8'))
+    for match in self.pattern.finditer(self.clean(text)):
+      chars = ''.join(alphabet[b] for b in match.group().encode('utf-8')[:MAX_WORD_BYTES])
       ids.extend(self.encoder[piece] for piece in self._bpe(chars))
+      if limit is not None and len(ids) >= limit:
+        break
     return ids
 
   def decode(self, ids: Sequence[int]) -> str:
@@ -143,7 +188,7 @@ class CLIPTokenizer:
     n = context_length or self.context_length
     sequences = []
     for text in texts:
-      ids = [self.sot_id, *self.encode(text), self.eot_id]
+      ids = [self.sot_id, *self.encode(text[:max_chars(n)], limit=n), self.eot_id]
       if len(ids) > n:
         ids = ids[:n]
         ids[-1] = self.eot_id
@@ -194,7 +239,7 @@ class SentencePieceTokenizer:
   def __call__(self, texts: Texts, context_length: int | None = None) -> np.ndarray:
     texts = [texts] if isinstance(texts, str) else list(texts)
     n = context_length or self.context_length
-    sequences = [self.encode(t)[:n - 1] + [self.eos_id] for t in texts]
+    sequences = [self.encode(t[:max_chars(n)])[:n - 1] + [self.eos_id] for t in texts]
     return _to_array(sequences, n, self.pad_id)
 
 

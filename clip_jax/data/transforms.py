@@ -7,12 +7,26 @@ sides to the target (SigLIP). Output: float32 HWC, normalised with the model's m
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
 from clip_jax.models.config import PreprocessConfig
+
+# The default cap on an image's pixels (width x height from its header): PIL's own
+# decompression-bomb threshold, so the two agree. It admits real photos up to ~89
+# megapixels (50 MP camera frames, 8K video frames, most panoramas), and an RGB image at
+# the cap already takes 256 MiB decoded; a 13000x13000 PNG of 164 KB took 1.3 GB.
+MAX_IMAGE_PIXELS = 89_478_485
+
+_BOMB_WARNING_IS_ERROR = ('error', None, Image.DecompressionBombWarning, None, 0)
+
+
+class ImageTooLarge(ValueError):
+  """An image has more pixels than the cap (or than PIL's bomb limit): never decoded."""
+
 
 _RESAMPLE = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampling.BILINEAR,
              'nearest': Image.Resampling.NEAREST}
@@ -57,18 +71,52 @@ def make_preprocess(cfg: PreprocessConfig, size: int) -> Callable[[Image.Image],
   return preprocess
 
 
-def decode_image(data: bytes, min_size: int | None) -> Image.Image:
+def _refuse_bomb_warnings() -> None:
+  """Makes PIL's DecompressionBombWarning an error, as PIL's docs advise: over its
+  Image.MAX_IMAGE_PIXELS PIL only warns and decodes anyway, also for sizes no header shows
+  (GIF frames, TIFF tiles). Process-wide, since `warnings.catch_warnings` is not
+  thread-safe (`embed` decodes in threads); set again whenever it is gone, since a
+  `catch_warnings` block around the import (pytest's collection, for one) discards it. A
+  filter the user put in front of it still wins."""
+  if _BOMB_WARNING_IS_ERROR not in warnings.filters:
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+
+
+def decode_image(data: bytes, min_size: int | None, max_pixels: int = MAX_IMAGE_PIXELS
+                 ) -> Image.Image:
   """Decodes image bytes to RGB; JPEGs decode at reduced scale when still >= min_size.
 
   PIL's `draft` lets libjpeg skip DCT work (1/2, 1/4, 1/8 scale), the pipeline's floor.
   Its downscaling is not a bicubic resize, so `min_size=None` decodes at full scale: the
-  pixels PIL/torchvision evaluators (clip_benchmark) see. Raises on corrupt or truncated data.
+  pixels PIL/torchvision evaluators (clip_benchmark) see. Raises on corrupt or truncated
+  data, and `ImageTooLarge` before decoding when the header's width x height is over
+  `max_pixels`: a few KB of compressed PNG can hold gigabytes of pixels.
   """
-  image = Image.open(io.BytesIO(data))
-  if image.format == 'JPEG' and min_size is not None:
-    image.draft('RGB', (min_size, min_size))
-  image.load()
+  _refuse_bomb_warnings()
+  try:
+    image = Image.open(io.BytesIO(data))  # reads the header only
+    width, height = image.size
+    if width * height > max_pixels:
+      raise ImageTooLarge(f'{width}x{height} image: {width * height} pixels, over the cap of '
+                          f'{max_pixels} (data.max_image_pixels)')
+    if image.format == 'JPEG' and min_size is not None:
+      image.draft('RGB', (min_size, min_size))
+    image.load()
+  except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    raise ImageTooLarge(str(e)) from None
   return image.convert('RGB')
+
+
+def decode_or_skip(data: bytes, min_size: int | None, max_pixels: int = MAX_IMAGE_PIXELS
+                   ) -> Image.Image | str:
+  """`decode_image`, or the skip kind a reader counts a failure under: 'oversized_image'
+  (`ImageTooLarge`) or 'bad_image' (anything else PIL raises on corrupt data)."""
+  try:
+    return decode_image(data, min_size, max_pixels)
+  except ImageTooLarge:
+    return 'oversized_image'
+  except Exception:  # PIL raises many types for corrupt data
+    return 'bad_image'
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
