@@ -1,7 +1,8 @@
 """Embeds tar shards into clip-retrieval's layout, resumably, part by part.
 
   python -m clip_jax.embed --checkpoint DIR --shards 'data/{00000..00999}.tar' --out OUT \
-      [--modalities image,text] [--batch_size 256] [--shards_per_part 1] [--ema]
+      [--modalities image,text] [--batch_size 256] [--shards_per_part 1] [--ema] \
+      [--decode_threads 4]
 
 Part i holds the samples of the i-th group of `--shards_per_part` shards (sorted paths):
 `OUT/img_emb/img_emb_{i}.npy`, `OUT/text_emb/text_emb_{i}.npy` (float16, L2-normalised
@@ -10,10 +11,15 @@ in the same order. `i` is zero padded to the digits of the part count, as clip-r
 inference writes it, so the files sort in part order for its `index` step.
 
 A part's files are written whole (locally: `.tmp` names renamed into place), the parquet
-last: a part is done when its parquet exists, and a rerun skips it. `OUT/embed_info.json` records
-the model (a fingerprint of its config and params), the modalities and the shard groups;
-a rerun with another of these is refused. With several processes, process p embeds parts
-i with i % process_count == p, all in lockstep over the device mesh.
+last: a part is done when its parquet exists, and a rerun skips it. A part is written only
+when every shard of it was read whole: a missing, unreadable or truncated shard leaves its
+part unwritten (a warning names the shard, the summary counts `parts_incomplete` and the
+command exits 1), so a rerun once the shard is restored embeds the part in full. Bad
+samples inside a whole shard are skipped and counted; they do not hold a part back.
+`OUT/embed_info.json` records the model (a fingerprint of its config and params), the
+modalities and the shard groups; a rerun with another of these is refused. With several
+processes, process p embeds parts i with i % process_count == p, all in lockstep over the
+device mesh. `--decode_threads` images are decoded at once (each within the pixel cap).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import hashlib
 import io
 import json
 import logging
-import os
+import sys
 import time
 from collections.abc import Iterator
 
@@ -40,10 +46,11 @@ from tqdm import tqdm
 from clip_jax import distributed, sharding
 from clip_jax.checkpoint import load_params, resolve_checkpoint
 from clip_jax.cli import naming, positive_int, user_errors
+from clip_jax.data import tar_samples
 from clip_jax.data.specs import parse_spec
 from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, Skip, read_shard
 from clip_jax.data.tokenizers import tokenizer_from_spec
-from clip_jax.data.transforms import decode_image, eval_pixels
+from clip_jax.data.transforms import decode_or_skip, eval_pixels
 from clip_jax.eval.encoder import Encoder
 from clip_jax.models.functional import FunctionalModel
 
@@ -51,8 +58,11 @@ MODALITIES = ('image', 'text')
 FOLDERS = {'image': 'img_emb', 'text': 'text_emb', 'metadata': 'metadata'}
 SUFFIX = {'image': '.npy', 'text': '.npy', 'metadata': '.parquet'}
 INFO_NAME = 'embed_info.json'
+EXIT_INCOMPLETE = 1  # the exit status when a part was left unwritten (a user error is 2)
 # What must match for a rerun to add parts to an existing folder (checkpoint is a record).
 IDENTITY = ('fingerprint', 'modalities', 'embed_dim', 'tokenizer', 'parts')
+# Skip reasons that mean a shard was not read whole: its part must not be marked done.
+SHARD_FAILURES = ('unreadable_shard', 'empty_shard', 'truncated_shard')
 METADATA_SCHEMA = pa.schema([('image_path', pa.string()), ('key', pa.string()),
                              ('caption', pa.string()), ('url', pa.string()),
                              ('shard', pa.string())])
@@ -68,8 +78,10 @@ class Part:
 
 @dataclasses.dataclass(frozen=True)
 class PartEnd:
-  """Marks, in the sample stream, that every sample of `part` has been read."""
+  """Marks, in the sample stream, that every sample of `part` has been read; `failures`
+  are the Skips of its shards that were not read whole (the part is then not written)."""
   part: Part
+  failures: tuple[Skip, ...] = ()
 
 
 def plan_parts(spec: str, shards_per_part: int, out: epath.Path,
@@ -142,12 +154,16 @@ def check_info(out: epath.Path, info: dict) -> None:
 
 
 def stream(parts: list[Part]) -> Iterator[tuple[Part, RawSample] | Skip | PartEnd]:
-  """(part, sample) for every record of the parts' shards, Skip records, and PartEnd markers."""
+  """(part, sample) for every record of the parts' shards, Skip records, and PartEnd markers
+  carrying the part's shard failures."""
   for part in parts:
+    failures = []
     for shard in part.shards:
       for record in read_shard(shard):
+        if isinstance(record, Skip) and record.reason in SHARD_FAILURES:
+          failures.append(record)
         yield record if isinstance(record, Skip) else (part, record)
-    yield PartEnd(part)
+    yield PartEnd(part, tuple(failures))
 
 
 def chunks(items: Iterator, size: int, skipped: collections.Counter) -> Iterator[list]:
@@ -172,8 +188,8 @@ def chunks(items: Iterator, size: int, skipped: collections.Counter) -> Iterator
 def url_of(sample: RawSample) -> str | None:
   """The `url` of the sample's json (img2dataset writes it), None when there is none."""
   try:
-    url = json.loads(sample.meta).get('url') if sample.meta else None
-  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    url = tar_samples.json_object(sample.meta).get('url') if sample.meta else None
+  except tar_samples.BadJSON:
     return None
   return url if isinstance(url, str) else None
 
@@ -221,13 +237,15 @@ class Embedder:
     self.features: dict[int, dict[str, list[np.ndarray]]] = collections.defaultdict(
         lambda: collections.defaultdict(list))
     self.rows: dict[int, list[dict]] = collections.defaultdict(list)
-    self._pool = pool  # decodes images; PIL frees the GIL
+    self._pool = pool  # decodes images (PIL frees the GIL); its threads bound the memory
+    self.incomplete = 0  # parts left unwritten: a shard of theirs was not read whole
+    self.dropped = 0  # the samples embedded for those parts
 
   def _pixels(self, sample: RawSample) -> np.ndarray | Skip:
-    try:
-      return eval_pixels(decode_image(sample.image, self.size), self.size, self.preprocess)
-    except Exception:  # PIL raises many types for corrupt data, as in training
-      return Skip('bad_image', f'{sample.shard}:{sample.key}')
+    image = decode_or_skip(sample.image, self.size)
+    if isinstance(image, str):  # the skip kind: bad_image, oversized_image
+      return Skip(image, f'{sample.shard}:{sample.key}')
+    return eval_pixels(image, self.size, self.preprocess)
 
   def _decoded(self, samples: list) -> tuple[list, np.ndarray]:
     """The samples whose image decodes, and their uint8 pixels; bad images are counted."""
@@ -258,9 +276,22 @@ class Embedder:
                                     'caption': sample.caption, 'url': url_of(sample),
                                     'shard': sample.shard})
     for end in (item for item in chunk if isinstance(item, PartEnd)):
-      write_part(end.part, self.features.pop(end.part.index, {}),
-                 self.rows.pop(end.part.index, []))
+      self._finish(end)
     return len(samples)
+
+  def _finish(self, end: PartEnd) -> None:
+    """Writes a part whose shards were all read whole; otherwise drops it, saying why, so
+    that a rerun embeds it once its shards are restored."""
+    features, rows = self.features.pop(end.part.index, {}), self.rows.pop(end.part.index, [])
+    if not end.failures:
+      write_part(end.part, features, rows)
+      return
+    self.incomplete += 1
+    self.dropped += len(rows)
+    for failure in end.failures:
+      logging.warning('part %d (%s) not written: shard %s was not read whole (%s); rerun '
+                      'embed once it is whole to embed the part', end.part.index,
+                      end.part.files['metadata'].name, failure.where, failure.reason)
 
 
 def parse_modalities(text: str) -> tuple[str, ...]:
@@ -293,19 +324,21 @@ def embed(args) -> dict:
                if 'text' in modalities else None)
   batches = chunks(stream(pending), encoder.batch_size // jax.process_count(), skipped)
   start, embedded = time.perf_counter(), 0
-  with (concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool,
+  with (concurrent.futures.ThreadPoolExecutor(args.decode_threads) as pool,
         tqdm(desc='embed', unit='sample', disable=jax.process_index() != 0) as bar):
     embedder = Embedder(encoder, tokenizer, cfg, modalities, skipped, pool)
     while not distributed.on_all_processes((chunk := next(batches, None)) is None):
       bar.update(count := embedder.step(chunk or []))
       embedded += count
   seconds = time.perf_counter() - start
-  totals = distributed.sum_over_processes(
-      np.array([len(pending), embedded, *(skipped[r] for r in SKIP_REASONS)]))
+  totals = distributed.sum_over_processes(np.array([
+      len(pending) - embedder.incomplete, embedder.incomplete, embedded - embedder.dropped,
+      *(skipped[r] for r in SKIP_REASONS)]))
   return {'out': str(out), 'parts': len(parts), 'parts_embedded': int(totals[0]),
-          'samples': int(totals[1]), 'seconds': round(seconds, 2),
-          'samples_per_s': round(int(totals[1]) / max(seconds, 1e-9), 1),
-          'skipped': {r: int(c) for r, c in zip(SKIP_REASONS, totals[2:]) if c}}
+          'parts_incomplete': int(totals[1]), 'samples': int(totals[2]),
+          'seconds': round(seconds, 2),
+          'samples_per_s': round(int(totals[2]) / max(seconds, 1e-9), 1),
+          'skipped': {r: int(c) for r, c in zip(SKIP_REASONS, totals[3:]) if c}}
 
 
 def parse_args(argv=None):
@@ -320,6 +353,9 @@ def parse_args(argv=None):
   parser.add_argument('--ema', action='store_true',
                       help='embed with the EMA of the params (runs with config.optim.ema_decay)')
   parser.add_argument('--tokenizer', help="override the model's tokenizer (e.g. a .model file)")
+  parser.add_argument('--decode_threads', type=positive_int, default=4,
+                      help='images decoded at once; each may take up to ~256 MiB while it '
+                           'decodes (larger ones are skipped as oversized_image)')
   return parser.parse_args(argv)
 
 
@@ -330,6 +366,8 @@ def main(argv=None) -> None:
   summary = embed(parse_args(argv))
   if jax.process_index() == 0:
     print(json.dumps(summary, indent=2))
+  if summary['parts_incomplete']:  # every process: the count is summed over them
+    sys.exit(EXIT_INCOMPLETE)
 
 
 if __name__ == '__main__':
