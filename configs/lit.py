@@ -28,5 +28,11 @@ def get_config(arg=None):
   c.optim.warmup_steps = 1000
   c.optim.weight_decay = 1e-4
   c.loss.kind = 'softmax'
+  # Layers unrolled: the TPU compiler estimates the scanned step 1.3x slower (its per-layer
+  # stack slices, bench/RESULTS.md 2026-12-01). The frozen image tower keeps no gradients or
+  # optimizer state, so LiT needs less than configs/clip.py's ViT-B-32 step, whose unrolled
+  # step takes 10.0 GiB at 256 pairs per v5p chip. Other models or small chips: check with
+  # `python -m clip_jax.aot`, and `--config.model.scan_layers=True` halves the activations.
+  c.model.scan_layers = False
   c.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}
   return c
