@@ -156,9 +156,11 @@ def test_make_shards_skips_and_counts_files_that_are_not_images(tmp_path):
   for name, data in files.items():
     (photos / name).write_bytes(data)
     (photos / name).with_suffix('.txt').write_text(f'caption of {name}')
+  (photos / 'latin1.jpg').write_bytes(good)
+  (photos / 'latin1.txt').write_bytes('caf\xe9'.encode('latin-1'))
   stats = make_shards(str(photos), str(tmp_path / 'out'))
   assert stats['count'] == 1
-  assert stats['skipped'] == {'bad_image': 2, 'oversized_image': 1}
+  assert stats['skipped'] == {'bad_image': 2, 'oversized_image': 1, 'bad_caption': 1}
   assert json.loads((tmp_path / 'out' / '_stats.json').read_text()) == stats
   records = list(read_shard(str(tmp_path / 'out' / '00000.tar')))
   assert [(r.caption, r.image) for r in records] == [('caption of good.jpg', good)]

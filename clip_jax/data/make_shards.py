@@ -7,10 +7,10 @@
 
 A folder holds images with caption sidecars (`x.jpg` + `x.txt`). In a table, relative
 paths are taken relative to the table's folder. Images are stored as their original
-bytes once they decode; pairs whose image or caption is missing, or whose image does not
-decode or is over the pixel cap, are skipped and counted in `_stats.json` (under the
-training pipeline's names: `missing_caption`, `missing_image`, `bad_image`,
-`oversized_image`).
+bytes once they decode; pairs whose image or caption is missing, whose caption is not
+text, or whose image does not decode or is over the pixel cap, are skipped and counted in
+`_stats.json` (under the training pipeline's names: `missing_caption`, `bad_caption`,
+`missing_image`, `bad_image`, `oversized_image`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from clip_jax.data.shard_writer import ShardWriter
 from clip_jax.data.tar_samples import IMAGE_EXTENSIONS
 from clip_jax.data.transforms import decode_or_skip
 
-Pair = tuple[epath.Path, str | None]
+Pair = tuple[epath.Path, object]  # the caption as stored: sidecar bytes, a table cell, None
 
 
 def folder_pairs(folder: epath.Path) -> Iterator[Pair]:
@@ -38,7 +38,20 @@ def folder_pairs(folder: epath.Path) -> Iterator[Pair]:
       yield from folder_pairs(path)
     elif path.suffix.lower().lstrip('.') in IMAGE_EXTENSIONS:
       sidecar = path.with_suffix('.txt')
-      yield path, sidecar.read_text().strip() if sidecar.exists() else None
+      yield path, sidecar.read_bytes() if sidecar.exists() else None
+
+
+def caption_text(value: object) -> str | None:
+  """A stored caption as text ('' when there is none); None when it is not text: a
+  sidecar that is not UTF-8, a table cell holding a number."""
+  if value is None:
+    return ''
+  if isinstance(value, bytes):
+    try:
+      value = value.decode('utf-8')
+    except UnicodeDecodeError:
+      return None
+  return value.strip() if isinstance(value, str) else None
 
 
 def table_pairs(table: epath.Path, path_column: str, caption_column: str) -> Iterator[Pair]:
@@ -72,9 +85,10 @@ def make_shards(input_path: str, output: str, samples_per_shard: int = 10000,
     raise FileNotFoundError(f'--input {source} is neither a folder nor a .csv/.parquet file.')
   writer = ShardWriter(output, samples_per_shard)
   skipped: collections.Counter[str] = collections.Counter()
-  for path, caption in tqdm(pairs, desc='make_shards', unit='pair'):
+  for path, stored in tqdm(pairs, desc='make_shards', unit='pair'):
+    caption = caption_text(stored)
     if not caption:
-      skipped['missing_caption'] += 1
+      skipped['missing_caption' if caption == '' else 'bad_caption'] += 1
       continue
     try:
       image = path.read_bytes()
