@@ -38,14 +38,16 @@ RECIPES = {
     'ViT-L-14': (4e-4, 2000, 'none', False),
 }
 
-# GPUs (`gpus=N`): pairs per GPU that fit 80 GB at bf16 with the recipe's remat and
-# unrolled layers, from compiled programs' memory per device: B-16 at 256: 30.7 GiB, the
-# CUDA-compiled unrolled step measured on an H200 (bench/RESULTS.md, DESIGN.md 2026-12-04);
-# B-32 at 512 and L-14 at 128: the TPU compiler's HBM for the same step data parallel on
-# 4 chips (a replicated state, as on GPUs), `python -m clip_jax.aot --config
-# configs/clip.py:model=M,batch_size=4B --topology v5p:2x2x1 --nodepth_estimate
-# --config.model.scan_layers=False --config.model.attention=xla --config.mesh.data=4
-# --config.mesh.fsdp=1`, an estimate of the GPU program's (B-16: TPU 22.3 vs CUDA 30.7).
+# GPUs (`gpus=N`): pairs per GPU for 80 GB at bf16 with the recipe's remat and unrolled
+# layers. B-16 at 256: 30.7 GiB, the compiled CUDA program's memory on an H200
+# (DESIGN.md, 2026-12-04). B-32 at 512 and L-14 at 128 ran unrolled on that H200 (141 GB;
+# memory not recorded); the TPU compiler's HBM for the same step data parallel on 4 chips
+# (a replicated state, as on GPUs) estimates the GPU program's (B-16: TPU 22.3 vs CUDA
+# 30.7 GiB): `python -m clip_jax.aot --config configs/clip.py:model=M,batch_size=4B
+# --topology v5p:2x2x1 --nodepth_estimate --config.model.scan_layers=False
+# --config.model.attention=xla --config.mesh.data=4 --config.mesh.fsdp=1`. By FSDP
+# numbers at 128 pairs/chip (RESULTS 2026-12-01: L-14 38.2 GiB) plus the replicated
+# state (6.8 GB), L-14 at 128 is ~45 GiB; B-32 at 512 about twice its 10.0 GiB at 256.
 GPU_BATCH = {'ViT-B-32': 512, 'ViT-B-16': 256, 'ViT-L-14': 128}
 # Data parallel over all GPUs of all hosts: a replicated train state (float32 params,
 # gradients, AdamW moments: 16 bytes per parameter) takes 2.4 GB (B-32, B-16) to 6.8 GB
