@@ -1,7 +1,12 @@
-"""The XLA attention path against PyTorch's, and the splash (Pallas flash) path against it.
+"""The XLA attention path against PyTorch's, the splash (Pallas flash) path against it, and
+`attention='auto'` (the default) against it.
 
 The kernel runs in Pallas' interpreter here (CPU); tests/test_aot.py compiles it for TPU.
+cuDNN needs a CUDA jaxlib: tests/test_cuda_lowering.py lowers the train step for GPU in its
+own environment (.ci/run).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +15,8 @@ import pytest
 
 import clip_jax
 from clip_jax import sharding
-from clip_jax.models.functional import get_params, model_from_params
-from clip_jax.models.layers import dot_product_attention, splash_attention
+from clip_jax.models.functional import FunctionalModel, get_params, model_from_params
+from clip_jax.models.layers import cudnn_refusal, dot_product_attention, splash_attention
 from tests.jax_reference import jax_features, random_inputs
 
 
@@ -105,3 +110,48 @@ def test_a_splash_model_computes_the_xla_numbers_off_tpu():
 def test_an_unknown_attention_is_a_config_error():
   with pytest.raises(ValueError, match='attention must be one of'):
     clip_jax.create_model('tiny', attention='flash')
+
+
+@functools.cache
+def _features_and_grads(attention, remat, dtype, map_pool):
+  """Both towers' features and every param's gradient of sum(sin(features)), jitted, on one
+  set of weights (`tiny`; with `map_pool` the image tower ends in the MAP head)."""
+  overrides = {'vision.pool': 'map', 'vision.class_token': False} if map_pool else {}
+  base = clip_jax.create_model('tiny', **overrides)
+  model = FunctionalModel.create(base.cfg.replace(attention=attention, remat=remat, dtype=dtype))
+  images, tokens = random_inputs(32, 32, 49408, batch=2)
+
+  def loss(params):
+    m = model.bind(params)
+    features = (m.encode_image(jnp.asarray(images)), m.encode_text(jnp.asarray(tokens)))
+    return sum(jnp.sum(jnp.sin(f.astype(jnp.float32))) for f in features), features
+
+  grads, features = jax.jit(jax.grad(loss, has_aux=True))(get_params(base))
+  return features, jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize(('remat', 'dtype', 'map_pool'),
+                         [('none', 'float32', True), ('minimal', 'bfloat16', False)],
+                         ids=['float32_map_head', 'bfloat16_minimal_remat'])
+def test_auto_computes_the_xla_numbers_bit_for_bit_off_gpu_and_tpu(remat, dtype, map_pool):
+  """On CPU `attention='auto'` (cuDNN where compiled for GPU, splash for TPU) is the XLA
+  path: the image tower (with the MAP head, or the class token) and the causal text tower
+  give the same bits, features and every parameter's gradient, in float32 and in bf16 under
+  a remat policy."""
+  auto_features, auto_grads = _features_and_grads('auto', remat, dtype, map_pool)
+  xla_features, xla_grads = _features_and_grads('xla', remat, dtype, map_pool)
+  for tower, a, b in zip(('image', 'text'), auto_features, xla_features):
+    np.testing.assert_array_equal(a, b, err_msg=tower)
+  assert len(auto_grads) == len(xla_grads) > 20
+  for a, b in zip(auto_grads, xla_grads):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_auto_is_the_default_attention():
+  assert clip_jax.create_model('tiny').cfg.attention == 'auto'
+
+
+def test_cudnn_refusal_is_decided_when_traced_without_cuda():
+  """Without a CUDA jaxlib (this environment) every shape is refused with JAX's reason, so a
+  program lowered for GPU here computes the XLA path instead of failing later."""
+  assert 'cuDNN' in cudnn_refusal((2, 80, 4, 64), 80, 'bfloat16', False)

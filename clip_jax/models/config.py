@@ -24,7 +24,7 @@ VISION_POOLS = ('tok', 'gap', 'map')
 TEXT_POOLS = ('argmax', 'last', 'first', 'mean')
 REMAT_POLICIES = ('none', 'minimal', 'save_attn', 'minimal_offloaded', 'full', 'dots',
                   'dots_no_batch')
-ATTENTIONS = ('xla', 'splash')
+ATTENTIONS = ('auto', 'xla', 'splash', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +124,9 @@ class CLIPConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = True
   remat: str = 'none'
-  # 'xla', or 'splash': the Pallas flash attention kernel where compiled for TPU, XLA elsewhere.
-  attention: str = 'xla'
+  # 'auto': cuDNN flash attention where compiled for an NVIDIA GPU, the Pallas splash kernel
+  # where compiled for TPU, XLA elsewhere; 'xla', 'cudnn', 'splash' (layers.attend).
+  attention: str = 'auto'
 
   def replace(self, **overrides: Any) -> CLIPConfig:
     """Returns a copy with top-level or nested (`vision.layers=2`) fields replaced.

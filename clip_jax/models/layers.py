@@ -21,6 +21,7 @@ policies below save or recompute.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import jax
@@ -145,9 +146,7 @@ class MLP(nnx.Module):
 class Attention(nnx.Module):
   """Multi-head self-attention with q, k, v packed on their own kernel axis.
 
-  `impl` (the model's `attention` option): 'xla' (`dot_product_attention`) or 'splash'
-  (`splash_attention` in programs compiled for TPU, `dot_product_attention` elsewhere, so
-  a model trained with it evaluates and exports on any machine).
+  `impl` (the model's `attention` option) picks the attention core: see `attend`.
   """
 
   def __init__(self, dim: int, heads: int, *, impl: str = 'xla', dtype, param_dtype,
@@ -162,14 +161,74 @@ class Attention(nnx.Module):
                norm: Callable[[jax.Array], jax.Array] = lambda x: x) -> jax.Array:
     """Attention over `norm(x)`, storing `x`, not `norm(x)` (`dense_of`)."""
     qkv = checkpoint_name(dense_of(norm, self.qkv, x), 'qkv')  # [B, T, 3, H, D]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if self.impl == 'splash':  # the kernel where the program is compiled for TPU
-      y = checkpoint_name(jax.lax.platform_dependent(
-          q, k, v, tpu=functools.partial(splash_attention, causal=causal),
-          default=functools.partial(dot_product_attention, causal=causal)), 'attn')
-    else:  # named `attn` inside, once: a second name here made remat keep two copies
-      y = dot_product_attention(q, k, v, causal=causal)
+    y = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal, impl=self.impl)
     return checkpoint_name(self.out(y), 'attn_out')
+
+
+# The kernel per platform the program is compiled for, by `model.attention` ('xla': none).
+_KERNELS = {'auto': ('cuda', 'tpu'), 'cudnn': ('cuda',), 'splash': ('tpu',), 'xla': ()}
+
+
+def attend(q, k, v, *, causal: bool, impl: str) -> jax.Array:
+  """Attention over [B, T, H, D] q, k, v by the core `impl` names, chosen per platform.
+
+  'xla': `dot_product_attention` everywhere. 'cudnn': cuDNN's flash attention
+  (`cudnn_attention`) where the program is compiled for an NVIDIA GPU; 'splash': the Pallas
+  kernel (`splash_attention`) where compiled for TPU; 'auto': both. Every other platform
+  (CPU) computes `dot_product_attention`, bit for bit, so a model trained with any of them
+  evaluates and exports anywhere. The choice is made when the program is lowered
+  (`lax.platform_dependent`): one jitted function is right on every backend, and a program
+  lowered for another platform (`clip_jax.aot`) gets that platform's kernel.
+  """
+  if not _KERNELS[impl]:
+    return dot_product_attention(q, k, v, causal=causal)
+  return _platform_attention(q, k, v, causal, _KERNELS[impl])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _platform_attention(q, k, v, causal: bool, platforms: tuple[str, ...]) -> jax.Array:
+  return _platform_forward(q, k, v, causal, platforms)[0]
+
+
+def _platform_forward(q, k, v, causal: bool, platforms: tuple[str, ...]):
+  """The output and the residuals every platform keeps: q, k, v, the output and (XLA's)
+  the log-sum-exp, [B, H, T, 1] (zeros for the kernels).
+
+  A gradient taken through `lax.platform_dependent` keeps the residuals of every branch,
+  those of the branches not taken filled with zeros: the cuDNN branch's padded copies in
+  the CPU and TPU programs, the XLA branch's in the GPU one. So the choice is made inside
+  this VJP instead, once in the forward and once in the backward pass. The kernels'
+  backward passes recompute their forward from q, k, v (inside their own VJPs: no
+  [B, H, T, T] tensor), the XLA one is `dot_product_attention`'s. The output is named
+  `attn`: a remat policy keeping `attn` saves it, never the logits.
+  """
+  def xla(q, k, v):
+    y, residuals = _attention_forward(q, k, v, causal)
+    return y, residuals[-1]
+
+  def kernel(platform):
+    attend = functools.partial(_KERNEL_FUNCTIONS[platform], causal=causal)
+    no_log_sum_exp = jax.ShapeDtypeStruct(q.shape[:1] + (q.shape[2], q.shape[1], 1), jnp.float32)
+    return lambda q, k, v: (attend(q, k, v), jnp.zeros_like(no_log_sum_exp))
+
+  y, log_sum_exp = jax.lax.platform_dependent(
+      q, k, v, default=xla, **{platform: kernel(platform) for platform in platforms})
+  y = checkpoint_name(y, 'attn')
+  return y, (q, k, v, y, log_sum_exp)
+
+
+def _platform_backward(causal: bool, platforms: tuple[str, ...], residuals, dy):
+  def kernel(platform):
+    attend = functools.partial(_KERNEL_FUNCTIONS[platform], causal=causal)
+    return lambda q, k, v, y, log_sum_exp, dy: jax.vjp(attend, q, k, v)[1](dy)
+
+  xla = lambda *residuals_and_dy: _attention_backward(causal, residuals_and_dy[:-1],
+                                                      residuals_and_dy[-1])
+  return jax.lax.platform_dependent(
+      *residuals, dy, default=xla, **{platform: kernel(platform) for platform in platforms})
+
+
+_platform_attention.defvjp(_platform_forward, _platform_backward)
 
 
 def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
@@ -197,8 +256,14 @@ def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
 def _scaled_logits(q, k, causal: bool) -> jax.Array:
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
   if causal:
+    # Masked by adding 0 or the lowest float32 (exp gives 0 either way). The [T, T] mask
+    # passes through a barrier with q: a mask made of constants alone was broadcast to
+    # [B, H, T, T] (bool and float32) once outside a scanned layer loop and kept for the
+    # backward pass, in every platform's program under `lax.platform_dependent`.
     t = q.shape[1]
-    logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, jnp.finfo(jnp.float32).min)
+    bias = jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, jnp.finfo(jnp.float32).min)
+    bias, _ = jax.lax.optimization_barrier((bias, q))
+    logits = logits + bias
   return logits
 
 
@@ -273,16 +338,89 @@ def splash_attention(q, k, v, *, causal: bool = False, interpret: bool = False) 
         *map(to_heads_first, (q, k, v)))
     return y.transpose(0, 2, 1, 3)[:, :t]
 
-  mesh = jax.sharding.get_abstract_mesh()
-  batch = context_batch_axes(q.shape[0])
-  if batch or 'tensor' in mesh.axis_names:
+  # Keeps q, k, v for the backward pass, not the kernel's padded copies and output.
+  return checkpoint_name(recomputed(per_device(attend))(q, k, v), 'attn')
+
+
+def per_device(attend: Callable) -> Callable:
+  """`attend` over [B, T, H, D] q, k, v run on each device's own rows and heads.
+
+  Under `shard_map` over the batch axes of the mesh in context (heads over `tensor`) when
+  there is one: a kernel call is opaque to GSPMD, which would otherwise gather its inputs
+  or, for cuDNN, split them one way and its per-row sequence lengths another.
+  """
+
+  def sharded(q, k, v):
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = context_batch_axes(q.shape[0])
+    if not batch and 'tensor' not in mesh.axis_names:
+      return attend(q, k, v)
     heads = 'tensor' if ('tensor' in mesh.axis_names
                          and q.shape[2] % mesh.shape['tensor'] == 0) else None
     spec = P(batch or None, None, heads, None)
-    attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                           check_vma=False)
-  # Keeps q, k, v for the backward pass, not the kernel's padded copies and output.
-  return recomputed(attend)(q, k, v)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
+
+  return sharded
+
+
+# cuDNN's flash attention takes sequences padded to a multiple of this (see `cudnn_attention`).
+CUDNN_SEQUENCE_MULTIPLE = 16
+
+
+def cudnn_attention(q, k, v, *, causal: bool = False) -> jax.Array:
+  """`dot_product_attention` by cuDNN's flash attention (`jax.nn.dot_product_attention`).
+
+  The kernel never writes the [B, H, T, T] logits to memory, in the forward or the backward
+  pass. Its training path refuses odd sequence lengths (77, 197, 257: "Unsupported
+  sequence length"), so T is padded to a multiple of `CUDNN_SEQUENCE_MULTIPLE` (197 -> 208,
+  77 -> 80; measured on an H200, docs/performance.md) and the padding masked out by
+  `query_seq_lengths`/`key_value_seq_lengths` = the true T (the causal mask kept); the
+  output is cut back to T. What cuDNN cannot do at all (float32, a head dim over 128 or not
+  a multiple of 8, no cuDNN installed) is found when the program is traced and computed by
+  `dot_product_attention` instead, with one log line (`cudnn_refusal`), never an error at
+  compile or run time. It runs per device (`per_device`).
+  """
+  t = q.shape[1]
+  padded = -(-t // CUDNN_SEQUENCE_MULTIPLE) * CUDNN_SEQUENCE_MULTIPLE
+  if cudnn_refusal(tuple(q.shape), padded, str(q.dtype), causal):
+    return dot_product_attention(q, k, v, causal=causal)
+
+  def attend(q, k, v):  # [B, T, H, D] on one device
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+    lengths = jnp.full(q.shape[:1], t, jnp.int32) if padded != t else None
+    y = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=causal,
+                                     query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                     implementation='cudnn')
+    return y[:, :t]
+
+  return checkpoint_name(per_device(attend)(q, k, v), 'attn')
+
+
+_KERNEL_FUNCTIONS = {'cuda': cudnn_attention, 'tpu': splash_attention}
+
+
+@functools.cache
+def cudnn_refusal(shape: tuple[int, ...], padded: int, dtype: str, causal: bool) -> str:
+  """Why cuDNN cannot run attention over q, k, v of `shape` padded to `padded` tokens ('' if
+  it can), logged once per shape. JAX's own checks decide (they run when the call is
+  traced), asked here on shapes alone before any real call is traced.
+  """
+  b, _, heads, head_dim = shape
+  x = jax.ShapeDtypeStruct((b, padded, heads, head_dim), jnp.dtype(dtype))
+  lengths = jax.ShapeDtypeStruct((b,), jnp.int32)
+  try:
+    jax.eval_shape(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
+                                     implementation='cudnn'),
+                   x, x, x, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+  except RuntimeError as e:  # no cuDNN here: this install cannot run on an NVIDIA GPU anyway
+    logging.debug('cuDNN attention unavailable (%s): the XLA attention instead', e)
+    return str(e)
+  except (NotImplementedError, ValueError) as e:
+    logging.warning('cuDNN flash attention cannot take q, k, v of shape %s %s (%s): '
+                    'attention over them uses the XLA path on GPU', list(shape), dtype, e)
+    return str(e)
+  return ''
 
 
 class LayerScale(nnx.Module):
