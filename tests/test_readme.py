@@ -35,6 +35,21 @@ def test_ci_runs_the_readme_test_command():
   assert _quickstart_commands()[1].strip() in ci_script
 
 
+def test_ci_runs_the_cuda_lowering_test_in_its_own_venv_and_the_main_run_leaves_it_out():
+  """tests/test_cuda_lowering.py needs a CUDA jaxlib the test extra lacks: collected by the
+  main run it would fail, so pytest.ini leaves it out there and CI runs it in .venv-cuda
+  with jax[cuda13] at the main venv's jax version."""
+  ci_script = (ROOT / '.ci' / 'run').read_text()
+  cuda_line = next(line for line in ci_script.splitlines() if 'tests/test_cuda_lowering.py' in line
+                   and not line.startswith('#'))
+  assert '.venv-cuda/bin/python -m pytest' in cuda_line
+  assert '"jax[cuda13]==$JAX_VERSION"' in cuda_line
+  assert "JAX_VERSION=$(.venv/bin/python -c 'import jax; print(jax.__version__)')" in ci_script
+  ini = (ROOT / 'pytest.ini').read_text()
+  assert re.search(r'^addopts\s*=.*--ignore=tests/test_cuda_lowering\.py', ini, re.M)
+  assert '.venv*/' in (ROOT / '.gitignore').read_text().splitlines()
+
+
 def test_readme_is_a_front_page_that_links_every_doc_page():
   readme = (ROOT / 'README.md').read_text()
   assert len(readme.splitlines()) <= 250

@@ -413,12 +413,12 @@ def cudnn_refusal(shape: tuple[int, ...], padded: int, dtype: str, causal: bool)
     jax.eval_shape(functools.partial(jax.nn.dot_product_attention, is_causal=causal,
                                      implementation='cudnn'),
                    x, x, x, query_seq_lengths=lengths, key_value_seq_lengths=lengths)
-  except RuntimeError as e:  # no cuDNN here: this install cannot run on an NVIDIA GPU anyway
-    logging.debug('cuDNN attention unavailable (%s): the XLA attention instead', e)
-    return str(e)
-  except (NotImplementedError, ValueError) as e:
+  except (NotImplementedError, ValueError) as e:  # (NotImplementedError is a RuntimeError)
     logging.warning('cuDNN flash attention cannot take q, k, v of shape %s %s (%s): '
                     'attention over them uses the XLA path on GPU', list(shape), dtype, e)
+    return str(e)
+  except RuntimeError as e:  # no cuDNN here: this install cannot run on an NVIDIA GPU anyway
+    logging.debug('cuDNN attention unavailable (%s): the XLA attention instead', e)
     return str(e)
   return ''
 
