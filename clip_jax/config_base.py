@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'          # compute dtype: 'bfloat16' on accelerators
   c.model.scan_layers = True
   c.model.remat = 'none'
-  c.model.attention = 'xla'          # 'splash': Pallas flash kernel on TPU (docs/performance.md)
+  c.model.attention = 'auto'         # cuDNN on GPU, else XLA; 'splash': TPU (docs/performance.md)
 
   # The input pipeline's keys and defaults come from `PipelineConfig` (data/pipeline.py).
   c.data = ml_collections.ConfigDict(data_defaults())

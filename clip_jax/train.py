@@ -219,7 +219,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         'optimizer state and step are restored, but the input position is per process and '
         'is not. The data starts a new pass, reshuffled with seed %d (seed + step): samples '
         'of the interrupted pass may be seen again.', start, config.seed + start)
-  logger = MetricLogger(workdir, config.tensorboard)
+  logger = MetricLogger(workdir, config.tensorboard, start_step=start)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))
   flops_per_step = lambda c: train_flops_per_sample(c, c.text.context_length) * config.batch_size

@@ -61,7 +61,8 @@ def run(cmd, environment, timeout=600):
 
 
 def metrics(workdir):
-  """step -> last logged record for that step (a resumed run re-logs replayed steps)."""
+  """step -> its logged record: the lines of one step (train, eval) merged. Each step is in the
+  file once: a resumed run drops the lines it replays (MetricLogger's start_step)."""
   return parse_metrics((pathlib.Path(workdir) / 'metrics.jsonl').read_text())
 
 

@@ -134,7 +134,7 @@ def _features_and_grads(attention, remat, dtype, map_pool):
                          [('none', 'float32', True), ('minimal', 'bfloat16', False)],
                          ids=['float32_map_head', 'bfloat16_minimal_remat'])
 def test_auto_computes_the_xla_numbers_bit_for_bit_off_gpu_and_tpu(remat, dtype, map_pool):
-  """On CPU `attention='auto'` (cuDNN where compiled for GPU, splash for TPU) is the XLA
+  """On CPU `attention='auto'` (cuDNN where compiled for GPU, XLA elsewhere) is the XLA
   path: the image tower (with the MAP head, or the class token) and the causal text tower
   give the same bits, features and every parameter's gradient, in float32 and in bf16 under
   a remat policy."""

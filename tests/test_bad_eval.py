@@ -208,7 +208,7 @@ def test_cli_zero_shot_and_retrieval_hold_at_most_two_batches_of_decoded_images(
 
 # --- row: undecodable images and bad .json are skipped and counted -------------------------
 
-EXPECTED_SKIPS = {'bad_caption': 3, 'bad_image': 2}
+EXPECTED_SKIPS = {'bad_caption': 3, 'bad_image': 1, 'oversized_image': 1}
 
 
 def test_bad_samples_in_eval_shards_and_folders_are_skipped_counted_and_named(
@@ -227,7 +227,8 @@ def test_bad_samples_in_eval_shards_and_folders_are_skipped_counted_and_named(
   shards_result = results['zeroshot'][spec]
   assert shards_result['skipped'] == EXPECTED_SKIPS and shards_result['num_images'] == 6
   # Retrieval reads the captions of the .txt: the label that is no class index is no harm.
-  assert results['retrieval'][spec]['skipped'] == {'bad_caption': 2, 'bad_image': 2}
+  assert results['retrieval'][spec]['skipped'] == {'bad_caption': 2, 'bad_image': 1,
+                                                   'oversized_image': 1}
   assert results['retrieval'][spec]['num_images'] == 7
   assert folder_result['zeroshot'][str(folder)]['skipped'] == {'bad_image': 1}
   assert folder_result['zeroshot'][str(folder)]['num_images'] == 3

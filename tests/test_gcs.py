@@ -152,7 +152,7 @@ def test_train_on_gcs_killed_resumes_and_exports(gcs, demo_data, tmp_path):
   results = fs.glob(f'{workdir}/checkpoints/{total}/eval_results.json')
   assert results, fs.ls(f'{workdir}/checkpoints/{total}')
   local = next(straight.glob(f'checkpoints/{total}/eval_results.json')).read_text()
-  assert json.loads(fs.cat(results[0]))['zeroshot_shards'] == json.loads(local)['zeroshot_shards']
+  assert json.loads(fs.cat(results[0]))['zeroshot'] == json.loads(local)['zeroshot']
 
   # Embeddings from gs:// shards and checkpoint into gs://, as a local run of the straight one.
   embed = [sys.executable, '-m', 'clip_jax.embed', '--shards', f'gs://{BUCKET}/eval/*.tar']

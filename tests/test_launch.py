@@ -10,7 +10,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / 'launch' / 'local.sh', ROOT / 'launch' / 'tpu_vm.sh',
-           ROOT / 'launch' / 'slurm.sbatch', ROOT / '.ci' / 'run']
+           ROOT / 'launch' / 'gpu_host.sh', ROOT / 'launch' / 'slurm.sbatch', ROOT / '.ci' / 'run']
 
 
 @pytest.fixture

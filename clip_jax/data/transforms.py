@@ -109,14 +109,17 @@ def decode_image(data: bytes, min_size: int | None, max_pixels: int = MAX_IMAGE_
 
 def decode_or_skip(data: bytes, min_size: int | None, max_pixels: int = MAX_IMAGE_PIXELS
                    ) -> Image.Image | str:
-  """`decode_image`, or the skip kind a reader counts a failure under: 'oversized_image'
-  (`ImageTooLarge`) or 'bad_image' (anything else PIL raises on corrupt data)."""
+  """`decode_image`, or the skip kind a reader counts a failure under (`skip_kind`)."""
   try:
     return decode_image(data, min_size, max_pixels)
-  except ImageTooLarge:
-    return 'oversized_image'
-  except Exception:  # PIL raises many types for corrupt data
-    return 'bad_image'
+  except Exception as e:  # PIL raises many types for corrupt data
+    return skip_kind(e)
+
+
+def skip_kind(error: Exception) -> str:
+  """What a failed `decode_image` is counted as: 'oversized_image' (`ImageTooLarge`) or
+  'bad_image' (anything else PIL raises on corrupt, truncated or unknown data)."""
+  return 'oversized_image' if isinstance(error, ImageTooLarge) else 'bad_image'
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,

@@ -2,17 +2,16 @@
 an evaluation (or a training run at its periodic evaluation), and never goes unnoticed.
 
 Kinds are the training reader's (`tar_samples.SKIP_REASONS`): an image that does not
-decode is `bad_image`, a `.json` that is not a JSON object (or a label that is not a class
-index) `bad_caption`, a shard problem its own kind. Each evaluation's counts are printed
-and saved with its results; the first few of each kind are named in a warning.
+decode is `bad_image` (`oversized_image` over the pixel cap), a `.json` that is not a JSON
+object (or a label that is not a class index) `bad_caption`, a shard problem its own kind.
+Each evaluation's counts are printed and saved with its results; the first few of each kind
+are named in a warning.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,14 +19,11 @@ import numpy as np
 from PIL import Image
 
 from clip_jax import distributed
+from clip_jax.data import tar_samples
 from clip_jax.data.specs import parse_spec
 from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, Skip, read_shard
-from clip_jax.data.transforms import decode_image
+from clip_jax.data.transforms import decode_image, skip_kind
 
-# What PIL (and the pixel cap before it) raises on bytes that are not an image it can
-# decode: truncated or corrupt data, unknown formats, bombs; none of them is a bug here.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
-                 Image.DecompressionBombError)
 NAMED_PER_KIND = 5
 
 
@@ -58,29 +54,25 @@ class Skipped(collections.Counter):
 
 def decoded(data: bytes, min_size: int | None, where: str, skipped: Skipped
             ) -> Image.Image | None:
-  """The decoded RGB image, or None (counted as `bad_image`, named) when it does not decode."""
+  """The decoded RGB image, or None (counted and named, as `bad_image` or
+  `oversized_image`: `transforms.skip_kind`) when it does not decode."""
   try:
     return decode_image(data, min_size)
-  except DECODE_ERRORS as e:
-    skipped.add('bad_image', where, f'{type(e).__name__}: {e}')
+  except Exception as e:  # PIL raises many types for corrupt data
+    skipped.add(skip_kind(e), where, f'{type(e).__name__}: {e}')
     return None
 
 
 def json_object(data: bytes, where: str, skipped: Skipped | None) -> dict[str, Any] | None:
-  """A sample's `.json` as a dict, or None (counted as `bad_caption`) when it is not an object.
-
-  `skipped=None` leaves the sample uncounted (another pass or process counts it)."""
+  """A sample's `.json` as a dict (`tar_samples.json_object`), or None (counted as
+  `bad_caption`) when it is not an object. `skipped=None` leaves the sample uncounted
+  (another pass or process counts it)."""
   try:
-    value = json.loads(data)
-  except (UnicodeDecodeError, ValueError, RecursionError) as e:
-    why = f'{type(e).__name__}: {e}'
-  else:
-    if isinstance(value, dict):
-      return value
-    why = f'the .json holds a {type(value).__name__}, not an object'
-  if skipped is not None:
-    skipped.add('bad_caption', where, why)
-  return None
+    return tar_samples.json_object(data)
+  except tar_samples.BadJSON as e:
+    if skipped is not None:
+      skipped.add('bad_caption', where, str(e))
+    return None
 
 
 def samples(spec: str, skipped: Skipped | None) -> Iterator[RawSample]:

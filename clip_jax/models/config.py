@@ -124,8 +124,9 @@ class CLIPConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = True
   remat: str = 'none'
-  # 'auto': cuDNN flash attention where compiled for an NVIDIA GPU, the Pallas splash kernel
-  # where compiled for TPU, XLA elsewhere; 'xla', 'cudnn', 'splash' (layers.attend).
+  # 'auto': the core measured best per platform: cuDNN flash attention where compiled for an
+  # NVIDIA GPU, XLA elsewhere (on TPU splash took more HBM at CLIP lengths, RESULTS
+  # 2026-11-30); 'xla', 'cudnn', 'splash' name one (layers.attend).
   attention: str = 'auto'
 
   def replace(self, **overrides: Any) -> CLIPConfig:

@@ -166,7 +166,10 @@ class Attention(nnx.Module):
 
 
 # The kernel per platform the program is compiled for, by `model.attention` ('xla': none).
-_KERNELS = {'auto': ('cuda', 'tpu'), 'cudnn': ('cuda',), 'splash': ('tpu',), 'xla': ()}
+# 'auto' is what measured best per platform: cuDNN on GPU (+26% ViT-B-16 steps on an H200);
+# splash is left out on TPU, as it compiled to more HBM than XLA's path at CLIP's sequence
+# lengths and its speed is unmeasured (bench/RESULTS.md, 2026-11-30).
+_KERNELS = {'auto': ('cuda',), 'cudnn': ('cuda',), 'splash': ('tpu',), 'xla': ()}
 
 
 def attend(q, k, v, *, causal: bool, impl: str) -> jax.Array:
@@ -174,11 +177,12 @@ def attend(q, k, v, *, causal: bool, impl: str) -> jax.Array:
 
   'xla': `dot_product_attention` everywhere. 'cudnn': cuDNN's flash attention
   (`cudnn_attention`) where the program is compiled for an NVIDIA GPU; 'splash': the Pallas
-  kernel (`splash_attention`) where compiled for TPU; 'auto': both. Every other platform
-  (CPU) computes `dot_product_attention`, bit for bit, so a model trained with any of them
-  evaluates and exports anywhere. The choice is made when the program is lowered
-  (`lax.platform_dependent`): one jitted function is right on every backend, and a program
-  lowered for another platform (`clip_jax.aot`) gets that platform's kernel.
+  kernel (`splash_attention`) where compiled for TPU; 'auto': the measured best per platform
+  (`_KERNELS`). Every other platform (CPU) computes `dot_product_attention`, bit for bit, so
+  a model trained with any of them evaluates and exports anywhere. The choice is made when
+  the program is lowered (`lax.platform_dependent`): one jitted function is right on every
+  backend, and a program lowered for another platform (`clip_jax.aot`) gets that platform's
+  kernel.
   """
   if not _KERNELS[impl]:
     return dot_product_attention(q, k, v, causal=causal)
