@@ -1,4 +1,5 @@
-"""Input pipeline vs webdataset + torchvision DataLoader on the same shards and cores.
+"""Input pipeline vs webdataset + torchvision DataLoader on the same shards and cores, and
+the data workers one GPU needs.
 
   python bench/data.py [--samples 4096] [--workers 2] [--batch_size 256] [--batches 12]
 
@@ -7,11 +8,15 @@ Writes JPEG shards (256-512px, drawn shapes over noise), then measures samples/s
 decode, RandomResizedCrop(224, scale=(0.9, 1)), normalise, CLIP-tokenise, batch. Both use
 the same number of worker processes; one warm-up batch is excluded. clip_jax ships uint8
 images and normalises on the accelerator; torchvision normalises float32 in the workers
-(its standard recipe). Prints the ratio.
+(its standard recipe). Prints the ratio, then clip_jax's samples/s per worker and the
+workers (one core each) that keep one GPU fed at the train step rates measured on an H200
+(`GPU_PAIRS_PER_SECOND`). Run it with as many workers as the host has cores to spare: the
+per-worker rate holds while each worker has a core of its own. NaFlex has no pipeline yet.
 """
 
 import argparse
 import io
+import math
 import tempfile
 import time
 
@@ -22,6 +27,11 @@ import clip_jax
 from clip_jax.data.bench import measure
 from clip_jax.data.pipeline import PipelineConfig
 from clip_jax.data.shard_writer import ShardWriter
+
+# clip_jax's train step on one H200, bf16, pairs/s (bench/RESULTS.md 2026-12-04 and DESIGN.md:
+# unrolled layers, cuDNN attention for B-16 and L-14). An H100 is slower, so needs no more.
+GPU_PAIRS_PER_SECOND = {'ViT-B-32 at 512/GPU': 5622, 'ViT-B-16 at 256/GPU': 2571,
+                        'ViT-L-14 at 128/GPU': 699}
 
 
 def write_shards(root: str, samples: int, per_shard: int = 512) -> str:
@@ -86,6 +96,10 @@ def main():
   print(f'clip_jax grain pipeline:               {ours:8.1f} samples/s')
   print(f'webdataset + torch DataLoader:          {theirs:8.1f} samples/s')
   print(f'ratio: {ours / theirs:.2f}x')
+  per_worker = ours / args.workers
+  print(f'clip_jax per worker: {per_worker:.1f} samples/s')
+  for model, rate in GPU_PAIRS_PER_SECOND.items():
+    print(f'{model} ({rate:,} pairs/s): {math.ceil(rate / per_worker)} workers per GPU')
 
 
 if __name__ == '__main__':

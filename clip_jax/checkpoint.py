@@ -200,6 +200,7 @@ class TrainCheckpoints:
         train=ocp.args.JsonSave({'step': int(state['step']),
                                  'bad_steps': int(state['bad_steps']),
                                  'process_count': jax.process_count(),
+                                 'data_workers': loader.workers,
                                  'preset': self.preset}),
         model_config=ocp.args.JsonSave(self.model_cfg.to_dict()),
         data=grain.checkpoint.CheckpointSave(_DataState(loader, loader.get_state())),
@@ -273,8 +274,9 @@ class TrainCheckpoints:
   def restore(self, step: int, state: dict, loader) -> tuple[dict, bool]:
     """(state on the shardings of `state`, whether the input pipeline state was restored).
 
-    The pipeline state is per process, so it is restored only when the checkpoint was
-    written by as many processes as there are now. A state with an EMA restores it; from a
+    The pipeline state is per process and per data worker, so it is restored only when the
+    checkpoint was written by as many processes, each with as many workers, as there are
+    now ('auto' workers follow the host's cores). A state with an EMA restores it; from a
     checkpoint without one (EMA switched on for a running run) the EMA starts at the params.
     """
     def abstract(tree):
@@ -285,10 +287,11 @@ class TrainCheckpoints:
         train=ocp.args.JsonRestore(), model_config=ocp.args.JsonRestore()))
     counters = stored['train']
     self._check_model(step, counters.get('preset', ''), stored['model_config'], state['params'])
-    same_processes = counters.get('process_count', 1) == jax.process_count()
+    same_layout = (counters.get('process_count', 1) == jax.process_count()
+                      and counters.get('data_workers', loader.workers) == loader.workers)
     items = dict(params=ocp.args.StandardRestore(abstract(state['params'])),
                  opt_state=ocp.args.StandardRestore(abstract(state['opt_state'])))
-    if same_processes:
+    if same_layout:
       items['data'] = grain.checkpoint.CheckpointRestore(_DataState(loader))
     with_ema = 'ema' in state and (self.directory / str(step) / 'ema').exists()
     if with_ema:
@@ -302,7 +305,7 @@ class TrainCheckpoints:
       if not with_ema:
         logging.warning('Checkpoint step %d holds no EMA: it starts at the params.', step)
       result['ema'] = restored['ema'] if with_ema else jax.tree.map(jnp.copy, result['params'])
-    return result, same_processes
+    return result, same_layout
 
   def _check_model(self, step: int, preset: str, model_config: dict, params: dict) -> None:
     """Raises ModelMismatchError, naming both models, when the step's params do not have the

@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The input pipeline's keys and defaults come from `PipelineConfig` (data/pipeline.py).
   c.data = ml_collections.ConfigDict(data_defaults())
+  # 'auto' or a count: a reference of any type, so that both `--config.data.workers=8` and
+  # `=auto` parse (a str-typed key would read 8 as '8', an int-typed one refuse 'auto').
+  c.data.workers = ml_collections.FieldReference(c.data.workers, field_type=object)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'softmax'            # 'softmax' | 'sigmoid' | 'sigmoid_chunked'

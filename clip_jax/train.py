@@ -215,10 +215,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     loader = Loader(dataclasses.replace(run.data, seed=config.seed + start),
                     program.batch_sharding)
     logging.warning(
-        'The checkpoint at step %d was written by a different number of processes: params, '
-        'optimizer state and step are restored, but the input position is per process and '
-        'is not. The data starts a new pass, reshuffled with seed %d (seed + step): samples '
-        'of the interrupted pass may be seen again.', start, config.seed + start)
+        'The checkpoint at step %d was written by a different number of processes or data '
+        'workers: params, optimizer state and step are restored, but the input position is '
+        'per process and worker and is not. The data starts a new pass, reshuffled with seed '
+        '%d (seed + step): samples of the interrupted pass may be seen again.', start,
+        config.seed + start)
   logger = MetricLogger(workdir, config.tensorboard, start_step=start)
   if not start:
     logger.write_config(config, parameter_overview.get_parameter_overview(state['params']))

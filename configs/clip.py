@@ -87,7 +87,6 @@ def recipe(name: str, batch_size: int, samples: int, gpus: int = 0):
   c.checkpoint_every = 1000
   c.eval_every = 5000
   c.data.train = ''  # set --config.data.train to your shards
-  c.data.workers = 16
   c.data.shuffle_window = 10000
   c.data.cycle_length = 8
   c.loss.kind = 'softmax'

@@ -38,7 +38,6 @@ def get_config(arg=None):
   c.log_every = 50
   c.checkpoint_every = 1000
   c.eval_every = 5000
-  c.data.workers = 16
   c.data.shuffle_window = 10000
   c.data.cycle_length = 8
   c.data.augment = 'squash'

@@ -120,3 +120,19 @@ def random_batch(size, cfg, seed=0):
   return {'image': rng.integers(0, 255, (size, size_px, size_px, 3), dtype=np.uint8),
           'text': text}
 
+
+
+class FakeLoader:
+  """The input pipeline's checkpoint interface (`Loader`'s): a position to save and
+  restore, and the data workers a checkpoint records."""
+
+  workers = 0
+
+  def __init__(self, position=0):
+    self.position = position
+
+  def get_state(self):
+    return {'position': self.position}
+
+  def set_state(self, state):
+    self.position = state['position']

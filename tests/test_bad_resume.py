@@ -17,19 +17,6 @@ from tests import helpers
 CFG = get_config('tiny')
 
 
-class _Loader:
-  """The input pipeline's checkpoint interface: a position to save and restore."""
-
-  def __init__(self, position=0):
-    self.position = position
-
-  def get_state(self):
-    return {'position': self.position}
-
-  def set_state(self, state):
-    self.position = state['position']
-
-
 def _state(step):
   """A small training state whose values say which step wrote it (random, so that the
   array data is the largest file of a checkpoint, not its metadata)."""
@@ -44,7 +31,7 @@ def workdir(tmp_path, monkeypatch):
   monkeypatch.setattr(TrainCheckpoints, 'RETRY_SECONDS', (0.0, 0.0, 0.0))
   checkpoints = TrainCheckpoints(str(tmp_path), CFG, every=1, keep=5)
   for step in (1, 2):
-    checkpoints.save(step, _state(step), _Loader(10 * step), force=True)
+    checkpoints.save(step, _state(step), helpers.FakeLoader(10 * step), force=True)
   checkpoints.close()
   return tmp_path
 
@@ -57,7 +44,7 @@ def _restore(workdir, failures):
   """`restore_latest` over `workdir` where orbax's restore raises `failures(call)` (None:
   the real restore runs); returns (step, state, loader, calls)."""
   checkpoints = TrainCheckpoints(str(workdir), CFG, every=1, keep=5)
-  real, calls, loader = checkpoints.manager.restore, [], _Loader()
+  real, calls, loader = checkpoints.manager.restore, [], helpers.FakeLoader()
 
   def flaky(step, *args, **kwargs):
     calls.append(step)

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import random
 import re
 import subprocess
@@ -16,7 +17,13 @@ import clip_jax
 from clip_jax.data import tar_samples
 from clip_jax.data.make_demo import CLASSNAMES, make_demo
 from clip_jax.data.make_shards import make_shards
-from clip_jax.data.pipeline import Loader, PipelineConfig, build_dataset
+from clip_jax.data.pipeline import (
+  WORKERS_PER_ACCELERATOR,
+  Loader,
+  PipelineConfig,
+  auto_workers,
+  build_dataset,
+)
 from clip_jax.data.shard_writer import ShardWriter
 from clip_jax.data.specs import expand_braces, parse_spec
 from clip_jax.data.tar_samples import RawSample, Skip, read_shard, split_key
@@ -108,7 +115,7 @@ def test_processes_read_disjoint_and_complete_shares(tmp_path, processes):
   seen = []
   for index in range(processes):
     cfg = _config(spec, global_batch_size=4 * processes, shuffle_window=4)
-    iterator = iter(build_dataset(cfg, index, processes))
+    iterator = iter(build_dataset(cfg, index, processes).dataset)
     per_process = 32 // processes
     captions = [c for _ in range(per_process // 4) for c in _captions(next(iterator))]
     assert len(set(captions)) == per_process  # no repeats inside the first epoch
@@ -123,17 +130,32 @@ def test_fewer_shards_than_processes_is_a_clear_error(tmp_path):
     build_dataset(_config(spec, global_batch_size=8), 0, 4)
 
 
-def test_fewer_shards_than_workers_does_not_hang(tmp_path):
+def test_fewer_shards_than_workers_yields_no_copies(tmp_path, caplog):
+  """Before: with one shard and 3 workers each worker read the shard in the same order, so
+  every batch came three times in a row; and 4 copies of the shard open in one worker put
+  each sample beside itself in a batch. Now: one worker, the shard open once, said so."""
   spec = _write_shards(tmp_path, 'w', 1, 8)
-  loader = Loader(_config(spec, workers=3, global_batch_size=2, cycle_length=1))
+  with caplog.at_level(logging.WARNING):
+    loader = Loader(_config(spec, workers=3, global_batch_size=2, cycle_length=4,
+                            shuffle_window=1))
   try:
-    batches = [_captions(next(loader)) for _ in range(12)]
+    batches = [_captions(next(loader)) for _ in range(8)]
   finally:
     loader.close()
-  # Each worker reads the whole shard and the workers take batches in turn: worker 0's
-  # first 4 batches are one shuffled pass over it, every sample once; nothing else comes.
-  assert sorted(c for batch in batches[::3] for c in batch) == [_name(i) for i in range(8)]
-  assert {c for batch in batches for c in batch} == {_name(i) for i in range(8)}
+  assert loader.workers == 1
+  assert '1 shard(s) of its smallest source: 1 data worker(s) instead of 3' in caplog.text
+  for one_pass in (batches[:4], batches[4:]):  # two passes, every sample once in each
+    assert sorted(c for batch in one_pass for c in batch) == [_name(i) for i in range(8)]
+
+
+def test_auto_workers_follow_the_cores_and_accelerators():
+  assert auto_workers(cores=2, accelerators=1) == 1      # this CI machine
+  assert auto_workers(cores=1, accelerators=1) == 1      # never none
+  assert auto_workers(cores=32, accelerators=1) == WORKERS_PER_ACCELERATOR
+  assert auto_workers(cores=224, accelerators=8) == 8 * WORKERS_PER_ACCELERATOR  # 8x H100
+  assert auto_workers(cores=64, accelerators=8) == 63
+  with pytest.raises(ValueError, match='config.data.workers'):
+    PipelineConfig(global_batch_size=1, image_size=16, tokenizer=TOKENIZER, workers='eight')
 
 
 def test_mixture_proportions_follow_the_weights(tmp_path):

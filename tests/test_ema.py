@@ -74,16 +74,6 @@ def test_ema_follows_the_recurrence_and_a_skipped_step_leaves_it_unchanged():
   _assert_trees_close(_host(state['ema']), expected, rtol=1e-6, atol=1e-7)
 
 
-class _Loader:
-  """The input pipeline's checkpoint interface, with nothing to restore."""
-
-  def get_state(self):
-    return {}
-
-  def set_state(self, state):
-    del state
-
-
 def _trained_checkpoint(workdir, ema: bool = True):
   """A training checkpoint (step 2) of a tiny model whose EMA differs from its params."""
   model, state, _ = _state_and_step(_config())
@@ -92,7 +82,7 @@ def _trained_checkpoint(workdir, ema: bool = True):
     del state['ema']
   checkpoints = TrainCheckpoints(str(workdir), model.cfg, every=1, keep=2)
   expected = _host(state)
-  checkpoints.save(2, state, _Loader(), force=True)
+  checkpoints.save(2, state, helpers.FakeLoader(), force=True)
   checkpoints.close()
   return model, expected
 
@@ -101,7 +91,7 @@ def test_the_ema_is_checkpointed_and_restored_exactly(tmp_path):
   model, saved = _trained_checkpoint(tmp_path)
   _, fresh, _ = _state_and_step(_config())
   checkpoints = TrainCheckpoints(str(tmp_path), model.cfg, every=1, keep=2)
-  step, restored, _ = checkpoints.restore_latest(fresh, _Loader())
+  step, restored, _ = checkpoints.restore_latest(fresh, helpers.FakeLoader())
   checkpoints.close()
   assert step == 2
   for key in ('params', 'ema', 'opt_state', 'step'):
@@ -115,7 +105,7 @@ def test_ema_switched_on_for_a_checkpoint_without_one_starts_at_the_params(tmp_p
   assert not (tmp_path / 'checkpoints' / '2' / 'ema').exists()
   _, fresh, _ = _state_and_step(_config())
   checkpoints = TrainCheckpoints(str(tmp_path), model.cfg, every=1, keep=2)
-  _, restored, _ = checkpoints.restore_latest(fresh, _Loader())
+  _, restored, _ = checkpoints.restore_latest(fresh, helpers.FakeLoader())
   checkpoints.close()
   _assert_trees_close(_host(restored['ema']), saved['params'], rtol=0, atol=0)
   with pytest.raises(FileNotFoundError, match='holds no EMA'):

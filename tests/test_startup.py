@@ -36,16 +36,6 @@ def test_missing_shards_are_said_at_start(tmp_path, caplog):
           'the 3 present') in caplog.messages
 
 
-class _Loader:
-  """The input pipeline's checkpoint interface, with nothing to restore."""
-
-  def get_state(self):
-    return {}
-
-  def set_state(self, state):
-    del state
-
-
 def _state(cfg):
   """A training state of `cfg`'s shapes (zeros: only the shapes matter here)."""
   params = jax.tree.map(jnp.zeros, param_shapes(cfg),
@@ -57,7 +47,7 @@ def _state(cfg):
 def _restore(workdir, preset, cfg):
   checkpoints = TrainCheckpoints(str(workdir), cfg, every=1, keep=2, preset=preset)
   try:
-    return checkpoints.restore_latest(_state(cfg), _Loader())
+    return checkpoints.restore_latest(_state(cfg), helpers.FakeLoader())
   finally:
     checkpoints.close()
 
@@ -65,7 +55,7 @@ def _restore(workdir, preset, cfg):
 def test_a_checkpoint_of_another_model_is_named_not_a_shape_error(tmp_path):
   tiny = get_config('tiny')
   checkpoints = TrainCheckpoints(str(tmp_path), tiny, every=1, keep=2, preset='tiny')
-  checkpoints.save(1, _state(tiny), _Loader(), force=True)
+  checkpoints.save(1, _state(tiny), helpers.FakeLoader(), force=True)
   checkpoints.close()
 
   with pytest.raises(ValueError, match=f'^--workdir {tmp_path} holds a tiny checkpoint; you '

@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -63,8 +63,10 @@ class PipelineConfig:
   augment: str = 'random_resized_crop'    # or 'center_crop' / 'squash' (eval-style)
   crop_scale: tuple[float, float] = (0.9, 1.0)
   shuffle_window: int = 2048              # samples; <= 1 turns shuffling off
-  cycle_length: int = 4                   # shards open at once per worker
-  workers: int = 2                        # mp_prefetch processes (0: in-process)
+  cycle_length: int = 4                   # shards open at once per worker (at most its share)
+  # mp_prefetch processes (0: in-process); 'auto': from the host's cores (`auto_workers`).
+  # Never more than this process's shards of any source (`data_workers`).
+  workers: int | str = 'auto'
   worker_buffer: int = 2                  # batches buffered per worker
   max_bad_before_first_good: int = 1000
   # Images whose header declares more pixels (width x height) are skipped undecoded and
@@ -82,6 +84,9 @@ class PipelineConfig:
     if self.max_image_pixels <= 0:
       raise ValueError(f'config.data.max_image_pixels must be positive, '
                        f'got {self.max_image_pixels}')
+    if self.workers != 'auto' and not (isinstance(self.workers, int) and self.workers >= 0):
+      raise ValueError(f"config.data.workers must be 'auto' or a count >= 0, "
+                       f'got {self.workers!r}')
 
 
 TRAINER_FIELDS = ('global_batch_size', 'image_size', 'tokenizer', 'seed', 'vocab_size',
@@ -174,18 +179,22 @@ def source_records(source: Source, cfg: PipelineConfig, process_index: int,
   """Records of one source: shards reshuffled each epoch, several open at once.
 
   The shard list repeats before interleaving, so in endless mode every worker of
-  `mp_prefetch` always has shards to read, even with fewer shards than workers (no
-  webdataset-style hang); with `num_epochs`, a worker without shards simply ends.
+  `mp_prefetch` always has shards to read (no webdataset-style hang); with `num_epochs`, a
+  worker without shards simply ends. A worker keeps at most as many shards open as its
+  share holds: more would open the same shard twice and put its samples next to their
+  own copies, duplicates in one batch (false negatives for a contrastive loss).
   """
   shards = process_shards(source, process_index, process_count)
   paths = grain.MapDataset.source(shards).shuffle(seed=cfg.seed + 7919 * index)
   paths = paths.repeat(cfg.num_epochs or None)
   datasets = paths.map(lambda path: ShardDataset(path, cfg.caption_key))
-  return grain.experimental.InterleaveIterDataset(datasets, cycle_length=cfg.cycle_length)
+  per_worker = len(shards) // max(int(cfg.workers), 1)
+  return grain.experimental.InterleaveIterDataset(
+      datasets, cycle_length=max(1, min(cfg.cycle_length, per_worker)))
 
 
-def tar_dataset(cfg: PipelineConfig, process_index: int, process_count: int) -> grain.IterDataset:
-  sources = parse_spec(cfg.train, cfg.weights or None)
+def tar_dataset(cfg: PipelineConfig, sources: Sequence[Source], process_index: int,
+                process_count: int) -> grain.IterDataset:
   if process_index == 0:
     for line in missing_shard_warnings(sources):
       logging.warning(line)
@@ -246,22 +255,69 @@ def synthetic_dataset(cfg: PipelineConfig, process_index: int, process_count: in
   return grain.MapDataset.range(1 << 62).map(sample).to_iter_dataset()
 
 
+class Built(NamedTuple):
+  dataset: grain.IterDataset  # per-process numpy batches
+  workers: int                # the worker processes it runs in (`data_workers`)
+
+
 def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: int = 1
-                  ) -> grain.IterDataset:
+                  ) -> Built:
   """The per-process dataset of numpy batches (before device transfer)."""
   if cfg.global_batch_size % process_count:
     raise ValueError(f'Global batch {cfg.global_batch_size} is not divisible by the '
                      f'{process_count} processes.')
-  ds = (tar_dataset(cfg, process_index, process_count) if cfg.kind == 'tar'
-        else synthetic_dataset(cfg, process_index, process_count))
+  if cfg.kind == 'tar':
+    sources = parse_spec(cfg.train, cfg.weights or None)
+    cfg = dataclasses.replace(cfg, workers=data_workers(cfg, sources, process_count))
+    ds = tar_dataset(cfg, sources, process_index, process_count)
+  else:
+    cfg = dataclasses.replace(cfg, workers=data_workers(cfg, None, process_count))
+    ds = synthetic_dataset(cfg, process_index, process_count)
   ds = ds.batch(cfg.global_batch_size // process_count, drop_remainder=True)
-  if cfg.workers > 0:
+  if cfg.workers:
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.workers),
                                                      per_worker_buffer_size=cfg.worker_buffer),
                         worker_init_fn=exit_with_parent)
-  return ds
+  return Built(ds, int(cfg.workers))
+
+
+# `data.workers='auto'` gives each accelerator of the host up to this many workers. One
+# worker decodes, crops and tokenises ~450 samples/s at 224 px from 256-512 px JPEGs (one
+# core, bench/data.py, bench/RESULTS.md), and one H200 trained ViT-B-32 at 5,622 pairs/s
+# (the fastest recipe; ViT-B-16 needs ~6 workers, ViT-L-14 2): 12.5 cores. The cap keeps
+# the workers' buffers (`worker_buffer` batches each, in shared memory) bounded on hosts
+# with hundreds of cores.
+WORKERS_PER_ACCELERATOR = 13
+
+
+def auto_workers(cores: int, accelerators: int) -> int:
+  """`data.workers='auto'`: every core of the host but one (the training loop's), at most
+  `WORKERS_PER_ACCELERATOR` per accelerator (a CPU backend counts as one), at least one."""
+  return max(1, min(cores - 1, WORKERS_PER_ACCELERATOR * accelerators))
+
+
+def data_workers(cfg: PipelineConfig, sources: Sequence[Source] | None,
+                 process_count: int) -> int:
+  """The worker processes the pipeline runs in: `cfg.workers` ('auto': `auto_workers`), but
+  no more than this process's shards of the smallest source. Each worker reads its own
+  slice of the (repeated) shard list, so with fewer shards than workers several workers
+  read the same shard in the same order, and their batches come out as copies."""
+  if cfg.workers == 'auto':
+    accelerators = jax.local_device_count() if jax.default_backend() != 'cpu' else 1
+    workers = auto_workers(len(os.sched_getaffinity(0)), accelerators)
+  else:
+    workers = int(cfg.workers)
+  if sources and workers:
+    shards = min(len(s.shards) for s in sources) // process_count
+    if 0 < shards < workers:
+      logging.warning('data.train gives each process %d shard(s) of its smallest source: %d '
+                      'data worker(s) instead of %d, as more would read the same shards and '
+                      'yield copies of the same batches; write more, smaller shards to use '
+                      'more.', shards, shards, workers)
+      workers = shards
+  return workers
 
 
 def exit_with_parent(worker_index: int, worker_count: int) -> None:
@@ -289,7 +345,7 @@ class Loader:
 
   def __init__(self, cfg: PipelineConfig, sharding: NamedSharding | None = None):
     self.cfg = cfg
-    self.dataset = build_dataset(cfg, jax.process_index(), jax.process_count())
+    self.dataset, self.workers = build_dataset(cfg, jax.process_index(), jax.process_count())
     self._iterator = iter(self.dataset)
     self.skipped: collections.Counter = collections.Counter()
     self._sharding = sharding
