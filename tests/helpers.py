@@ -12,6 +12,7 @@ import time
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from clip_jax import run_config, sharding
 from clip_jax import step as step_lib
@@ -82,6 +83,15 @@ def wait_for_step(workdir, step, timeout=300):
       return
     time.sleep(0.2)
   raise TimeoutError(f'{workdir} never reached step {step}')
+
+
+def jpeg(seed, height=48, width=None):
+  """JPEG bytes of a random `height` x `width` (default square) image."""
+  pixels = np.random.default_rng(seed).integers(0, 255, (height, width or height, 3),
+                                                dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, 'JPEG')
+  return buffer.getvalue()
 
 
 def write_tar(path, members):

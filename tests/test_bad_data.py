@@ -1,7 +1,6 @@
 """Crafted bad input through the data layer: each is skipped and counted under a named kind,
 or cut to what matters, and the stream goes on (issue 25's data rows)."""
 
-import io
 import json
 import struct
 import zlib
@@ -19,13 +18,6 @@ from clip_jax.data.transforms import ImageTooLarge, decode_image
 from tests import helpers
 
 TOKENIZER = clip_jax.get_tokenizer('clip', context_length=16)
-
-
-def _jpeg(seed, size=48):
-  rng = np.random.default_rng(seed)
-  buffer = io.BytesIO()
-  Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, 'JPEG')
-  return buffer.getvalue()
 
 
 def _png_bomb(width=13000, height=13000):
@@ -63,7 +55,7 @@ def _drain(loader):
 
 
 def test_caption_json_of_any_shape_is_a_counted_skip_and_the_stream_goes_on(tmp_path):
-  image = _jpeg(0)
+  image = helpers.jpeg(0)
   bad = {'list': b'[]', 'string': b'"x"', 'number': b'5', 'null': b'null',
          'deep': b'[' * 200_000 + b']' * 200_000, 'long_int': b'1' * 5000,
          'latin1': '{"caption": "caf\xe9"}'.encode('latin-1'), 'broken': b'{"caption": '}
@@ -109,7 +101,7 @@ def test_a_png_bomb_is_refused_from_its_header_and_counted(tmp_path, monkeypatch
     decode_image(_png_bomb(40, 30), None, max_pixels=10**9)
   monkeypatch.undo()
 
-  good = _jpeg(1)
+  good = helpers.jpeg(1)
   helpers.write_tar(tmp_path / '0.tar', [('a.jpg', good), ('a.txt', b'before'),
                                          ('bomb.png', bomb), ('bomb.txt', b'bomb'),
                                          ('b.jpg', good), ('b.txt', b'after')])
@@ -121,7 +113,7 @@ def test_a_png_bomb_is_refused_from_its_header_and_counted(tmp_path, monkeypatch
   assert skipped == {'oversized_image': 1}
 
   # data.max_image_pixels: a 64x64 image over a cap of 48x48 pixels.
-  helpers.write_tar(tmp_path / '2.tar', [('big.jpg', _jpeg(2, size=64)), ('big.txt', b'big'),
+  helpers.write_tar(tmp_path / '2.tar', [('big.jpg', helpers.jpeg(2, 64)), ('big.txt', b'big'),
                                          ('a.jpg', good), ('a.txt', b'small')])
   captions, skipped = _drain(Loader(_config(str(tmp_path / '2.tar'), workers=0,
                                             max_image_pixels=48 * 48)))
@@ -150,7 +142,7 @@ def test_a_huge_caption_and_a_huge_word_are_cut_before_cleaning_and_bpe(monkeypa
 def test_make_shards_skips_and_counts_files_that_are_not_images(tmp_path):
   photos = tmp_path / 'photos'
   photos.mkdir()
-  good = _jpeg(0)
+  good = helpers.jpeg(0)
   files = {'good.jpg': good, 'fake.jpg': b'just some text\n', 'trunc.jpg': good[:len(good) // 2],
            'bomb.png': _png_bomb()}
   for name, data in files.items():

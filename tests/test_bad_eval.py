@@ -13,7 +13,6 @@ import weakref
 import zlib
 
 import jax
-import numpy as np
 import pytest
 from etils import epath
 from PIL import Image
@@ -35,13 +34,6 @@ CLASSES = 40
 STEP = 7
 
 
-def _jpeg(seed):
-  rng = np.random.default_rng(seed)
-  out = io.BytesIO()
-  Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(out, 'JPEG')
-  return out.getvalue()
-
-
 def _png_bomb():
   """A PNG of a few dozen bytes whose header says 20000 x 20000: PIL refuses it on open
   (DecompressionBombError, which is neither an OSError nor a ValueError)."""
@@ -54,7 +46,7 @@ def _png_bomb():
 
 
 def _sample(key, label, image=None, meta=None, txt=True):
-  members = [(f'{key}.jpg', image if image is not None else _jpeg(label))]
+  members = [(f'{key}.jpg', image if image is not None else helpers.jpeg(label, 24, 20))]
   if txt:
     members.append((f'{key}.txt', f'a shape of class {label}'.encode()))
   members.append((f'{key}.json', meta if meta is not None else json.dumps(
@@ -217,7 +209,7 @@ def test_bad_samples_in_eval_shards_and_folders_are_skipped_counted_and_named(
   folder = tmp_path / 'folder'
   for label in range(3):
     (folder / f'class_{label}').mkdir(parents=True)
-    (folder / f'class_{label}' / 'good.jpg').write_bytes(_jpeg(label))
+    (folder / f'class_{label}' / 'good.jpg').write_bytes(helpers.jpeg(label, 24, 20))
   (folder / 'class_1' / 'broken.jpg').write_bytes(b'\xff\xd8\xff truncated')
   with caplog.at_level(logging.WARNING):
     results = evaluate(parse_args(_args(checkpoint, f'--zeroshot_shards={spec}',
@@ -258,8 +250,9 @@ def test_periodic_zero_shot_and_clip_benchmark_skip_and_count_bad_samples(checkp
   root = tmp_path / 'wds_shapes'
   (root / 'test').mkdir(parents=True)
   helpers.write_tar(root / 'test' / '0.tar', [
-      ('a.webp', _jpeg(0)), ('a.cls', b'0'), ('b.webp', b'RIFF not webp'), ('b.cls', b'1'),
-      ('c.webp', _jpeg(2)), ('c.cls', b'two')])
+      ('a.webp', helpers.jpeg(0, 24, 20)), ('a.cls', b'0'),
+      ('b.webp', b'RIFF not webp'), ('b.cls', b'1'),
+      ('c.webp', helpers.jpeg(2, 24, 20)), ('c.cls', b'two')])
   (root / 'test' / 'nshards.txt').write_text('1\n')
   (root / 'classnames.txt').write_text('zero\none\ntwo\n')
   (root / 'zeroshot_classification_templates.txt').write_text('a photo of a {c}.\n')

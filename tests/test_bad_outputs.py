@@ -23,7 +23,7 @@ from clip_jax.checkpoint import save_model
 from clip_jax.export import CONFIG_NAME, SAFETENSORS_NAME
 from clip_jax.models.functional import get_params
 from tests.conftest import ROOT
-from tests.helpers import write_tar
+from tests.helpers import jpeg, write_tar
 
 
 @pytest.fixture(scope='module')
@@ -32,19 +32,12 @@ def tiny_checkpoint(tmp_path_factory):
   return save_model(tmp_path_factory.mktemp('tiny') / 'c', model.cfg, get_params(model))
 
 
-def _jpeg(seed):
-  pixels = np.random.default_rng(seed).integers(0, 255, (40, 48, 3), dtype=np.uint8)
-  buffer = io.BytesIO()
-  Image.fromarray(pixels).save(buffer, 'JPEG')
-  return buffer.getvalue()
-
-
 def _samples(prefix, count, image=None):
   """Tar members of `count` captioned samples; `image` replaces the first one's JPEG."""
   members = []
   for i in range(count):
-    jpeg = image if i == 0 and image else _jpeg(ord(prefix[0]) * 100 + i)
-    members.append((f'{prefix}{i}.jpg', jpeg))
+    data = image if i == 0 and image else jpeg(ord(prefix[0]) * 100 + i, 40, 48)
+    members.append((f'{prefix}{i}.jpg', data))
     members.append((f'{prefix}{i}.txt', f'photo {prefix} {i}'.encode()))
   return members
 

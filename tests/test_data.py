@@ -1,6 +1,5 @@
 """Input pipeline: specs, tar grouping, coverage across processes, exact resume, bad data."""
 
-import io
 import json
 import logging
 import random
@@ -11,7 +10,6 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import clip_jax
 from clip_jax.data import tar_samples
@@ -33,13 +31,6 @@ from tests import helpers
 TOKENIZER = clip_jax.get_tokenizer('clip', context_length=16)
 
 
-def _jpeg(seed, size=48):
-  rng = np.random.default_rng(seed)
-  buffer = io.BytesIO()
-  Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, 'JPEG')
-  return buffer.getvalue()
-
-
 def _name(i):
   """A caption per index that the CLIP tokenizer decodes back verbatim (letters only)."""
   return 'sample ' + chr(97 + i // 26) + chr(97 + i % 26)
@@ -48,7 +39,7 @@ def _name(i):
 def _write_shards(root, name, n_shards, per_shard, caption=_name):
   writer = ShardWriter(root / name, per_shard)
   for i in range(n_shards * per_shard):
-    writer.write(_jpeg(i % 7), 'jpg', caption(i))
+    writer.write(helpers.jpeg(i % 7), 'jpg', caption(i))
   writer.close()
   return str(root / name / f'{{00000..{n_shards - 1:05d}}}.tar')
 
@@ -95,7 +86,7 @@ def test_webdataset_key_rules():
 
 
 def test_members_are_grouped_by_key_with_caption_from_txt_or_json(tmp_path):
-  image = _jpeg(0)
+  image = helpers.jpeg(0)
   helpers.write_tar(tmp_path / 's.tar', [
       ('x/a.jpg', image), ('x/a.txt', b' cat '), ('x/a.json', b'{}'),
       ('b.png', image), ('b.json', json.dumps({'caption': 'dog'}).encode()),
@@ -214,7 +205,7 @@ def test_synthetic_source_is_deterministic_and_well_formed():
 # --- bad data ----------------------------------------------------------------------------
 
 def _bad_data_shards(tmp_path, monkeypatch):
-  good = _jpeg(1)
+  good = helpers.jpeg(1)
   shards = tmp_path / 'bad'
   shards.mkdir()
   helpers.write_tar(shards / '00000.tar', [
@@ -273,7 +264,7 @@ def test_all_bad_data_fails_naming_the_spec(tmp_path, captioned, reason):
 # --- images ------------------------------------------------------------------------------
 
 def test_jpeg_decodes_at_reduced_size_but_never_below_target():
-  data = _jpeg(0, size=512)
+  data = helpers.jpeg(0, 512)
   image = decode_image(data, 64)
   assert 64 <= min(image.size) <= 128  # libjpeg scaled by 1/4 or 1/8 at decode time
   crop = random_resized_crop(image, 32, np.random.default_rng(0))
@@ -286,7 +277,7 @@ def test_make_shards_round_trip_from_folder_csv_and_parquet(tmp_path):
   photos = tmp_path / 'photos'
   photos.mkdir()
   for i in range(5):
-    (photos / f'p{i}.jpg').write_bytes(_jpeg(i))
+    (photos / f'p{i}.jpg').write_bytes(helpers.jpeg(i))
     if i != 3:
       (photos / f'p{i}.txt').write_text(f'photo number {i}')
   result = subprocess.run([sys.executable, '-m', 'clip_jax.data.make_shards', '--input',
