@@ -117,8 +117,7 @@ def test_demo_config_generates_its_data_and_takes_steps_and_data_dir(tmp_path, m
   assert config.eval.zeroshot_shards == f'{data}/eval/*.tar'
   assert config.eval.classnames == f'{data}/classnames.txt'
   assert demo_config.get_config(f'data_dir={data}').total_steps == 1000 and len(made) == 1
-  with pytest.raises(ValueError, match='steps=N and data_dir=PATH'):
-    demo_config.get_config('step=7')
+  # A mistyped key fails naming the valid ones: tests/test_configs.py.
 
 
 def test_demo_preset_exports_to_open_clip(tmp_path):
