@@ -200,6 +200,24 @@ def test_cli_zero_shot_and_retrieval_hold_at_most_two_batches_of_decoded_images(
 
 # --- row: undecodable images and bad .json are skipped and counted -------------------------
 
+def test_skips_after_the_last_labelled_sample_are_counted(checkpoint, tmp_path):
+  """Before: 8 labelled samples filled the last batch of 8 exactly, so the CLI stopped
+  reading there and the sample without a caption and the truncated end after them went
+  uncounted (the trainer's periodic evaluation, in batches of another size, counted them)."""
+  members = [m for i in range(8) for m in _sample(f'{i:04d}', i)]
+  members += _sample('nocaption', 1, txt=False, meta=b'{"label": 1}')
+  members += [('cut.jpg', helpers.jpeg(9, 64))]
+  helpers.write_tar(tmp_path / '0.tar', members)
+  data = (tmp_path / '0.tar').read_bytes()
+  (tmp_path / '0.tar').write_bytes(data[:data.rindex(b'cut.jpg') + 700])  # inside its image
+  (tmp_path / 'names.txt').write_text(''.join(f'class {i}\n' for i in range(8)))
+  spec = str(tmp_path / '0.tar')
+  results = evaluate(parse_args(_args(checkpoint, f'--zeroshot_shards={spec}',
+                                      f'--classnames={tmp_path}/names.txt')))
+  assert results['zeroshot'][spec]['num_images'] == 8
+  assert results['zeroshot'][spec]['skipped'] == {'truncated_shard': 1, 'missing_caption': 1}
+
+
 EXPECTED_SKIPS = {'bad_caption': 3, 'bad_image': 1, 'oversized_image': 1}
 
 

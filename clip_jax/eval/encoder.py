@@ -6,6 +6,7 @@ the padding rows are dropped from the outputs, so every example counts exactly o
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -87,6 +88,7 @@ class Encoder:
     processes that all pass the same examples.
     """
     local = self.batch_size // jax.process_count()
+    examples = iter(examples)
     chunks: Iterable[tuple[list, list]] = _chunks(examples, local)
     steps = None if most is None else -(-most // local)
     if steps is not None:
@@ -95,6 +97,10 @@ class Encoder:
                                 disable=jax.process_index() != 0):
       rows = np.stack(images) if images else np.zeros((0, *self._image_shape), np.uint8)
       yield self.local_images(rows), targets
+    # A last batch filled exactly leaves the reader before the records after its last
+    # example (a sample with no caption, a truncated shard's end): read them, so that the
+    # reader counts their skips. They hold no example (`most` counts every one).
+    collections.deque(examples, maxlen=0)
 
   def image_stream(self, examples: Iterable[tuple[np.ndarray, Any]], total: int | None = None,
                    desc: str = 'images') -> tuple[np.ndarray, list]:
