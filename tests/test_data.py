@@ -145,6 +145,7 @@ def test_auto_workers_follow_the_cores_and_accelerators():
   assert auto_workers(cores=32, accelerators=1) == WORKERS_PER_ACCELERATOR
   assert auto_workers(cores=224, accelerators=8) == 8 * WORKERS_PER_ACCELERATOR  # 8x H100
   assert auto_workers(cores=64, accelerators=8) == 63
+  assert auto_workers(cores=8, accelerators=0) == 1  # never none, whatever the count
   with pytest.raises(ValueError, match='config.data.workers'):
     PipelineConfig(global_batch_size=1, image_size=16, tokenizer=TOKENIZER, workers='eight')
 

@@ -284,12 +284,12 @@ def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: in
 
 
 # `data.workers='auto'` gives each accelerator of the host up to this many workers. One
-# worker decodes, crops and tokenises ~450 samples/s at 224 px from 256-512 px JPEGs (one
-# core, bench/data.py, bench/RESULTS.md), and one H200 trained ViT-B-32 at 5,622 pairs/s
-# (the fastest recipe; ViT-B-16 needs ~6 workers, ViT-L-14 2): 12.5 cores. The cap keeps
-# the workers' buffers (`worker_buffer` batches each, in shared memory) bounded on hosts
-# with hundreds of cores.
-WORKERS_PER_ACCELERATOR = 13
+# worker decodes, crops and tokenises 300-450 samples/s at 224 px from 256-512 px JPEGs
+# (one core, bench/data.py, bench/RESULTS.md 2026-11-23 and 2026-12-05), and one H200
+# trained ViT-B-32 at 5,622 pairs/s (the fastest recipe; ViT-B-16 needs ~8 workers,
+# ViT-L-14 2): ~16 cores at 366 samples/s. The cap keeps the workers' buffers
+# (`worker_buffer` batches each, in shared memory) bounded on hosts with hundreds of cores.
+WORKERS_PER_ACCELERATOR = 16
 
 
 def auto_workers(cores: int, accelerators: int) -> int:
