@@ -28,14 +28,20 @@ def open_clip_model(name: str, vision_layers: int | None = None, text_layers: in
   if cfg is None:  # a clip_jax-only preset (tiny): OpenCLIP builds it from our exported config
     cfg = model_cfg(get_config(name))
   timm = 'timm_model_name' in cfg['vision_cfg']
+  coca = 'multimodal_cfg' in cfg
   if text_layers:
     cfg['text_cfg']['layers'] = text_layers
+    if coca:  # the caption decoder runs at the text tower's reduced depth
+      cfg['multimodal_cfg']['layers'] = text_layers
   if vision_layers and not timm:
     cfg['vision_cfg']['layers'] = vision_layers
   cfg['text_cfg'].update(text_overrides or {})
   custom_text = cfg.pop('custom_text', False)
   torch.manual_seed(seed)
-  model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
+  if coca:
+    model = open_clip.CoCa(**cfg)
+  else:
+    model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
   if timm and vision_layers:  # timm builds by name only: drop the extra blocks afterwards
     model.visual.trunk.blocks = model.visual.trunk.blocks[:vision_layers]
   perturb(model, seed)
@@ -59,3 +65,11 @@ def torch_features(model: torch.nn.Module, images: np.ndarray, tokens: np.ndarra
     img = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True)
     txt = model.encode_text(torch.from_numpy(tokens).long(), normalize=True)
   return img.numpy(), txt.numpy()
+
+
+def torch_caption_logits(model: torch.nn.Module, images: np.ndarray, tokens: np.ndarray
+                         ) -> np.ndarray:
+  """OpenCLIP CoCa's teacher-forced caption logits [B, T - 1, vocab] (its `forward`)."""
+  with torch.no_grad():
+    out = model(torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(tokens).long())
+  return out['logits'].numpy()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from clip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+from clip_jax.models.config import CLIPConfig, DecoderConfig, TextConfig, VisionConfig
 
 Params = dict[str, Any]  # nested dict of arrays, as nnx.to_pure_dict returns
 
@@ -113,8 +113,20 @@ def _openclip_vision_rules(v: VisionConfig) -> list[Rule]:
     rules += _ln('visual.ln_pre', 'visual/ln_pre')
   rules += _openclip_block('visual.transformer.resblocks.{i}', 'visual/transformer/blocks',
                            v.ls_init is not None)
+  if v.attn_pool_queries:
+    rules += _attentional_pooler_rules('visual.attn_pool', 'visual/attn_pool')
   rules += _ln('visual.ln_post', 'visual/ln_post')
   return rules + ([Rule('visual.proj', 'visual/proj')] if v.proj else [])
+
+
+def _attentional_pooler_rules(t: str, o: str) -> list[Rule]:
+  """CoCa's pooler: torch's MultiheadAttention with kdim != embed_dim keeps q, k, v weights
+  apart and their biases packed."""
+  return ([Rule(f'{t}.query', f'{o}/query')]
+          + [Rule(f'{t}.attn.{x}_proj_weight', f'{o}/{x}/kernel', 'linear') for x in 'qkv']
+          + [Rule(f'{t}.attn.in_proj_bias', f'{o}/in_bias', 'flat')]
+          + _linear(f'{t}.attn.out_proj', f'{o}/out', 'linear2')
+          + _ln(f'{t}.ln_q', f'{o}/ln_q') + _ln(f'{t}.ln_k', f'{o}/ln_k'))
 
 
 def _timm_vision_rules(v: VisionConfig) -> list[Rule]:
@@ -136,6 +148,8 @@ def _timm_vision_rules(v: VisionConfig) -> list[Rule]:
 def _text_rules(t: TextConfig, prefix: str) -> list[Rule]:
   rules = [Rule(f'{prefix}token_embedding.weight', 'text/token_embed'),
            Rule(f'{prefix}positional_embedding', 'text/pos_embed')]
+  if t.embed_cls:
+    rules += [Rule(f'{prefix}cls_emb', 'text/cls_token')]
   rules += _openclip_block(f'{prefix}transformer.resblocks.{{i}}', 'text/transformer/blocks',
                            t.ls_init is not None)
   rules += _ln(f'{prefix}ln_final', 'text/ln_final')
@@ -146,16 +160,30 @@ def _text_rules(t: TextConfig, prefix: str) -> list[Rule]:
   return rules
 
 
+def _decoder_rules(d: DecoderConfig) -> list[Rule]:
+  """CoCa's `text_decoder` (OpenCLIP `MultimodalTransformer`)."""
+  o = 'decoder/layers'
+  cross = 'text_decoder.cross_attn.{i}'
+  return (_openclip_block('text_decoder.resblocks.{i}', f'{o}/self_block', False)
+          + _openclip_block(cross, f'{o}/cross_block', False)
+          + _ln(f'{cross}.ln_1_kv', f'{o}/cross_block/ln_1_kv')
+          + _ln('text_decoder.ln_final', 'decoder/ln_final')
+          + [Rule('text_decoder.text_projection', 'decoder/proj')])
+
+
 def rules_for(cfg: CLIPConfig) -> list[Rule]:
   vision = (_timm_vision_rules(cfg.vision) if cfg.vision.timm_model_name
             else _openclip_vision_rules(cfg.vision))
   text = _text_rules(cfg.text, 'text.' if cfg.custom_text else '')
+  decoder = _decoder_rules(cfg.decoder) if cfg.decoder is not None else []
   scale = [Rule('logit_scale', 'logit_scale')]
   bias = [Rule('logit_bias', 'logit_bias')] if cfg.init_logit_bias is not None else []
-  return vision + text + scale + bias
+  return vision + text + decoder + scale + bias
 
 
 def _layers(cfg: CLIPConfig, rule: Rule) -> int:
+  if rule.ours.startswith('decoder/'):
+    return cfg.decoder.layers
   return cfg.vision.layers if rule.ours.startswith('visual/') else cfg.text.layers
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from clip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+from clip_jax.models.config import CLIPConfig, DecoderConfig, TextConfig, VisionConfig
 
 
 class UnsupportedForOpenCLIP(ValueError):
@@ -53,6 +53,9 @@ def _native_vision(v: VisionConfig) -> dict[str, Any]:
              **_act_kwargs(v.act), **_norm_kwargs(v.norm_eps))
   if v.ls_init is not None:
     out['ls_init_value'] = v.ls_init
+  if v.attn_pool_queries:
+    out.update(attentional_pool=True, attn_pooler_queries=v.attn_pool_queries,
+               attn_pooler_heads=v.attn_pool_heads)
   return {**out, **_patch_dropout(v)}
 
 
@@ -91,15 +94,34 @@ def _text(t: TextConfig) -> dict[str, Any]:
              **_act_kwargs(t.act), **_norm_kwargs(t.norm_eps))
   if t.ls_init is not None:
     out['ls_init_value'] = t.ls_init
+  if t.embed_cls:
+    out['embed_cls'] = True
   if t.hf_tokenizer_name:
     out.update(hf_tokenizer_name=t.hf_tokenizer_name, tokenizer_kwargs={'clean': 'canonicalize'})
   return out
 
 
+def _multimodal(d: DecoderConfig, act: str, pool_heads: int, pool_queries: int) -> dict[str, Any]:
+  """CoCa's `multimodal_cfg`. OpenCLIP builds the decoder's activation from the global
+  `quick_gelu` flag and its LayerNorm with the default eps, so those must match."""
+  if d.act != act or d.norm_eps != 1e-5:
+    raise UnsupportedForOpenCLIP('OpenCLIP\'s CoCa decoder takes the text tower\'s activation '
+                                 'and LayerNorm eps 1e-5 (decoder.act, decoder.norm_eps).')
+  return dict(width=d.width, heads=d.heads, layers=d.layers, context_length=d.context_length,
+              vocab_size=d.vocab_size, mlp_ratio=_mlp_ratio(d.mlp_dim, d.width),
+              attn_pooler_heads=pool_heads, n_queries=pool_queries or 256)
+
+
 def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
   vision = _timm_vision(cfg) if cfg.vision.timm_model_name else _native_vision(cfg.vision)
+  text = _text(cfg.text)
+  if cfg.decoder is not None:  # CoCa: both towers return their tokens
+    vision['output_tokens'] = text['output_tokens'] = True
   out = dict(embed_dim=cfg.embed_dim, quick_gelu=_quick_gelu(cfg), vision_cfg=vision,
-             text_cfg=_text(cfg.text), init_logit_scale=cfg.init_logit_scale)
+             text_cfg=text, init_logit_scale=cfg.init_logit_scale)
+  if cfg.decoder is not None:
+    out['multimodal_cfg'] = _multimodal(cfg.decoder, cfg.text.act, cfg.vision.attn_pool_heads,
+                                        cfg.vision.attn_pool_queries)
   if cfg.custom_text:
     out['custom_text'] = True
   if cfg.init_logit_bias is not None:

@@ -1,4 +1,5 @@
-"""The two-tower model with a learnable logit scale (and SigLIP's logit bias)."""
+"""The two-tower model with a learnable logit scale (and SigLIP's logit bias), and CoCa's
+caption decoder when the config has one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clip_jax.models.config import CLIPConfig
+from clip_jax.models.decoder import TextDecoder
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer
 
@@ -35,6 +37,7 @@ class CLIP(nnx.Module):
     self.logit_scale = nnx.Param(jnp.asarray(cfg.init_logit_scale, jnp.float32), axes=())
     self.logit_bias = (nnx.Param(jnp.asarray(cfg.init_logit_bias, jnp.float32), axes=())
                        if cfg.init_logit_bias is not None else None)
+    self.decoder = TextDecoder(cfg.decoder, **kw) if cfg.decoder is not None else None
 
   def encode_image(self, images: jax.Array, normalize: bool = False,
                    dropout_keys: jax.Array | None = None) -> jax.Array:
@@ -52,3 +55,16 @@ class CLIP(nnx.Module):
     bias = self.logit_bias[...] if self.logit_bias is not None else None
     return (self.encode_image(images, normalize=True, dropout_keys=dropout_keys),
             self.encode_text(tokens, normalize=True), self.logit_scale[...], bias)
+
+  def caption_logits(self, images: jax.Array, tokens: jax.Array,
+                     dropout_keys: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """`__call__`'s four outputs and the decoder's logits [B, T - 1, vocab] for teacher-forced
+    captioning: position t predicts `tokens[:, t + 1]` (OpenCLIP's CoCa `forward`)."""
+    if self.decoder is None:
+      raise ValueError('This model has no caption decoder (config.model.decoder is None).')
+    img, image_tokens = self.visual.encode(images, dropout_keys)
+    txt, text_tokens = self.text.encode(tokens)
+    bias = self.logit_bias[...] if self.logit_bias is not None else None
+    logits = self.decoder(image_tokens, text_tokens[:, :-1])
+    return l2_normalize(img), l2_normalize(txt), self.logit_scale[...], bias, logits

@@ -53,6 +53,11 @@ class VisionConfig:
   scan_unroll: int = 1
   # Set for towers that OpenCLIP builds from a timm trunk (the SigLIP family).
   timm_model_name: str | None = None
+  # CoCa's attentional pooler (OpenCLIP `attentional_pool`): this many learned queries
+  # (0: none) cross-attend to the tokens after the blocks, output width `embed_dim`; the first
+  # query pools for the contrastive loss, the others are the decoder's image tokens.
+  attn_pool_queries: int = 0
+  attn_pool_heads: int = 8
 
   @property
   def grid(self) -> int:
@@ -93,6 +98,34 @@ class TextConfig:
   # `scan_layers` makes (`jax.lax.scan`'s `unroll`). XLA schedules and fuses across the
   # layers of one iteration; `clip_jax.aot` costs a scanned layer by compiling 1 and 2.
   scan_unroll: int = 1
+  # CoCa (OpenCLIP `embed_cls`): a learned token appended after the text, pooled for the
+  # contrastive loss; the token outputs before it feed the caption decoder.
+  embed_cls: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  @property
+  def positions(self) -> int:
+    """Rows of the position embedding: the context, plus the appended class token."""
+    return self.context_length + int(self.embed_cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """CoCa's caption decoder (OpenCLIP `multimodal_cfg`): per layer a causal self-attention
+  block over the text tower's token outputs, then a cross-attention block over the image
+  tokens; `ln_final` and a projection to `vocab_size` logits."""
+  width: int = 512
+  heads: int = 8
+  layers: int = 12
+  mlp_dim: int = 2048
+  context_length: int = 76
+  vocab_size: int = 49408
+  act: str = 'gelu'
+  norm_eps: float = 1e-5
+  scan_unroll: int = 1
 
   @property
   def head_dim(self) -> int:
@@ -119,6 +152,8 @@ class CLIPConfig:
   # OpenCLIP stores the text tower under `text.` (CustomTextCLIP) instead of at the root.
   custom_text: bool = False
   preprocess: PreprocessConfig = PreprocessConfig()
+  # CoCa's caption decoder; None for two-tower models.
+  decoder: DecoderConfig | None = None
   # Execution options: never change the numbers beyond floating-point rounding.
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -137,7 +172,8 @@ class CLIPConfig:
     non-string fields are parsed as Python literals (`'2'`, `'False'`, `'None'`).
     """
     top: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {'vision': {}, 'text': {}, 'preprocess': {}}
+    nested: dict[str, dict[str, Any]] = {'vision': {}, 'text': {}, 'preprocess': {},
+                                         'decoder': {}}
     for key, value in overrides.items():
       head, _, tail = key.partition('.')
       if tail:
@@ -148,6 +184,9 @@ class CLIPConfig:
         top[key] = value
     for section, fields in nested.items():
       if fields:
+        if getattr(self, section) is None:
+          raise KeyError(f'Override {next(iter(fields))!r} of {section}: this model has no '
+                         f'{section} (a CoCa preset has one).')
         top[section] = _replace_checked(getattr(self, section), fields)
     return _replace_checked(self, top)
 
@@ -169,7 +208,25 @@ class CLIPConfig:
         (t.scan_unroll >= 1, 'text.scan_unroll must be >= 1'),
         (self.remat in REMAT_POLICIES, f'remat must be one of {REMAT_POLICIES}'),
         (self.attention in ATTENTIONS, f'attention must be one of {ATTENTIONS}'),
+        (not v.attn_pool_queries or v.pool == 'tok',
+         "vision.attn_pool_queries needs vision.pool='tok' (the first query is pooled)"),
+        (not v.attn_pool_queries or self.embed_dim % v.attn_pool_heads == 0,
+         'embed_dim must be divisible by vision.attn_pool_heads'),
     ]
+    if self.decoder is not None:
+      d = self.decoder
+      checks += [
+          (d.width % d.heads == 0, 'decoder.width must be divisible by decoder.heads'),
+          (d.act in ACTIVATIONS, f'decoder.act must be one of {ACTIVATIONS}'),
+          (t.embed_cls, 'a decoder needs text.embed_cls=True (CoCa text tower)'),
+          (t.width == d.width, 'decoder.width must equal text.width'),
+          (d.context_length >= t.context_length - 1,
+           'decoder.context_length must be >= text.context_length - 1'),
+          (d.scan_unroll >= 1, 'decoder.scan_unroll must be >= 1'),
+          ((self.embed_dim if v.attn_pool_queries else v.width) == d.width,
+           'decoder.width must equal the image tokens\' width (embed_dim with '
+           'vision.attn_pool_queries, else vision.width)'),
+      ]
     errors = [msg for ok, msg in checks if not ok]
     if errors:
       raise ValueError('Invalid model config: ' + '; '.join(errors))
@@ -185,9 +242,11 @@ class CLIPConfig:
     for key in ('mean', 'std'):
       if key in pre:
         pre[key] = tuple(pre[key])
+    decoder = d.pop('decoder', None)
     return cls(vision=_build(VisionConfig, d.pop('vision', {})),
                text=_build(TextConfig, d.pop('text', {})),
-               preprocess=_build(PreprocessConfig, pre), **d)
+               preprocess=_build(PreprocessConfig, pre),
+               decoder=_build(DecoderConfig, decoder) if decoder is not None else None, **d)
 
 
 def _build(klass, fields: dict[str, Any]):

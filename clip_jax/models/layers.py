@@ -158,11 +158,47 @@ class Attention(nnx.Module):
     self.impl = impl
 
   def __call__(self, x: jax.Array, *, causal: bool,
-               norm: Callable[[jax.Array], jax.Array] = lambda x: x) -> jax.Array:
-    """Attention over `norm(x)`, storing `x`, not `norm(x)` (`dense_of`)."""
+               norm: Callable[[jax.Array], jax.Array] = lambda x: x,
+               key_mask: jax.Array | None = None) -> jax.Array:
+    """Attention over `norm(x)`, storing `x`, not `norm(x)` (`dense_of`).
+
+    `key_mask` ([B, T] bool, True = may be attended to) masks keys for every query; with it
+    the XLA core runs on every platform (CoCa's text tower, the only user, is small).
+    """
     qkv = checkpoint_name(dense_of(norm, self.qkv, x), 'qkv')  # [B, T, 3, H, D]
-    y = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal, impl=self.impl)
+    if key_mask is None:
+      y = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal, impl=self.impl)
+    else:
+      y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal,
+                                key_mask=key_mask)
     return checkpoint_name(self.out(y), 'attn_out')
+
+
+class CrossAttention(nnx.Module):
+  """Queries from `x`, keys and values from `context` (OpenCLIP's cross-attention block).
+
+  The q, k, v kernels stay packed on one axis as OpenCLIP packs `in_proj_weight` (q from the
+  text, k and v from the image tokens), so the converter maps it like self-attention.
+  """
+
+  def __init__(self, dim: int, heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = Dense((dim,), (3, heads, dim // heads), ('embed', None, 'heads', 'kv'), **kw)
+    self.out = Dense((heads, dim // heads), (dim,), ('heads', 'kv', 'embed'), **kw)
+    self.dtype = dtype
+
+  def project_context(self, context: jax.Array) -> jax.Array:
+    """[B, S, dim] -> keys and values [B, S, 2, H, D]: computed once per image in generation."""
+    kernel = self.qkv.kernel[...][:, 1:].astype(self.dtype)
+    bias = self.qkv.bias[...][1:].astype(self.dtype)
+    return jnp.einsum('bsd,dkhe->bskhe', context.astype(self.dtype), kernel) + bias
+
+  def __call__(self, x: jax.Array, kv: jax.Array) -> jax.Array:
+    """`x` [B, T, dim] (normalised) attends over `kv` from `project_context`."""
+    kernel = self.qkv.kernel[...][:, 0].astype(self.dtype)
+    q = jnp.einsum('btd,dhe->bthe', x.astype(self.dtype), kernel)
+    q = q + self.qkv.bias[...][0].astype(self.dtype)
+    return self.out(dot_product_attention(q, kv[:, :, 0], kv[:, :, 1]))
 
 
 # The kernel per platform the program is compiled for, by `model.attention` ('xla': none).
@@ -207,7 +243,7 @@ def _platform_forward(q, k, v, causal: bool, platforms: tuple[str, ...]):
   `attn`: a remat policy keeping `attn` saves it, never the logits.
   """
   def xla(q, k, v):
-    y, residuals = _attention_forward(q, k, v, causal)
+    y, residuals = _attention_forward(q, k, v, None, causal)
     return y, residuals[-1]
 
   def kernel(platform):
@@ -226,8 +262,8 @@ def _platform_backward(causal: bool, platforms: tuple[str, ...], residuals, dy):
     attend = functools.partial(_KERNEL_FUNCTIONS[platform], causal=causal)
     return lambda q, k, v, y, log_sum_exp, dy: jax.vjp(attend, q, k, v)[1](dy)
 
-  xla = lambda *residuals_and_dy: _attention_backward(causal, residuals_and_dy[:-1],
-                                                      residuals_and_dy[-1])
+  def xla(q, k, v, y, log_sum_exp, dy):
+    return _attention_backward(causal, (q, k, v, None, y, log_sum_exp), dy)[:3]
   return jax.lax.platform_dependent(
       *residuals, dy, default=xla, **{platform: kernel(platform) for platform in platforms})
 
@@ -235,8 +271,11 @@ def _platform_backward(causal: bool, platforms: tuple[str, ...], residuals, dy):
 _platform_attention.defvjp(_platform_forward, _platform_backward)
 
 
-def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
+def dot_product_attention(q, k, v, *, causal: bool = False,
+                          key_mask: jax.Array | None = None) -> jax.Array:
   """Softmax attention over [B, T, H, D] inputs, with flash attention's backward pass.
+
+  `key_mask` ([B, S] bool): the keys each row's queries may attend to (all without it).
 
   The q.k logits come out of the matmul in the compute dtype (bf16 in training, as under
   torch autocast), are scaled and softmaxed in float32, and the weights return to the
@@ -254,11 +293,13 @@ def dot_product_attention(q, k, v, *, causal: bool = False) -> jax.Array:
   softmax and made that reduction: unrolled est. step ViT-B-16 81.3 -> 76.6 ms, ViT-L-14
   280.6 -> 262.6 ms (v5p, bench/RESULTS.md).
   """
-  return _attention(q, k, v, causal)
+  return _attention(q, k, v, key_mask, causal)
 
 
-def _scaled_logits(q, k, causal: bool) -> jax.Array:
+def _scaled_logits(q, k, key_mask, causal: bool) -> jax.Array:
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+  if key_mask is not None:
+    logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
   if causal:
     # Masked by adding 0 or the lowest float32 (exp gives 0 either way). The [T, T] mask
     # passes through a barrier with q: a mask made of constants alone was broadcast to
@@ -271,13 +312,13 @@ def _scaled_logits(q, k, causal: bool) -> jax.Array:
   return logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, causal: bool) -> jax.Array:
-  return _attention_forward(q, k, v, causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, key_mask, causal: bool) -> jax.Array:
+  return _attention_forward(q, k, v, key_mask, causal)[0]
 
 
-def _attention_forward(q, k, v, causal: bool):
-  logits = _scaled_logits(q, k, causal)
+def _attention_forward(q, k, v, key_mask, causal: bool):
+  logits = _scaled_logits(q, k, key_mask, causal)
   # Softmax as max, exp, sum, divide, the log-sum-exp its by-product. `jax.nn.logsumexp`
   # and then exp(logits - log_sum_exp) cost about the same at T = 197 (ViT-B-16), but at 257
   # (ViT-L-14), unrolled, XLA laid the logits out batch-minor and copied them to and fro
@@ -294,18 +335,18 @@ def _attention_forward(q, k, v, causal: bool):
   # copy the [B, H, T, T] logits to match it, forward and backward (ViT-B-16's estimated
   # step +10% under `minimal`).
   y = checkpoint_name(y, 'attn')
-  return y, (q, k, v, y, log_sum_exp)
+  return y, (q, k, v, key_mask, y, log_sum_exp)
 
 
 def _attention_backward(causal: bool, residuals, dy):
-  q, k, v, y, log_sum_exp = residuals
-  weights = jnp.exp(_scaled_logits(q, k, causal) - log_sum_exp)
+  q, k, v, key_mask, y, log_sum_exp = residuals
+  weights = jnp.exp(_scaled_logits(q, k, key_mask, causal) - log_sum_exp)
   dv = jnp.einsum('bhqk,bqhd->bkhd', weights.astype(v.dtype), dy)
   dweights = jnp.einsum('bqhd,bkhd->bhqk', dy, v).astype(jnp.float32)
   row_term = jnp.einsum('bqhd,bqhd->bhq', dy.astype(jnp.float32), y.astype(jnp.float32))
   dlogits = (weights * (dweights - row_term[..., None]) * q.shape[-1] ** -0.5).astype(q.dtype)
   return (jnp.einsum('bhqk,bkhd->bqhd', dlogits, k), jnp.einsum('bhqk,bqhd->bkhd', dlogits, q),
-          dv)
+          dv, None)
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
@@ -452,8 +493,9 @@ class Block(nnx.Module):
     else:
       self.ls_1 = self.ls_2 = None
 
-  def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
-    h = self.attn(x, causal=causal, norm=self.ln_1)
+  def __call__(self, x: jax.Array, *, causal: bool, key_mask: jax.Array | None = None
+               ) -> jax.Array:
+    h = self.attn(x, causal=causal, norm=self.ln_1, key_mask=key_mask)
     x = x + (self.ls_1(h) if self.ls_1 is not None else h)
     h = self.mlp(x, norm=self.ln_2)
     return x + (self.ls_2(h) if self.ls_2 is not None else h)
@@ -506,14 +548,25 @@ class Transformer(nnx.Module):
     self.unroll = unroll
     self.remat = remat
 
-  def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
-    graphdef, state = nnx.split(self.blocks)
+  def __call__(self, x: jax.Array, *, causal: bool, key_mask: jax.Array | None = None
+               ) -> jax.Array:
+    """`key_mask` ([B, T] bool): keys every layer's attention may see (all without it)."""
+    return run_layers(self.blocks, x, lambda block, x: block(x, causal=causal, key_mask=key_mask),
+                      layers=self.layers, scan=self.scan, unroll=self.unroll, remat=self.remat)
 
-    def layer(x, layer_state):
-      x = nnx.merge(graphdef, layer_state)(constrain_batch(x), causal=causal)
-      return constrain_batch(x), None
 
-    if self.remat != 'none':
-      layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
-    x, _ = jax.lax.scan(layer, x, state, unroll=self.unroll if self.scan else self.layers)
-    return x
+def run_layers(stacked: nnx.Module, x: jax.Array, apply: Callable[[nnx.Module, jax.Array],
+               jax.Array], *, layers: int, scan: bool, unroll: int, remat: str) -> jax.Array:
+  """`apply(layer, x)` for each layer of `stacked` (modules stacked on a leading axis), by
+  `lax.scan` (`unroll` layers per iteration; all of them without `scan`), each layer
+  rematerialised by the `remat` policy and its input and output pinned to the batch axes."""
+  graphdef, state = nnx.split(stacked)
+
+  def layer(x, layer_state):
+    x = apply(nnx.merge(graphdef, layer_state), constrain_batch(x))
+    return constrain_batch(x), None
+
+  if remat != 'none':
+    layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
+  x, _ = jax.lax.scan(layer, x, state, unroll=unroll if scan else layers)
+  return x

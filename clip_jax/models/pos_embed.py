@@ -54,8 +54,7 @@ def fit_pos_embeds(params: Params, cfg: CLIPConfig) -> Params:
   resizers = {
       'visual': ((v.grid ** 2 + int(v.class_token), v.width),
                  lambda pos: resize_image_pos_embed(pos, v.grid, int(v.class_token))),
-      'text': ((t.context_length, t.width),
-               lambda pos: resize_text_pos_embed(pos, t.context_length)),
+      'text': ((t.positions, t.width), lambda pos: resize_text_pos_embed(pos, t.positions)),
   }
   params = dict(params)
   for tower, ((tokens, width), resize) in resizers.items():

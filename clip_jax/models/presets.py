@@ -13,6 +13,7 @@ from clip_jax.models.config import (
   INCEPTION_MEAN,
   INCEPTION_STD,
   CLIPConfig,
+  DecoderConfig,
   PreprocessConfig,
   TextConfig,
   VisionConfig,
@@ -132,6 +133,35 @@ def _siglip_presets() -> dict[str, CLIPConfig]:
   return out
 
 
+def _coca(embed_dim: int, image_size: int, patch: int, width: int, layers: int,
+          text_width: int, text_heads: int, vocab: int = 49408, pool_heads: int | None = 8,
+          decoder_heads: int | None = None) -> CLIPConfig:
+  """OpenCLIP's CoCa (`coca_*` JSON configs): a ViT whose attentional pooler (`pool_heads`;
+  None: class-token pooling, the decoder reading the patch tokens) feeds a 12-layer caption
+  decoder as wide as the text tower; text context 76 plus the appended class token."""
+  pooled = pool_heads is not None
+  vision = VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
+                        heads=width // 64, mlp_dim=width * 4,
+                        attn_pool_queries=256 if pooled else 0, attn_pool_heads=pool_heads or 8)
+  text = TextConfig(context_length=76, vocab_size=vocab, width=text_width, heads=text_heads,
+                    layers=12, mlp_dim=text_width * 4, embed_cls=True)
+  decoder = DecoderConfig(width=text_width, heads=decoder_heads or text_heads, layers=12,
+                          mlp_dim=text_width * 4, context_length=76, vocab_size=vocab)
+  return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, decoder=decoder,
+                    custom_text=True)
+
+
+def _tiny_coca() -> CLIPConfig:
+  """A 2-layer CoCa for tests and the CPU demo (16 pooler queries, context 32)."""
+  return CLIPConfig(
+      embed_dim=64,
+      vision=VisionConfig(image_size=64, patch_size=16, width=128, layers=2, heads=4, mlp_dim=512,
+                          attn_pool_queries=17, attn_pool_heads=4),
+      text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256, embed_cls=True),
+      decoder=DecoderConfig(width=64, heads=4, layers=2, mlp_dim=256, context_length=32),
+      custom_text=True)
+
+
 def _tiny(act: str = 'gelu') -> CLIPConfig:
   """A 2-layer model for tests and the CPU demo; exportable to OpenCLIP like any ViT."""
   return CLIPConfig(
@@ -165,6 +195,10 @@ def _build_presets() -> dict[str, CLIPConfig]:
   presets['tiny'] = _tiny()
   presets['tiny-quickgelu'] = _tiny('quick_gelu')
   presets['tiny-demo'] = _tiny_demo()
+  presets['coca_ViT-B-32'] = _coca(512, 224, 32, 768, 12, 512, 8)
+  presets['coca_ViT-L-14'] = _coca(768, 224, 14, 1024, 24, 768, 12)
+  presets['coca_base'] = _coca(512, 288, 18, 768, 12, 768, 12, vocab=64000, pool_heads=None)
+  presets['tiny-coca'] = _tiny_coca()
   return presets
 
 

@@ -1,7 +1,9 @@
 """Text tower: token + position embedding -> blocks -> ln_final -> pool -> projection.
 
 CLIP: causal mask, pooled at the EOT token (the highest id, `argmax`). SigLIP:
-bidirectional, pooled at the last position, projection with bias.
+bidirectional, pooled at the last position, projection with bias. CoCa (`embed_cls`): a
+class token appended after the text is pooled, its output normalised alone; the outputs
+before it (not normalised) are the caption decoder's input (`encode`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ class TextTransformer(nnx.Module):
     self.dtype = dtype
     self.token_embed = param(rngs, jax.nn.initializers.normal(0.02), (cfg.vocab_size, d),
                              ('vocab', 'embed'), param_dtype)
-    self.pos_embed = param(rngs, jax.nn.initializers.normal(0.01), (cfg.context_length, d),
+    self.pos_embed = param(rngs, jax.nn.initializers.normal(0.01), (cfg.positions, d),
                            (None, 'embed'), param_dtype)
+    self.cls_token = (param(rngs, jax.nn.initializers.normal(0.01), (d,), ('embed',), param_dtype)
+                      if cfg.embed_cls else None)
     self.transformer = Transformer(cfg.layers, d, cfg.heads, cfg.mlp_dim, act=cfg.act,
                                    eps=cfg.norm_eps, ls_init=cfg.ls_init, scan=scan, remat=remat,
                                    attention=attention, unroll=cfg.scan_unroll, **kw)
@@ -45,12 +49,33 @@ class TextTransformer(nnx.Module):
     valid = (tokens != self.cfg.pad_id)[..., None].astype(x.dtype)
     return (x * valid).sum(1) / jnp.maximum(valid.sum(1), 1)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def embed(self, tokens: jax.Array, start: int | jax.Array = 0) -> jax.Array:
+    """Token ids -> embeddings plus the position embedding of positions `start`, ..."""
     t = tokens.shape[-1]
     if t > self.cfg.context_length:
       raise ValueError(f'Got {t} tokens, more than text.context_length={self.cfg.context_length}.')
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)
-    x = x + self.pos_embed[:t].astype(self.dtype)
-    x = self.transformer(x, causal=self.cfg.causal)
-    x = self.pool(self.ln_final(x), tokens)
-    return self.proj(x) if self.proj is not None else x
+    pos = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, t)
+    return x + pos.astype(self.dtype)
+
+  def encode(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Projected pooled features and the per-token outputs ([B, T, width]).
+
+    With `embed_cls` the class token is appended and pooled, and keys are masked as
+    OpenCLIP's CoCa does (`correct_cls_mask=False`, what its released weights were trained
+    with): key 0 always, key j > 0 where token j - 1 is not padding.
+    """
+    x = self.embed(tokens)
+    if self.cls_token is None:
+      x = self.ln_final(self.transformer(x, causal=self.cfg.causal))
+      pooled, token_out = self.pool(x, tokens), x
+    else:
+      cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+      x = jnp.concatenate([x, cls + self.pos_embed[tokens.shape[-1]].astype(x.dtype)], axis=1)
+      keys = jnp.concatenate([jnp.ones_like(tokens[:, :1], bool), tokens != self.cfg.pad_id], 1)
+      x = self.transformer(x, causal=self.cfg.causal, key_mask=keys)
+      pooled, token_out = self.ln_final(x[:, -1]), x[:, :-1]
+    return (self.proj(pooled) if self.proj is not None else pooled), token_out
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    return self.encode(tokens)[0]

@@ -1,7 +1,8 @@
 """ViT image tower: patches -> (class token) + position embedding -> blocks -> pool -> proj.
 
 Covers OpenCLIP's native VisionTransformer (class token, ln_pre, `tok`/`gap` pooling,
-projection without bias) and timm's SigLIP trunk (patch bias, no class token, MAP head).
+projection without bias, CoCa's attentional pooler) and timm's SigLIP trunk (patch bias, no
+class token, MAP head). `encode` also returns the image tokens a caption decoder reads.
 Images are NHWC floats, already normalised. Given one random key per image, training
 drops a fraction of the patch tokens (FLIP's patch dropout) before the blocks run.
 """
@@ -53,6 +54,34 @@ class MAPHead(nnx.Module):
     return y[:, 0]
 
 
+class AttentionalPooler(nnx.Module):
+  """CoCa's pooler (OpenCLIP `AttentionalPooler`): `queries` learned queries attend over the
+  tokens, keys from width `context_dim` into width `dim`. The q, k, v projections are
+  separate kernels and one packed bias, as in torch's MultiheadAttention with kdim != dim."""
+
+  def __init__(self, dim: int, context_dim: int, heads: int, queries: int, eps: float, *, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    hd = (heads, dim // heads)
+    self.query = param(rngs, jax.nn.initializers.normal(1.0), (queries, dim), (None, 'embed'),
+                       param_dtype)
+    self.ln_q = LayerNorm(dim, eps=eps, **kw)
+    self.ln_k = LayerNorm(context_dim, eps=eps, **kw)
+    self.q = Dense((dim,), hd, ('embed', 'heads', 'kv'), use_bias=False, **kw)
+    self.k = Dense((context_dim,), hd, ('embed', 'heads', 'kv'), use_bias=False, **kw)
+    self.v = Dense((context_dim,), hd, ('embed', 'heads', 'kv'), use_bias=False, **kw)
+    self.in_bias = param(rngs, jax.nn.initializers.zeros, (3,) + hd, (None, 'heads', 'kv'),
+                         param_dtype)
+    self.out = Dense(hd, (dim,), ('heads', 'kv', 'embed'), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.ln_k(x)
+    bias = self.in_bias[...].astype(x.dtype)
+    q = self.q(self.ln_q(self.query[...])) + bias[0]
+    q = jnp.broadcast_to(q, (x.shape[0],) + q.shape)
+    return self.out(dot_product_attention(q, self.k(x) + bias[1], self.v(x) + bias[2]))
+
+
 class VisionTransformer(nnx.Module):
 
   def __init__(self, cfg: VisionConfig, embed_dim: int, *, scan: bool, remat: str,
@@ -73,10 +102,13 @@ class VisionTransformer(nnx.Module):
     self.transformer = Transformer(cfg.layers, d, cfg.heads, cfg.mlp_dim, act=cfg.act,
                                    eps=cfg.norm_eps, ls_init=cfg.ls_init, scan=scan, remat=remat,
                                    attention=attention, unroll=cfg.scan_unroll, **kw)
-    self.ln_post = LayerNorm(d, eps=cfg.norm_eps, **kw)
+    self.attn_pool = (AttentionalPooler(embed_dim, d, cfg.attn_pool_heads, cfg.attn_pool_queries,
+                                        cfg.norm_eps, **kw) if cfg.attn_pool_queries else None)
+    pool_dim = embed_dim if cfg.attn_pool_queries else d
+    self.ln_post = LayerNorm(pool_dim, eps=cfg.norm_eps, **kw)
     self.map_head = MAPHead(cfg, **kw) if cfg.pool == 'map' else None
-    self.proj = (param(rngs, jax.nn.initializers.normal(scale), (d, embed_dim), ('embed', 'proj'),
-                       param_dtype) if cfg.proj else None)
+    self.proj = (param(rngs, jax.nn.initializers.normal(scale), (pool_dim, embed_dim),
+                       ('embed', 'proj'), param_dtype) if cfg.proj else None)
 
   def embed(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> [B, N(+1), width] tokens with position embedding."""
@@ -97,15 +129,26 @@ class VisionTransformer(nnx.Module):
       return x[:, 0]
     return x[:, int(self.cfg.class_token):].mean(axis=1)
 
-  def __call__(self, images: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
-    """`dropout_keys` (one key per image, training only) turns on `cfg.patch_dropout`."""
+  def encode(self, images: jax.Array, dropout_keys: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+    """Projected pooled features and the image tokens a decoder reads: the attentional
+    pooler's queries after the first, else the normalised tokens after the class token.
+
+    `dropout_keys` (one key per image, training only) turns on `cfg.patch_dropout`.
+    """
     x = self.embed(images)
     if dropout_keys is not None and self.cfg.patch_dropout > 0:  # after the position embedding
       x = drop_patches(x, self.cfg.kept_patches, int(self.cfg.class_token), dropout_keys)
     if self.ln_pre is not None:
       x = self.ln_pre(x)
     x = self.transformer(x, causal=False)
-    x = self.pool(self.ln_post(x))
+    if self.attn_pool is not None:  # OpenCLIP's CoCa: pool, then normalise
+      x = self.attn_pool(x)
+    x = self.ln_post(x)
+    pooled = self.pool(x)
     if self.proj is not None:
-      x = x @ self.proj[...].astype(x.dtype)
-    return x
+      pooled = pooled @ self.proj[...].astype(x.dtype)
+    return pooled, x[:, int(self.cfg.class_token or self.attn_pool is not None):]
+
+  def __call__(self, images: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+    return self.encode(images, dropout_keys)[0]

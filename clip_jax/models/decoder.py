@@ -1,0 +1,90 @@
+"""CoCa's caption decoder: text token outputs cross-attend to image tokens -> vocab logits.
+
+OpenCLIP's `MultimodalTransformer`: per layer a causal self-attention block (as the towers'
+`Block`) and a cross-attention block (`CrossBlock`: queries from the text, keys and values
+from the image tokens, each normalised by its own LayerNorm), then `ln_final` and a
+projection to the vocabulary. Layers are stacked on a leading axis and run by `run_layers`
+(scan, unroll, remat) like the towers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clip_jax.models.config import DecoderConfig
+from clip_jax.models.layers import MLP, Block, CrossAttention, LayerNorm, param, run_layers
+
+
+class CrossBlock(nnx.Module):
+  """x + attn(ln_1(x), ln_1_kv(context)); x + mlp(ln_2(x)) (OpenCLIP `is_cross_attention`)."""
+
+  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d = cfg.width
+    self.ln_1 = LayerNorm(d, eps=cfg.norm_eps, **kw)
+    self.ln_1_kv = LayerNorm(d, eps=cfg.norm_eps, **kw)
+    self.attn = CrossAttention(d, cfg.heads, **kw)
+    self.ln_2 = LayerNorm(d, eps=cfg.norm_eps, **kw)
+    self.mlp = MLP(d, cfg.mlp_dim, cfg.act, **kw)
+
+  def context(self, image_tokens: jax.Array) -> jax.Array:
+    """The image tokens' keys and values for this layer, [B, S, 2, H, D]."""
+    return self.attn.project_context(self.ln_1_kv(image_tokens))
+
+  def __call__(self, x: jax.Array, kv: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln_1(x), kv)
+    return x + self.mlp(x, norm=self.ln_2)
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: DecoderConfig, *, attention: str, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.self_block = Block(cfg.width, cfg.heads, cfg.mlp_dim, act=cfg.act, eps=cfg.norm_eps,
+                            ls_init=None, attention=attention, **kw)
+    self.cross_block = CrossBlock(cfg, **kw)
+
+  def __call__(self, x: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    x = self.self_block(x, causal=True)
+    return self.cross_block(x, self.cross_block.context(image_tokens))
+
+
+class TextDecoder(nnx.Module):
+
+  def __init__(self, cfg: DecoderConfig, *, scan: bool, remat: str, attention: str = 'xla',
+               dtype, param_dtype, rngs: nnx.Rngs):
+
+    @nnx.split_rngs(splits=cfg.layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+      return DecoderLayer(cfg, attention=attention, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+
+    self.cfg = cfg
+    self.layers = make_layers(rngs)
+    self.ln_final = LayerNorm(cfg.width, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+    self.proj = param(rngs, jax.nn.initializers.normal(cfg.width ** -0.5),
+                      (cfg.width, cfg.vocab_size), ('embed', 'vocab'), param_dtype)
+    self.scan, self.remat = scan, remat
+    self.dtype = dtype
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Decoder outputs [B, T, width] -> float32 vocabulary logits [B, T, vocab]."""
+    y = self.ln_final(x)
+    return jnp.einsum('btd,dv->btv', y, self.proj[...].astype(y.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array) -> jax.Array:
+    """Image tokens [B, S, width] and the text tower's token outputs [B, T, width] -> logits
+    [B, T, vocab]: position t predicts the token after t (teacher forcing)."""
+    t = text_tokens.shape[1]
+    if t > self.cfg.context_length:
+      raise ValueError(f'Got {t} text tokens, more than decoder.context_length='
+                       f'{self.cfg.context_length}.')
+    image_tokens = image_tokens.astype(self.dtype)
+    x = run_layers(self.layers, text_tokens.astype(self.dtype),
+                   lambda layer, x: layer(x, image_tokens), layers=self.cfg.layers,
+                   scan=self.scan, unroll=self.cfg.scan_unroll, remat=self.remat)
+    return self.logits(x)
