@@ -57,14 +57,21 @@ class CLIP(nnx.Module):
             self.encode_text(tokens, normalize=True), self.logit_scale[...], bias)
 
   def caption_logits(self, images: jax.Array, tokens: jax.Array,
-                     dropout_keys: jax.Array | None = None
+                     dropout_keys: jax.Array | None = None,
+                     decoder_tokens: jax.Array | None = None
                      ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array]:
-    """`__call__`'s four outputs and the decoder's logits [B, T - 1, vocab] for teacher-forced
-    captioning: position t predicts `tokens[:, t + 1]` (OpenCLIP's CoCa `forward`)."""
+    """`__call__`'s four outputs and the decoder's teacher-forced logits [B, T - 1, vocab]:
+    position t predicts token t + 1 of `tokens` (CoCa, OpenCLIP's `forward`) or of
+    `decoder_tokens` (LocCa: the decoder's own sequence)."""
     if self.decoder is None:
       raise ValueError('This model has no caption decoder (config.model.decoder is None).')
     img, image_tokens = self.visual.encode(images, dropout_keys)
     txt, text_tokens = self.text.encode(tokens)
     bias = self.logit_bias[...] if self.logit_bias is not None else None
-    logits = self.decoder(image_tokens, text_tokens[:, :-1])
+    if self.decoder.cfg.embed_tokens:
+      if decoder_tokens is None:
+        raise ValueError('A LocCa decoder (decoder.embed_tokens) needs decoder_tokens.')
+      logits = self.decoder(image_tokens, decoder_tokens[:, :-1])
+    else:
+      logits = self.decoder(image_tokens, text_tokens[:, :-1])
     return l2_normalize(img), l2_normalize(txt), self.logit_scale[...], bias, logits

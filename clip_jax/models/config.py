@@ -114,9 +114,14 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """CoCa's caption decoder (OpenCLIP `multimodal_cfg`): per layer a causal self-attention
-  block over the text tower's token outputs, then a cross-attention block over the image
-  tokens; `ln_final` and a projection to `vocab_size` logits."""
+  """A caption decoder: per layer a causal self-attention block, then a cross-attention
+  block over the image tokens; `ln_final` and a projection to `vocab_size` logits.
+
+  CoCa (OpenCLIP `multimodal_cfg`): its input is the text tower's token outputs. LocCa
+  (`embed_tokens=True`): it embeds its own token sequence (text ids, then box and task
+  tokens past the tokenizer's vocabulary: `data/locca.py`) and reads the image tower's
+  un-pooled patch tokens; a training aid that export leaves out.
+  """
   width: int = 512
   heads: int = 8
   layers: int = 12
@@ -126,6 +131,7 @@ class DecoderConfig:
   act: str = 'gelu'
   norm_eps: float = 1e-5
   scan_unroll: int = 1
+  embed_tokens: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -218,9 +224,10 @@ class CLIPConfig:
       checks += [
           (d.width % d.heads == 0, 'decoder.width must be divisible by decoder.heads'),
           (d.act in ACTIVATIONS, f'decoder.act must be one of {ACTIVATIONS}'),
-          (t.embed_cls, 'a decoder needs text.embed_cls=True (CoCa text tower)'),
-          (t.width == d.width, 'decoder.width must equal text.width'),
-          (d.context_length >= t.context_length - 1,
+          (d.embed_tokens or t.embed_cls,
+           'a CoCa decoder (decoder.embed_tokens=False) needs text.embed_cls=True'),
+          (d.embed_tokens or t.width == d.width, 'decoder.width must equal text.width'),
+          (d.embed_tokens or d.context_length >= t.context_length - 1,
            'decoder.context_length must be >= text.context_length - 1'),
           (d.scan_unroll >= 1, 'decoder.scan_unroll must be >= 1'),
           ((self.embed_dim if v.attn_pool_queries else v.width) == d.width,

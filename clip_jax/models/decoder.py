@@ -62,6 +62,11 @@ class TextDecoder(nnx.Module):
                           rngs=rngs)
 
     self.cfg = cfg
+    if cfg.embed_tokens:  # LocCa: its own token and position embeddings
+      self.token_embed = param(rngs, jax.nn.initializers.normal(0.02),
+                               (cfg.vocab_size, cfg.width), ('vocab', 'embed'), param_dtype)
+      self.pos_embed = param(rngs, jax.nn.initializers.normal(0.01),
+                             (cfg.context_length, cfg.width), (None, 'embed'), param_dtype)
     self.layers = make_layers(rngs)
     self.ln_final = LayerNorm(cfg.width, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)
@@ -76,9 +81,18 @@ class TextDecoder(nnx.Module):
     return jnp.einsum('btd,dv->btv', y, self.proj[...].astype(y.dtype),
                       preferred_element_type=jnp.float32)
 
+  def embed(self, ids: jax.Array, start: int | jax.Array = 0) -> jax.Array:
+    """LocCa: token ids [B, T] at positions `start`, ... -> the decoder's input."""
+    x = jnp.take(self.token_embed[...], ids, axis=0).astype(self.dtype)
+    pos = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, ids.shape[1])
+    return x + pos.astype(self.dtype)
+
   def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array) -> jax.Array:
-    """Image tokens [B, S, width] and the text tower's token outputs [B, T, width] -> logits
-    [B, T, vocab]: position t predicts the token after t (teacher forcing)."""
+    """Image tokens [B, S, width] and the text tower's token outputs [B, T, width] (LocCa:
+    token ids [B, T]) -> logits [B, T, vocab]: position t predicts the token after t
+    (teacher forcing)."""
+    if self.cfg.embed_tokens:
+      text_tokens = self.embed(text_tokens)
     t = text_tokens.shape[1]
     if t > self.cfg.context_length:
       raise ValueError(f'Got {t} text tokens, more than decoder.context_length='
