@@ -10,7 +10,9 @@ at the top and a large blue circle on the right, on a striped background"). Capt
 often differ in colour and shape alone, so contrastive training has to learn both, and
 since 20% of the train images mix two groups, to bind each colour to its shape. The
 zero-shot task: classify a held-out single-group image among all 40 colour x shape
-classes (`classnames.txt`; eval samples carry their class in `json['label']`).
+classes (`classnames.txt`; eval samples carry their class in `json['label']`). Every
+sample's json also lists its groups under `objects` (box, phrase, class), the boxes and
+phrases LocCa's referring and grounded tasks train on (docs/data.md, 'LocCa data').
 
 Layout: DIR/train/NNNNN.tar, DIR/eval/NNNNN.tar (webdataset, like img2dataset writes),
 DIR/classnames.txt. Byte-identical for a given --seed; the two splits draw from separate
@@ -27,6 +29,7 @@ import os
 import pathlib
 import shutil
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 from etils import epath
@@ -102,21 +105,51 @@ def _group_phrase(count: int, size: str, colour: str, shape: str, place: str) ->
   return ' '.join(w for w in (COUNTS[count], size, colour, noun, place) if w)
 
 
+def shape_bounds(shape: str, cx: float, cy: float, r: float) -> tuple[float, float, float, float]:
+  """(x0, y0, x1, y1) in pixels of the shape `draw_shape` draws: its box or its polygon's."""
+  if shape in ('circle', 'square'):
+    return cx - r, cy - r, cx + r, cy + r
+  xs, ys = zip(*_polygon(shape, cx, cy, r))
+  return min(xs), min(ys), max(xs), max(ys)
+
+
 def draw_group(draw: ImageDraw.ImageDraw, image_size: int, count: int, size_name: str,
-               colour: str, shape: str, place: str, rng: np.random.Generator) -> None:
-  """`count` equal shapes lined up (without overlap) around the place's centre."""
+               colour: str, shape: str, place: str, rng: np.random.Generator
+               ) -> tuple[float, float, float, float]:
+  """`count` equal shapes lined up (without overlap) around the place's centre; returns
+  the box (x0, y0, x1, y1, pixels) that covers them all, from the drawn geometry."""
   radius = SIZES[size_name] * image_size / count ** 0.5
   cx, cy, direction = PLACES[place]
+  bounds = []
   for k in range(count):
     offset = (k - (count - 1) / 2) * SPACING * radius
     jitter = rng.normal(0, image_size * 0.01, 2)
     x = cx * image_size + (offset if direction == 'horizontal' else 0) + jitter[0]
     y = cy * image_size + (offset if direction == 'vertical' else 0) + jitter[1]
     draw_shape(draw, shape, x, y, radius, COLOURS[colour])
+    bounds.append(shape_bounds(shape, x, y, radius))
+  x0s, y0s, x1s, y1s = zip(*bounds)
+  return min(x0s), min(y0s), max(x1s), max(y1s)
 
 
-def draw_sample(rng: np.random.Generator, size: int, groups: int) -> tuple[Image.Image, str, int]:
-  """(image, caption, class index of the first group) for 1 or 2 groups of distinct classes.
+def _object(bounds: tuple[float, ...], image_size: int, count: int, colour: str, shape: str
+            ) -> dict:
+  """A group as the json `objects` entry LocCa trains on (docs/data.md, 'LocCa data'): its
+  box normalised to [0, 1] (clipped to the image), 'two red stars', 'red star'."""
+  box = [round(min(max(float(v) / image_size, 0.0), 1.0), 4) for v in bounds]
+  return {'box': box, 'phrase': _group_phrase(count, '', colour, shape, ''),
+          'class': f'{colour} {shape}'}
+
+
+class Scene(NamedTuple):
+  image: Image.Image
+  caption: str
+  label: int          # class index of the first group
+  objects: list[dict]  # one `_object` per group
+
+
+def draw_scene(rng: np.random.Generator, size: int, groups: int) -> Scene:
+  """A sample of 1 or 2 groups of distinct classes, with each group's box and phrase.
 
   Two groups sit on opposite sides (left/right or top/bottom) so they never overlap.
   """
@@ -129,13 +162,14 @@ def draw_sample(rng: np.random.Generator, size: int, groups: int) -> tuple[Image
   else:
     places = list(PLACE_PAIRS[rng.integers(len(PLACE_PAIRS))])
     rng.shuffle(places)
-  drawn = []
+  drawn, objects = [], []
   for cls, place in zip(classes, places):
     colour, shape = CLASSNAMES[cls].split()
     size_name = list(SIZES)[rng.integers(len(SIZES))]
     count = int(rng.integers(1, 4))
-    draw_group(draw, size, count, size_name, colour, shape, place, rng)
+    bounds = draw_group(draw, size, count, size_name, colour, shape, place, rng)
     drawn.append((count, size_name, colour, shape, place))
+    objects.append(_object(bounds, size, count, colour, shape))
   # With probability BARE the caption is just the class names ('red star and blue circle'),
   # whatever the counts; otherwise count, colour and shape are always named and size, place
   # and background each with probability DETAIL. Either way captions often differ in
@@ -149,7 +183,12 @@ def draw_sample(rng: np.random.Generator, size: int, groups: int) -> tuple[Image
                            for count, size_name, colour, shape, place in drawn)
     if background != 'plain' and say_background:
       caption += f', on a {background} background'
-  return image, caption, int(classes[0])
+  return Scene(image, caption, int(classes[0]), objects)
+
+
+def draw_sample(rng: np.random.Generator, size: int, groups: int) -> tuple[Image.Image, str, int]:
+  """(image, caption, class index of the first group): `draw_scene` without the boxes."""
+  return draw_scene(rng, size, groups)[:3]
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -174,8 +213,9 @@ def make_demo(output: str, train_samples: int = 20000, eval_samples: int = 1000,
     writer = ShardWriter(out / split, samples_per_shard)
     for _ in tqdm(range(n), desc=f'make_demo {split}', unit='img'):
       groups = 1 if rng.random() < single else 2
-      image, caption, label = draw_sample(rng, image_size, groups)
-      writer.write(_jpeg(image), 'jpg', caption, {'label': label})
+      scene = draw_scene(rng, image_size, groups)
+      writer.write(_jpeg(scene.image), 'jpg', scene.caption,
+                   {'label': scene.label, 'objects': scene.objects})
     stats[split] = writer.close({'classes': len(CLASSNAMES)})
   (out / 'classnames.txt').write_text('\n'.join(CLASSNAMES) + '\n')
   return stats
