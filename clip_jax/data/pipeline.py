@@ -8,7 +8,8 @@ Per process:  shards (this process's disjoint share, reshuffled every epoch)
 
 Batches hold `image` (uint8 [B, H, W, 3]; normalise on device with
 `transforms.normalize_on_device`, 4x less inter-process traffic than float32) and
-`text` (int32 [B, context]). Every stage is a grain dataset with checkpointable state,
+`text` (int32 [B, context]); with LocCa on (`PipelineConfig.locca`) also `decoder_tokens`
+and `decoder_mask` (int32 [B, locca context], `clip_jax.data.locca`). Every stage is a grain dataset with checkpointable state,
 so `Loader.get_state()` / `set_state()` resume at the exact next batch, workers included.
 """
 
@@ -20,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import grain
@@ -30,13 +31,18 @@ from absl import flags
 from jax.sharding import NamedSharding
 from PIL import Image
 
+from clip_jax.data import locca
 from clip_jax.data.specs import Source, parse_spec
-from clip_jax.data.tar_samples import SKIP_REASONS, ShardDataset, Skip
+from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, ShardDataset, Skip
+from clip_jax.data.tokenizers import Tokenizer
 from clip_jax.data.transforms import (
   MAX_IMAGE_PIXELS,
+  Window,
   decode_or_skip,
-  random_resized_crop,
+  random_crop_window,
   resize_and_crop,
+  resize_and_crop_window,
+  resize_window,
 )
 
 AUGMENTATIONS = ('random_resized_crop', 'center_crop', 'squash')
@@ -53,7 +59,7 @@ class PipelineConfig:
   """
   global_batch_size: int
   image_size: int
-  tokenizer: Callable[[Sequence[str]], np.ndarray]
+  tokenizer: Tokenizer
   seed: int = 0
   vocab_size: int = 49408                 # synthetic only
   kind: str = 'tar'                       # 'tar' | 'synthetic'
@@ -74,6 +80,7 @@ class PipelineConfig:
   # by default (clip_jax.data.transforms.MAX_IMAGE_PIXELS says why that number).
   max_image_pixels: int = MAX_IMAGE_PIXELS
   num_epochs: int = 0                     # passes over the shards; 0: endless (training)
+  locca: locca.LoccaSpec | None = None    # LocCa decoder sequences (`locca.locca_spec`)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -90,7 +97,12 @@ class PipelineConfig:
 
 
 TRAINER_FIELDS = ('global_batch_size', 'image_size', 'tokenizer', 'seed', 'vocab_size',
-                  'num_epochs')
+                  'num_epochs', 'locca')
+# What each element counts besides its skips (its `counted` vector): the `Loader` counter
+# and key each entry folds into. Texts cut to fit their context ('caption': the text
+# tower's, 'locca_sequence': the decoder's), and LocCa examples that fell back to
+# captioning because their json or `objects` could not be read.
+COUNTED = (('cut', 'caption'), ('cut', 'locca_sequence'), ('locca_fallback', 'bad_objects'))
 
 
 def data_defaults() -> dict[str, Any]:
@@ -100,8 +112,8 @@ def data_defaults() -> dict[str, Any]:
 
 
 class ImageTextMapper:
-  """RawSample -> {'image': uint8 HWC, 'text': int32 [context]}, or a Skip
-  ('oversized_image', 'bad_image')."""
+  """RawSample -> {'image': uint8 HWC, 'text': int32 [context], 'counted'} (+ the LocCa
+  keys when on), or a Skip ('oversized_image', 'bad_image')."""
 
   def __init__(self, cfg: PipelineConfig):
     self.cfg = cfg
@@ -112,15 +124,55 @@ class ImageTextMapper:
     image = decode_or_skip(record.image, self.cfg.image_size, self.cfg.max_image_pixels)
     if isinstance(image, str):
       return Skip(image, f'{record.shard}:{record.key}')
-    image = augment(image, self.cfg, rng)
-    return {'image': np.asarray(image, np.uint8), 'text': self.cfg.tokenizer([record.caption])[0]}
+    size = image.size
+    image, window = augment(image, self.cfg, rng)
+    counted = np.zeros(len(COUNTED), np.int32)
+    text, counted[0] = caption_tokens(self.cfg.tokenizer, record.caption)
+    example = {'image': np.asarray(image, np.uint8), 'text': text, 'counted': counted}
+    if self.cfg.locca:
+      example.update(locca_keys(record, size, window, rng, self.cfg.locca, counted))
+    return example
 
 
-def augment(image: Image.Image, cfg: PipelineConfig, rng: np.random.Generator) -> Image.Image:
+def caption_tokens(tokenizer: Tokenizer, caption: str) -> tuple[np.ndarray, bool]:
+  """The caption's ids and whether they were cut to the context. Tokenised one token
+  longer: a caption that fits has a pad or its end token at the context's last place
+  (the same ids, plus a pad); one that does not has a text token there, and is tokenised
+  again at the context, which cuts it as the tokenizer does."""
+  context = tokenizer.context_length
+  longer = tokenizer([caption], context + 1)[0]
+  end = tokenizer.eot_id if hasattr(tokenizer, 'eot_id') else tokenizer.eos_id
+  if longer[context - 1] in (tokenizer.pad_id, end):
+    return longer[:context], False
+  return tokenizer([caption])[0], True
+
+
+def locca_keys(record: RawSample, size: tuple[int, int], window: Window,
+               rng: np.random.Generator, spec: locca.LoccaSpec, counted: np.ndarray
+               ) -> dict[str, np.ndarray]:
+  """`decoder_tokens` and `decoder_mask` for a sample whose source image had `size` and
+  was cropped to `window`. Unreadable objects leave the pair to the caption task (counted):
+  the image and caption are still good for the contrastive loss and for captioning, and
+  dropping the pair would make the contrastive stream depend on LocCa being on."""
+  try:
+    regions = locca.objects_from_json(record.meta)
+  except locca.BadObjects:
+    regions = []
+    counted[2] += 1
+  regions = locca.visible_regions(regions, window, *size, spec)
+  tokens, mask, counted[1] = locca.make_example(record.caption, regions, rng, spec)
+  return {'decoder_tokens': tokens, 'decoder_mask': mask}
+
+
+def augment(image: Image.Image, cfg: PipelineConfig, rng: np.random.Generator
+            ) -> tuple[Image.Image, Window]:
+  """The augmented image and the source rectangle it shows (which boxes follow)."""
   if cfg.augment == 'random_resized_crop':
-    return random_resized_crop(image, cfg.image_size, rng, scale=cfg.crop_scale)
+    window = random_crop_window(*image.size, rng, scale=cfg.crop_scale)
+    return resize_window(image, cfg.image_size, window), window
   mode = 'shortest' if cfg.augment == 'center_crop' else 'squash'
-  return resize_and_crop(image, cfg.image_size, mode, 'bicubic')
+  return (resize_and_crop(image, cfg.image_size, mode, 'bicubic'),
+          resize_and_crop_window(*image.size, cfg.image_size, mode))
 
 
 class _DropBadIterator(grain.DatasetIterator):
@@ -224,7 +276,8 @@ def missing_shard_warnings(sources: Sequence[Source]) -> list[str]:
 
 
 class SyntheticSample:
-  """Global sample index -> random image and token ids ending in an EOT-like max id.
+  """Global sample index -> random image and token ids ending in an EOT-like max id (with
+  LocCa on, a caption-task decoder sequence of random text ids too).
 
   Samples depend only on (seed, global index), and each process generates the rows it
   owns in the global batch, so any process layout sees the same global batches.
@@ -246,7 +299,24 @@ class SyntheticSample:
     text = np.zeros(context, np.int32)
     text[:length - 1] = rng.integers(1, self.cfg.vocab_size - 1, length - 1)
     text[length - 1] = self.cfg.vocab_size - 1
-    return {'image': image, 'text': text, 'skipped': np.zeros(len(SKIP_REASONS), np.int32)}
+    sample = {'image': image, 'text': text, 'skipped': np.zeros(len(SKIP_REASONS), np.int32),
+              'counted': np.zeros(len(COUNTED), np.int32)}
+    if self.cfg.locca:
+      sample['decoder_tokens'], sample['decoder_mask'] = synthetic_decoder(rng, self.cfg.locca)
+    return sample
+
+
+def synthetic_decoder(rng: np.random.Generator, spec: locca.LoccaSpec
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """[sot, CAP, random text ids..., eot], padded, and its caption-task mask."""
+  length = rng.integers(3, spec.context_length + 1)
+  sequence = [spec.tokenizer.sot_id, spec.task_token('caption'),
+              *rng.integers(1, spec.tokenizer.sot_id, length - 3), spec.tokenizer.eot_id]
+  tokens = np.full(spec.context_length, spec.tokenizer.pad_id, np.int32)
+  tokens[:length] = sequence
+  mask = np.zeros(spec.context_length, np.int32)
+  mask[2:length] = 1
+  return tokens, mask
 
 
 def synthetic_dataset(cfg: PipelineConfig, process_index: int, process_count: int
@@ -339,8 +409,10 @@ class Loader:
   """Iterates batches: global `jax.Array`s laid out by `sharding` (the batch sharding of
   the mesh, `clip_jax.sharding.batch_sharding`), or per-process numpy without it.
 
-  Also counts skipped samples by reason (`skipped`). Its state (`get_state`) is a
-  JSON-serialisable dict: store it with the checkpoint.
+  Also counts skipped samples by reason (`skipped`), texts cut to their context (`cut`:
+  'caption', 'locca_sequence') and LocCa examples that fell back to captioning
+  (`locca_fallback`: 'bad_objects'). Its state (`get_state`) is a JSON-serialisable dict:
+  store it with the checkpoint.
   """
 
   def __init__(self, cfg: PipelineConfig, sharding: NamedSharding | None = None):
@@ -348,6 +420,8 @@ class Loader:
     self.dataset, self.workers = build_dataset(cfg, jax.process_index(), jax.process_count())
     self._iterator = iter(self.dataset)
     self.skipped: collections.Counter = collections.Counter()
+    self.cut: collections.Counter = collections.Counter()
+    self.locca_fallback: collections.Counter = collections.Counter()
     self._sharding = sharding
     # On CPU devices a jax array may alias the numpy batch, which lives in the shared memory
     # grain's workers hand it over in: the segment is unlinked only when the last reference
@@ -358,11 +432,15 @@ class Loader:
         device.platform == 'cpu' for device in sharding.mesh.devices.flat)
 
   def next_numpy(self) -> dict[str, np.ndarray]:
-    """The next per-process batch as numpy, with skip counts folded into `skipped`."""
+    """The next per-process batch as numpy, its counts folded into `skipped`, `cut` and
+    `locca_fallback`."""
     batch = next(self._iterator)
     for reason, count in zip(SKIP_REASONS, batch.pop('skipped').sum(0)):
       if count:
         self.skipped[reason] += int(count)
+    for (counter, key), count in zip(COUNTED, batch.pop('counted').sum(0)):
+      if count:
+        getattr(self, counter)[key] += int(count)
     return batch
 
   def __iter__(self):
@@ -378,11 +456,16 @@ class Loader:
             for k, v in batch.items()}
 
   def get_state(self) -> dict:
-    return {'iterator': self._iterator.get_state(), 'skipped': dict(self.skipped)}
+    return {'iterator': self._iterator.get_state(), 'skipped': dict(self.skipped),
+            'cut': dict(self.cut), 'locca_fallback': dict(self.locca_fallback)}
 
   def set_state(self, state: dict) -> None:
+    """Restores a `get_state`; states saved before `cut` and `locca_fallback` existed
+    restart those counts at 0."""
     self._iterator.set_state(state['iterator'])
     self.skipped = collections.Counter(state['skipped'])
+    self.cut = collections.Counter(state.get('cut', {}))
+    self.locca_fallback = collections.Counter(state.get('locca_fallback', {}))
 
   def close(self) -> None:
     close = getattr(self._iterator, 'close', None)

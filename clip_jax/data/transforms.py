@@ -32,6 +32,20 @@ _RESAMPLE = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampling.B
              'nearest': Image.Resampling.NEAREST}
 
 
+# A crop rectangle (left, top, right, bottom) in pixels of the source image: the part of it
+# an augmentation shows, resized to the output square. Boxes follow images through it
+# (`clip_jax.data.locca.crop_box`).
+Window = tuple[float, float, float, float]
+
+
+def _shortest_size(width: int, height: int, size: int) -> tuple[int, int]:
+  """The size after resizing the shorter side to `size`. The long side is truncated, as
+  torchvision's Resize does, so pixels match OpenCLIP."""
+  if width <= height:
+    return size, int(size * height / width)
+  return int(size * width / height), size
+
+
 def resize_and_crop(image: Image.Image, size: int, resize_mode: str, interpolation: str
                     ) -> Image.Image:
   image = image.convert('RGB')
@@ -40,15 +54,21 @@ def resize_and_crop(image: Image.Image, size: int, resize_mode: str, interpolati
     return image.resize((size, size), resample)
   if resize_mode != 'shortest':
     raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {resize_mode!r}")
-  w, h = image.size
-  # The long side is truncated, as torchvision's Resize does, so pixels match OpenCLIP.
-  if w <= h:
-    new_w, new_h = size, int(size * h / w)
-  else:
-    new_w, new_h = int(size * w / h), size
+  new_w, new_h = _shortest_size(*image.size, size)
   image = image.resize((new_w, new_h), resample)
   left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
   return image.crop((left, top, left + size, top + size))
+
+
+def resize_and_crop_window(width: int, height: int, size: int, resize_mode: str) -> Window:
+  """The source rectangle `resize_and_crop` shows: all of it ('squash'), or the centre
+  crop of the resized image mapped back to source pixels ('shortest')."""
+  if resize_mode == 'squash':
+    return 0.0, 0.0, float(width), float(height)
+  new_w, new_h = _shortest_size(width, height, size)
+  left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
+  sx, sy = width / new_w, height / new_h
+  return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
 def normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
@@ -122,24 +142,34 @@ def skip_kind(error: Exception) -> str:
   return 'oversized_image' if isinstance(error, ImageTooLarge) else 'bad_image'
 
 
-def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.9, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
-  """torchvision's RandomResizedCrop: a random area/aspect crop resized to size x size."""
-  w, h = image.size
-  area = w * h
+def random_crop_window(width: int, height: int, rng: np.random.Generator,
+                       scale: tuple[float, float] = (0.9, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Window:
+  """torchvision's RandomResizedCrop rectangle: a random area share and aspect, placed at
+  random; after 10 tries that do not fit, the central square."""
+  area = width * height
   for _ in range(10):
     target = area * rng.uniform(*scale)
     aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
     cw, ch = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
-    if 0 < cw <= w and 0 < ch <= h:
-      left, top = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-      return image.resize((size, size), Image.Resampling.BICUBIC,
-                          box=(left, top, left + cw, top + ch))
-  side = min(w, h)  # fallback: the central square
-  left, top = (w - side) // 2, (h - side) // 2
-  return image.resize((size, size), Image.Resampling.BICUBIC,
-                      box=(left, top, left + side, top + side))
+    if 0 < cw <= width and 0 < ch <= height:
+      left, top = rng.integers(0, width - cw + 1), rng.integers(0, height - ch + 1)
+      return left, top, left + cw, top + ch
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  return left, top, left + side, top + side
+
+
+def resize_window(image: Image.Image, size: int, window: Window) -> Image.Image:
+  """The window of `image`, resized (bicubic) to size x size."""
+  return image.resize((size, size), Image.Resampling.BICUBIC, box=window)
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.9, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Image.Image:
+  """torchvision's RandomResizedCrop: a random area/aspect crop resized to size x size."""
+  return resize_window(image, size, random_crop_window(*image.size, rng, scale, ratio))
 
 
 def normalize_on_device(images, cfg: PreprocessConfig):
