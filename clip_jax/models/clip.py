@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clip_jax.models import generate as generation
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.decoder import TextDecoder
 from clip_jax.models.text import TextTransformer
@@ -75,3 +76,10 @@ class CLIP(nnx.Module):
     else:
       logits = self.decoder(image_tokens, text_tokens[:, :-1])
     return l2_normalize(img), l2_normalize(txt), self.logit_scale[...], bias, logits
+
+  def generate(self, images: jax.Array, text: jax.Array | None = None, *,
+               key: jax.Array | None = None, **settings: Any) -> jax.Array:
+    """Caption token ids [B, seq_len] for `images`, as OpenCLIP's `CoCa.generate` (its
+    keyword arguments and defaults: beam search, seq_len 30), with a key-value cache:
+    `clip_jax.models.generate.generate`."""
+    return generation.generate(self, images, text, key=key, **settings)

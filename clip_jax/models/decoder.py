@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clip_jax.models.config import DecoderConfig
-from clip_jax.models.layers import MLP, Block, CrossAttention, LayerNorm, param, run_layers
+from clip_jax.models.layers import (MLP, Block, CrossAttention, LayerNorm, param, run_layers,
+                                    step_layers)
 
 
 class CrossBlock(nnx.Module):
@@ -48,6 +49,13 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x: jax.Array, image_tokens: jax.Array) -> jax.Array:
     x = self.self_block(x, causal=True)
     return self.cross_block(x, self.cross_block.context(image_tokens))
+
+  def step(self, x: jax.Array, index: jax.Array, cache: jax.Array, image_kv: jax.Array
+           ) -> tuple[jax.Array, jax.Array]:
+    """`__call__` for one new position: self-attention over the cached keys and values,
+    cross-attention over the image's (`CrossBlock.context`, computed once per image)."""
+    x, kv = self.self_block.step(x, cache, index)
+    return self.cross_block(x, image_kv), kv
 
 
 class TextDecoder(nnx.Module):
@@ -86,6 +94,25 @@ class TextDecoder(nnx.Module):
     x = jnp.take(self.token_embed[...], ids, axis=0).astype(self.dtype)
     pos = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, ids.shape[1])
     return x + pos.astype(self.dtype)
+
+  def image_context(self, image_tokens: jax.Array) -> jax.Array:
+    """Every layer's keys and values of the image tokens, [layers, B, S, 2, H, D]: what
+    generation computes once per image instead of at every step."""
+    graphdef, state = nnx.split(self.layers)
+    image_tokens = image_tokens.astype(self.dtype)
+    return jax.lax.map(lambda s: nnx.merge(graphdef, s).cross_block.context(image_tokens), state)
+
+  def step(self, text_tokens: jax.Array, index: jax.Array, cache: jax.Array,
+           image_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`__call__` for one new position `index` in generation: the text tower's output there
+    [B, 1, width] (LocCa: the token ids [B, 1]), the earlier positions' self-attention keys
+    and values (`cache`, [layers, B, T, 2, H, D]) and `image_context` -> the next token's
+    logits [B, vocab] and this position's keys and values [layers, B, 1, 2, H, D]."""
+    if self.cfg.embed_tokens:
+      text_tokens = self.embed(text_tokens, index)
+    x, kv = step_layers(self.layers, text_tokens.astype(self.dtype), (cache, image_kv),
+                        lambda layer, x, c: layer.step(x, index, *c))
+    return self.logits(x)[:, 0], kv
 
   def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array) -> jax.Array:
     """Image tokens [B, S, width] and the text tower's token outputs [B, T, width] (LocCa:

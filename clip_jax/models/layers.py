@@ -173,6 +173,25 @@ class Attention(nnx.Module):
                                 key_mask=key_mask)
     return checkpoint_name(self.out(y), 'attn_out')
 
+  def step(self, x: jax.Array, cache: jax.Array, index: jax.Array, *,
+           norm: Callable[[jax.Array], jax.Array] = lambda x: x,
+           key_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Causal attention of one new position `index` ([B, 1, dim]) over the cached keys and
+    values of positions < `index` (`cache`, [B, T, 2, H, D]) and its own, for generation.
+
+    Returns the output and this position's keys and values [B, 1, 2, H, D]: the caller
+    writes them into its cache, so a stacked cache is updated once per step, in place.
+    `key_mask` ([B, T]) as in `__call__`.
+    """
+    qkv = dense_of(norm, self.qkv, x)  # [B, 1, 3, H, D]
+    kv = qkv[:, :, 1:]
+    keys = jax.lax.dynamic_update_slice_in_dim(cache, kv.astype(cache.dtype), index, axis=1)
+    visible = jnp.arange(cache.shape[1]) <= index
+    visible = jnp.broadcast_to(visible if key_mask is None else key_mask & visible,
+                               cache.shape[:2])
+    y = dot_product_attention(qkv[:, :, 0], keys[:, :, 0], keys[:, :, 1], key_mask=visible)
+    return self.out(y), kv
+
 
 class CrossAttention(nnx.Module):
   """Queries from `x`, keys and values from `context` (OpenCLIP's cross-attention block).
@@ -500,6 +519,15 @@ class Block(nnx.Module):
     h = self.mlp(x, norm=self.ln_2)
     return x + (self.ls_2(h) if self.ls_2 is not None else h)
 
+  def step(self, x: jax.Array, cache: jax.Array, index: jax.Array,
+           key_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`__call__` (causal) for one new position with a key-value cache (`Attention.step`):
+    the output [B, 1, dim] and the position's keys and values."""
+    h, kv = self.attn.step(x, cache, index, norm=self.ln_1, key_mask=key_mask)
+    x = x + (self.ls_1(h) if self.ls_1 is not None else h)
+    h = self.mlp(x, norm=self.ln_2)
+    return x + (self.ls_2(h) if self.ls_2 is not None else h), kv
+
 
 # Names the block gives its matmul outputs (`checkpoint_name`), for the policies below.
 ACTIVATION_NAMES = ('qkv', 'attn', 'attn_out', 'mlp_hidden')
@@ -570,3 +598,18 @@ def run_layers(stacked: nnx.Module, x: jax.Array, apply: Callable[[nnx.Module, j
     layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
   x, _ = jax.lax.scan(layer, x, state, unroll=unroll if scan else layers)
   return x
+
+
+def step_layers(stacked: nnx.Module, x: jax.Array, caches,
+                apply: Callable[[nnx.Module, jax.Array, object], tuple[jax.Array, jax.Array]]
+                ) -> tuple[jax.Array, jax.Array]:
+  """`x, new = apply(layer, x, cache)` for each layer of `stacked` and its slice of `caches`
+  (pytrees stacked on a leading layer axis, as the layers are), by `lax.scan`: one new
+  position through the layers in generation. Returns `x` and the stacked `new` entries."""
+  graphdef, state = nnx.split(stacked)
+
+  def layer(x, xs):
+    layer_state, cache = xs
+    return apply(nnx.merge(graphdef, layer_state), x, cache)
+
+  return jax.lax.scan(layer, x, (state, caches))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clip_jax.models.config import TextConfig
-from clip_jax.models.layers import Dense, LayerNorm, Transformer, param
+from clip_jax.models.layers import Dense, LayerNorm, Transformer, param, step_layers
 
 
 class TextTransformer(nnx.Module):
@@ -76,6 +76,21 @@ class TextTransformer(nnx.Module):
       x = self.transformer(x, causal=self.cfg.causal, key_mask=keys)
       pooled, token_out = self.ln_final(x[:, -1]), x[:, :-1]
     return (self.proj(pooled) if self.proj is not None else pooled), token_out
+
+  def step(self, tokens: jax.Array, index: jax.Array, cache: jax.Array, key_mask: jax.Array
+           ) -> tuple[jax.Array, jax.Array]:
+    """`encode`'s token outputs for one new position `index` ([B, 1] ids) in generation,
+    from the keys and values of the earlier positions (`cache`, [layers, B, T, 2, H, D]).
+
+    Causal only (CoCa's tower): the class token `encode` appends after the text is never
+    seen by the positions before it, so it is left out. `key_mask` ([B, T]): `encode`'s
+    key mask of the sequence. Returns the outputs [B, 1, width] and the position's keys
+    and values per layer [layers, B, 1, 2, H, D].
+    """
+    if not self.cfg.causal:
+      raise ValueError('Cached generation needs a causal text tower (text.causal=True).')
+    return step_layers(self.transformer.blocks, self.embed(tokens, index), cache,
+                       lambda block, x, cache: block.step(x, cache, index, key_mask))
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.encode(tokens)[0]
