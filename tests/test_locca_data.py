@@ -264,7 +264,7 @@ def test_demo_boxes_cover_the_drawn_shapes(tmp_path):
     for obj, colour in zip(scene.objects, colours):
       if colours.count(colour) > 1:
         continue  # two groups of one colour: their pixels cannot be told apart
-      ys, xs = np.nonzero((np.abs(pixels - COLOURS[colour]).sum(-1) == 0))
+      ys, xs = np.nonzero(np.abs(pixels - COLOURS[colour]).sum(-1) == 0)
       drawn = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) / 64
       box, pixel = np.array(obj['box']), 1 / 64
       assert (box[:2] <= drawn[:2] + pixel).all() and (box[2:] >= drawn[2:] - pixel).all()

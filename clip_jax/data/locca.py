@@ -31,6 +31,7 @@ data'); an example without a usable object (none, or each mostly cropped away) c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -55,7 +56,7 @@ class Region(NamedTuple):
 def locca_defaults() -> dict[str, Any]:
   """The `config.locca` section with its defaults (documented in the module docstring)."""
   return {'weight': 0.0, 'context_length': 32, 'bins': 100,
-          'tasks': {task: 1.0 for task in TASKS}, 'min_visible': 0.5}
+          'tasks': dict.fromkeys(TASKS, 1.0), 'min_visible': 0.5}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,5 +283,5 @@ def shape_classes(text: str) -> set[str]:
   """The demo classes ('colour shape') a demo-style caption names: each colour word
   followed at once by a shape noun ('two small red stars at the top' -> {'red star'})."""
   words = re.findall(r'[a-z]+', text.lower())
-  return {f'{colour} {_NOUNS[noun]}' for colour, noun in zip(words, words[1:])
+  return {f'{colour} {_NOUNS[noun]}' for colour, noun in itertools.pairwise(words)
           if colour in COLOURS and noun in _NOUNS}

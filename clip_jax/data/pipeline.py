@@ -9,8 +9,9 @@ Per process:  shards (this process's disjoint share, reshuffled every epoch)
 Batches hold `image` (uint8 [B, H, W, 3]; normalise on device with
 `transforms.normalize_on_device`, 4x less inter-process traffic than float32) and
 `text` (int32 [B, context]); with LocCa on (`PipelineConfig.locca`) also `decoder_tokens`
-and `decoder_mask` (int32 [B, locca context], `clip_jax.data.locca`). Every stage is a grain dataset with checkpointable state,
-so `Loader.get_state()` / `set_state()` resume at the exact next batch, workers included.
+and `decoder_mask` (int32 [B, locca context], `clip_jax.data.locca`). Every stage is a
+grain dataset with checkpointable state, so `Loader.get_state()` / `set_state()` resume at
+the exact next batch, workers included.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ TRAINER_FIELDS = ('global_batch_size', 'image_size', 'tokenizer', 'seed', 'vocab
 # tower's, 'locca_sequence': the decoder's), and LocCa examples that fell back to
 # captioning because their json or `objects` could not be read.
 COUNTED = (('cut', 'caption'), ('cut', 'locca_sequence'), ('locca_fallback', 'bad_objects'))
+CAPTION_CUT, LOCCA_CUT, BAD_OBJECTS = range(len(COUNTED))  # their places in `counted`
 
 
 def data_defaults() -> dict[str, Any]:
@@ -127,7 +129,7 @@ class ImageTextMapper:
     size = image.size
     image, window = augment(image, self.cfg, rng)
     counted = np.zeros(len(COUNTED), np.int32)
-    text, counted[0] = caption_tokens(self.cfg.tokenizer, record.caption)
+    text, counted[CAPTION_CUT] = caption_tokens(self.cfg.tokenizer, record.caption)
     example = {'image': np.asarray(image, np.uint8), 'text': text, 'counted': counted}
     if self.cfg.locca:
       example.update(locca_keys(record, size, window, rng, self.cfg.locca, counted))
@@ -151,16 +153,17 @@ def locca_keys(record: RawSample, size: tuple[int, int], window: Window,
                rng: np.random.Generator, spec: locca.LoccaSpec, counted: np.ndarray
                ) -> dict[str, np.ndarray]:
   """`decoder_tokens` and `decoder_mask` for a sample whose source image had `size` and
-  was cropped to `window`. Unreadable objects leave the pair to the caption task (counted):
-  the image and caption are still good for the contrastive loss and for captioning, and
-  dropping the pair would make the contrastive stream depend on LocCa being on."""
+  was cropped to `window`; its counts go into `counted`. Unreadable objects leave the pair
+  to the caption task (counted): the image and caption are still good for the contrastive
+  loss and for captioning, and dropping the pair would make the contrastive stream depend
+  on LocCa being on."""
   try:
     regions = locca.objects_from_json(record.meta)
   except locca.BadObjects:
     regions = []
-    counted[2] += 1
+    counted[BAD_OBJECTS] += 1
   regions = locca.visible_regions(regions, window, *size, spec)
-  tokens, mask, counted[1] = locca.make_example(record.caption, regions, rng, spec)
+  tokens, mask, counted[LOCCA_CUT] = locca.make_example(record.caption, regions, rng, spec)
   return {'decoder_tokens': tokens, 'decoder_mask': mask}
 
 
