@@ -15,6 +15,10 @@ batch. Accumulating per-micro-batch gradients therefore changes the loss; two mo
   own B/K rows); the step applies the mean of their losses and gradients. Same memory, no
   extra compute, but the loss of a B/K batch: fewer negatives, a different optimum.
 
+Besides the embeddings, `embed` returns per-row values (`rows`: a tree of [B] arrays, e.g.
+CoCa's caption loss sums and token counts); a loss of them that is a sum over rows needs no
+cross-batch term, and the feature cache keeps and pulls them back like the embeddings.
+
 Micro-batch i holds rows j*K + i of the global batch, so every device keeps its own rows
 (`split`); with K = 1 both modes are the plain one-shot `value_and_grad`.
 """
@@ -32,8 +36,9 @@ from jax.sharding import PartitionSpec as P
 MODES = ('cache', 'micro')
 Params = Any
 Batch = dict[str, jax.Array]
-# (image features, text features, log logit scale, logit bias or None)
-Embed = Callable[[Params, Batch], tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]]
+# (image features, text features, log logit scale, logit bias or None, per-row values)
+Embed = Callable[[Params, Batch],
+                 tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, Any]]
 Loss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 GradFn = Callable[[Params, Batch], tuple[tuple[jax.Array, dict], Params]]
 
@@ -96,26 +101,26 @@ def _feature_cache(embed: Embed, loss: Loss, accum: int, batch_sharding: NamedSh
   def grads(params, batch):
     micro = jax.tree.map(lambda x: split(x, accum, batch_sharding), batch)
     # Pass 1: embeddings only; no activation outlives its micro-batch.
-    img, txt, scale, bias = jax.lax.map(lambda one: embed(params, one), micro)
+    img, txt, scale, bias, rows = jax.lax.map(lambda one: embed(params, one), micro)
     scale, bias = jax.tree.map(lambda x: x[0], (scale, bias))  # the same in every micro-batch
-    (value, metrics), (d_img, d_txt, d_scale, d_bias) = jax.value_and_grad(
-        loss, argnums=(0, 1, 2, 3), has_aux=True)(
-            merge(img, batch_sharding), merge(txt, batch_sharding), scale, bias)
+    merged = jax.tree.map(lambda x: merge(x, batch_sharding), (img, txt, rows))
+    (value, metrics), (d_img, d_txt, d_scale, d_bias, d_rows) = jax.value_and_grad(
+        loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+            merged[0], merged[1], scale, bias, merged[2])
 
     # Pass 2: each micro-batch pulls its rows of the embedding gradient back through the
     # towers; the scale and bias gradient enters once, with micro-batch 0.
     def body(total, xs):
-      index, one, d_img_one, d_txt_one = xs
+      index, one, d_rows_one = xs
       _, pullback = jax.vjp(lambda p: embed(p, one), params)
       d_scalars = jax.tree.map(lambda d: jnp.where(index == 0, d, jnp.zeros_like(d)),
                                (d_scale, d_bias))
-      (g,) = pullback((d_img_one, d_txt_one, *d_scalars))
+      (g,) = pullback((d_rows_one[0], d_rows_one[1], *d_scalars, d_rows_one[2]))
       return jax.tree.map(jnp.add, total, g), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    total, _ = jax.lax.scan(body, zeros, (
-        jnp.arange(accum), micro, split(d_img, accum, batch_sharding),
-        split(d_txt, accum, batch_sharding)))
+    d_per_row = jax.tree.map(lambda x: split(x, accum, batch_sharding), (d_img, d_txt, d_rows))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro, d_per_row))
     return (value, metrics), total
 
   return grads

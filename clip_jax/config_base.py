@@ -16,7 +16,7 @@ import ml_collections
 
 from clip_jax import sharding
 from clip_jax.data.pipeline import data_defaults
-from clip_jax.models.config import TextConfig, VisionConfig, field_type
+from clip_jax.models.config import DecoderConfig, TextConfig, VisionConfig, field_type
 from clip_jax.optim import OptimConfig
 
 
@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Preset overrides (None keeps the preset's value), e.g. --config.model.vision.layers=6.
   c.model.vision = _overrides(VisionConfig)
   c.model.text = _overrides(TextConfig)
+  c.model.decoder = _overrides(DecoderConfig)  # CoCa presets' caption decoder
   # None keeps the preset's; a sigmoid loss on a CLIP preset needs a bias: OpenCLIP's
   # --siglip sets init_logit_scale=2.302585 (log 10) and init_logit_bias=-10.
   c.model.init_logit_scale = ml_collections.config_dict.placeholder(float)
@@ -69,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'softmax'            # 'softmax' | 'sigmoid' | 'sigmoid_chunked'
   c.loss.chunk_size = 0
+  # Models with a caption decoder (CoCa): loss = contrastive_weight x the contrastive loss +
+  # caption_weight x the captioning cross-entropy (OpenCLIP's --coca-*-loss-weight defaults);
+  # contrastive_weight=0: caption-only fine-tuning.
+  c.loss.contrastive_weight = 1.0
+  c.loss.caption_weight = 2.0
 
   # The optimizer's keys and defaults come from `OptimConfig` (optim.py).
   c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))

@@ -15,6 +15,11 @@ mesh's batch axes and runs the per-device math under `jax.shard_map`:
 `distillation_loss` (OpenCLIP's `DistillClipLoss` term, a frozen teacher's logit
 distributions as soft targets) uses the softmax's gathered layout.
 
+`caption_rows` and `caption_loss`: CoCa's and LocCa's captioning cross-entropy (OpenCLIP's
+`CoCaLoss` caption term: the mean over the batch's target tokens, padding ignored), kept as
+per-row sums and counts so the mean over the global batch is exact under sharding and the
+feature-cache accumulation (`clip_jax.accumulate`).
+
 Logits, log-sum-exp and log-sigmoid are computed in float32 whatever the input dtype.
 The mean over the global batch is taken with `psum`, so results equal the single-device
 math on the whole batch (tests/test_losses.py compares them with a float64 reference).
@@ -27,6 +32,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -299,3 +305,19 @@ def _sigmoid_ring_local(img, txt, scale, bias, *, axes, global_batch, chunk_size
 def _vary(x, axes):
   """Marks a per-device value as varying over `axes` (shard_map's type system)."""
   return jax.lax.pcast(x, axes, to='varying') if axes else x
+
+
+def caption_rows(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """Per-row sums of the token cross-entropy and the target counts, each [B].
+
+  logits: [B, T, vocab] (float32); targets: [B, T] ids; mask: [B, T], 1 where the target
+  counts (CoCa: not padding; LocCa: the task's answer tokens).
+  """
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  mask = mask.astype(jnp.float32)
+  return {'caption_nll': (nll * mask).sum(-1), 'caption_tokens': mask.sum(-1)}
+
+
+def caption_loss(rows: dict[str, jax.Array]) -> jax.Array:
+  """The mean cross-entropy over every target token of the batch (`caption_rows`)."""
+  return rows['caption_nll'].sum() / jnp.maximum(rows['caption_tokens'].sum(), 1.0)

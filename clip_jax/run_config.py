@@ -38,6 +38,10 @@ class StepConfig:
   distill_teacher: str         # checkpoint or workdir; '' = no distillation
   distill_weight: float
   patch_dropout_tail_steps: int  # 0 when the model drops no patches
+  # Models with a caption decoder: loss = contrastive_weight x contrastive + caption_weight x
+  # captioning (OpenCLIP's CoCa defaults 1 and 2; LocCa: config.locca.weight).
+  contrastive_weight: float = 1.0
+  caption_weight: float = 0.0
 
   @property
   def unmasked_from(self) -> int:
@@ -65,9 +69,9 @@ class RunConfig:
 
 
 def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
-  """The preset with `config.model.{vision,text}` and logit init overrides, and execution
-  options."""
-  overrides = {f'{tower}.{k}': v for tower in ('vision', 'text')
+  """The preset with `config.model.{vision,text,decoder}` and logit init overrides, and
+  execution options."""
+  overrides = {f'{tower}.{k}': v for tower in ('vision', 'text', 'decoder')
                for k, v in config.model[tower].items() if v is not None}
   overrides.update({k: config.model[k] for k in ('init_logit_scale', 'init_logit_bias')
                     if config.model[k] is not None})
@@ -119,7 +123,9 @@ def _step_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> StepCo
       batch_size=config.batch_size, distill_teacher=config.distill.teacher,
       distill_weight=config.distill.weight,
       patch_dropout_tail_steps=(config.patch_dropout_tail_steps
-                                if model.vision.patch_dropout > 0 else 0))
+                                if model.vision.patch_dropout > 0 else 0),
+      contrastive_weight=config.loss.contrastive_weight,
+      caption_weight=config.loss.caption_weight if model.decoder is not None else 0.0)
 
 
 def _check(config: ml_collections.ConfigDict, model: CLIPConfig, step: StepConfig,

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from clip_jax import accumulate, distill, optim, sharding
 from clip_jax import checkpoint as ckpt
 from clip_jax.data.transforms import normalize_on_device
-from clip_jax.losses import contrastive_loss, distillation_loss
+from clip_jax.losses import caption_loss, caption_rows, contrastive_loss, distillation_loss
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.functional import FunctionalModel
@@ -235,19 +235,29 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
     # Frozen parameters enter as constants: their backward pass is never built.
     clip = model.bind(optim.stop_frozen(params, config.optim.freeze))
     images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
+    rows = {}
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
-      img, txt, scale, bias = clip(images, batch['text'], batch.get('dropout_keys'))
-    return img, txt, scale, None if loss_kind == 'softmax' else bias
+      if model.cfg.decoder is None:
+        img, txt, scale, bias = clip(images, batch['text'], batch.get('dropout_keys'))
+      else:
+        img, txt, scale, bias, logits = clip.caption_logits(
+            images, batch['text'], batch.get('dropout_keys'), batch.get('decoder_tokens'))
+        rows = caption_rows(logits, *caption_targets(batch, model.cfg))
+    return img, txt, scale, None if loss_kind == 'softmax' else bias, rows
 
-  def loss_of(img, txt, scale, bias, teacher_features=None):
+  def loss_of(img, txt, scale, bias, rows, teacher_features=None):
     loss, metrics = contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
                                      batch_axes=sharding.BATCH_AXES, chunk_size=chunk)
+    if rows:
+      captioning = caption_loss(rows)
+      metrics = {**metrics, 'contrastive_loss': loss, 'caption_loss': captioning}
+      loss = config.contrastive_weight * loss + config.caption_weight * captioning
     if teacher_features is None:
       return loss, metrics
     distill_loss = distillation_loss(img, txt, scale, *teacher_features, mesh=mesh,
                                      batch_axes=sharding.BATCH_AXES)
     return loss + config.distill_weight * distill_loss, {
-        **metrics, 'contrastive_loss': loss, 'distill_loss': distill_loss}
+        'contrastive_loss': loss, **metrics, 'distill_loss': distill_loss}
 
   def step_fn(state, batch, teacher_params=None):
     params = state['params']
@@ -288,6 +298,16 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
   in_shardings = (state_shardings, batch_sharding, *([teacher.shardings] if teacher else []))
   return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, None),
                  donate_argnums=(0,))
+
+
+def caption_targets(batch: dict, cfg: CLIPConfig) -> tuple[jax.Array, jax.Array]:
+  """The decoder's targets (the token after each input position) and which of them count:
+  CoCa's are the caption's tokens past the first, padding ignored (OpenCLIP's `CoCaLoss`);
+  LocCa's are its own sequence's, counted where the data marks a task's answer."""
+  if cfg.decoder.embed_tokens:
+    return batch['decoder_tokens'][:, 1:], batch['decoder_mask'][:, 1:]
+  targets = batch['text'][:, 1:]
+  return targets, targets != cfg.text.pad_id
 
 
 def dropout_keys(seed: int, step: jax.Array, batch_size: int, batch_sharding) -> jax.Array:

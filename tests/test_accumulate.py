@@ -51,9 +51,9 @@ def _compiled(kind, devices, accum):
   def embed(params, batch):
     img, txt, scale, bias = MODEL.bind(params)(
         normalize_on_device(batch['image'], CFG.preprocess), batch['text'])
-    return img, txt, scale, None if kind == 'softmax' else bias
+    return img, txt, scale, None if kind == 'softmax' else bias, {}
 
-  def loss(img, txt, scale, bias):
+  def loss(img, txt, scale, bias, rows):
     return contrastive_loss(img, txt, scale, bias, kind=kind, mesh=mesh,
                             batch_axes=sharding.BATCH_AXES)
 

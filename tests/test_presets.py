@@ -22,8 +22,10 @@ OPEN_CLIP_PRESETS = [n for n in clip_jax.list_models() if not n.startswith('tiny
 def _meta_model(name):
   cfg = dict(open_clip.get_model_config(name))
   custom_text = cfg.pop('custom_text', False)
+  kind = (open_clip.CoCa if 'multimodal_cfg' in cfg
+          else CustomTextCLIP if custom_text else TorchCLIP)
   with torch.device('meta'):
-    return (CustomTextCLIP if custom_text else TorchCLIP)(**cfg), cfg
+    return kind(**cfg), cfg
 
 
 def _act_name(module):
@@ -73,3 +75,8 @@ def test_preset_matches_open_clip_architecture(name):
     assert _act_name(torch_model.visual.transformer.resblocks[0].mlp.gelu) == cfg.vision.act
     assert torch_model.visual.ln_post.eps == cfg.vision.norm_eps
   assert torch_cfg.get('init_logit_bias') == cfg.init_logit_bias
+  if cfg.decoder is not None:  # CoCa
+    decoder = torch_model.text_decoder
+    assert _act_name(decoder.resblocks[0].mlp.gelu) == cfg.decoder.act
+    assert decoder.ln_final.eps == cfg.decoder.norm_eps
+    assert decoder.context_length == cfg.decoder.context_length

@@ -104,7 +104,8 @@ class CLIPTokenizer:
   def __init__(self, vocab_path: str | epath.Path = DEFAULT_BPE, context_length: int = 77,
                clean: Callable[[str], str] = clean_lower):
     lines = gzip.decompress(_read_text(epath.Path(vocab_path), 'BPE vocab file')).decode('utf-8')
-    merges = [tuple(line.split()) for line in lines.split('\n')[1:_NUM_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines.split('\n')[1:_NUM_MERGES + 1] if line]
+    self.merges = merges
     chars = list(byte_alphabet().values())
     vocab = chars + [c + '</w>' for c in chars] + [''.join(m) for m in merges] + [SOT, EOT]
     self.encoder = {token: i for i, token in enumerate(vocab)}
@@ -127,7 +128,7 @@ class CLIPTokenizer:
         self._cache[token] = pieces
     return pieces
 
-  def _merge(self, token: str) -> tuple[str, ...]:
+  def _merge(self, token: str, fired: set[int] | None = None) -> tuple[str, ...]:
     """Applies BPE merges to one pre-tokenised word, as OpenCLIP does: every occurrence of
     the lowest-ranked adjacent pair, left to right, then again, until no pair is ranked.
 
@@ -156,6 +157,8 @@ class CLIPTokenizer:
         if symbols[i] is None or rank_at(i) != rank:
           continue  # merged away since it was queued
         j = right[i]
+        if fired is not None:
+          fired.add(rank)
         symbols[i], symbols[j] = symbols[i] + symbols[j], None
         right[i] = right[j]
         if right[i] >= 0:
@@ -241,6 +244,28 @@ class SentencePieceTokenizer:
     n = context_length or self.context_length
     sequences = [self.encode(t[:max_chars(n)])[:n - 1] + [self.eos_id] for t in texts]
     return _to_array(sequences, n, self.pad_id)
+
+
+def write_merges_subset(texts: Sequence[str], out: str | epath.Path,
+                        source: str | epath.Path = DEFAULT_BPE) -> int:
+  """Writes a BPE merges file (`.txt.gz`) holding only the merges that tokenising `texts`
+  with `source` applies, in their order; returns its vocabulary size.
+
+  Those texts get the same pieces as with the full vocabulary (the lowest-ranked merge
+  present is always one of the kept ones), under compact ids: a caption decoder over a
+  small domain (the demo's shapes, ~620 ids) then computes logits over its own words, not
+  over all 49,408 of CLIP's (80x less decoder-head compute on the CPU demo). Other text
+  still tokenises, into smaller pieces.
+  """
+  tokenizer = CLIPTokenizer(source)
+  alphabet = byte_alphabet()
+  fired: set[int] = set()
+  for text in texts:
+    for match in tokenizer.pattern.finditer(tokenizer.clean(text)):
+      tokenizer._merge(''.join(alphabet[b] for b in match.group().encode('utf-8')), fired)
+  lines = ['#version: 0.2'] + [' '.join(tokenizer.merges[rank]) for rank in sorted(fired)]
+  epath.Path(out).write_bytes(gzip.compress('\n'.join(lines).encode('utf-8') + b'\n', mtime=0))
+  return 2 * len(alphabet) + len(fired) + 2
 
 
 Tokenizer = CLIPTokenizer | SentencePieceTokenizer
