@@ -14,8 +14,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clip_jax.models.config import DecoderConfig
-from clip_jax.models.layers import (MLP, Block, CrossAttention, LayerNorm, param, run_layers,
-                                    step_layers)
+from clip_jax.models.layers import (
+  MLP,
+  Block,
+  CrossAttention,
+  LayerNorm,
+  param,
+  run_layers,
+  step_layers,
+)
 
 
 class CrossBlock(nnx.Module):

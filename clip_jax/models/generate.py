@@ -256,7 +256,7 @@ def _beam_search(model, s: Settings, images, prefix) -> jax.Array:
     return (t + 1 < s.seq_len) & ~beams.done.all()
 
   cache = init_cache(model, images, s.seq_len, k)
-  t, beams, _ = jax.lax.while_loop(going, step, (jnp.int32(0), beams, cache))
+  _, beams, _ = jax.lax.while_loop(going, step, (jnp.int32(0), beams, cache))
   # Rows still searching at the maximum length add their alive beams, unended.
   open_scores = jnp.where(beams.done[:, None], _NEG_INF, beams.scores / s.seq_len)
   scores = jnp.concatenate([beams.hyp_scores, open_scores], axis=1)
