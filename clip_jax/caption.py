@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from PIL import Image
@@ -51,7 +52,7 @@ def caption_files(checkpoint: str, paths: Sequence[str], settings: Settings, *, 
   key = jax.random.key(seed)
   captions = []
   for start in range(0, len(paths), batch_size):
-    images = np.stack([preprocess(_open(p)) for p in paths[start:start + batch_size]])
+    images = jnp.asarray(np.stack([preprocess(_open(p)) for p in paths[start:start + batch_size]]))
     ids = model.generate(images, key=jax.random.fold_in(key, start), **vars(settings))
     captions += [caption_text(tokenizer, row, settings.eos_id) for row in np.asarray(ids)]
   return captions

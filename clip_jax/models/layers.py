@@ -601,8 +601,7 @@ def run_layers(stacked: nnx.Module, x: jax.Array, apply: Callable[[nnx.Module, j
 
 
 def step_layers(stacked: nnx.Module, x: jax.Array, caches,
-                apply: Callable[[nnx.Module, jax.Array, object], tuple[jax.Array, jax.Array]]
-                ) -> tuple[jax.Array, jax.Array]:
+                apply: Callable[..., tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
   """`x, new = apply(layer, x, cache)` for each layer of `stacked` and its slice of `caches`
   (pytrees stacked on a leading layer axis, as the layers are), by `lax.scan`: one new
   position through the layers in generation. Returns `x` and the stacked `new` entries."""
