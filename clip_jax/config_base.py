@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 
 from clip_jax import sharding
+from clip_jax.data.locca import locca_defaults
 from clip_jax.data.pipeline import data_defaults
 from clip_jax.models.config import DecoderConfig, TextConfig, VisionConfig, field_type
 from clip_jax.optim import OptimConfig
@@ -75,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   # contrastive_weight=0: caption-only fine-tuning.
   c.loss.contrastive_weight = 1.0
   c.loss.caption_weight = 2.0
+
+  # LocCa (SigLIP 2's decoder loss) on any image tower: weight > 0 adds a decoder over the
+  # image tower's patch tokens (sized by `model.decoder.*`); keys: clip_jax/data/locca.py.
+  c.locca = ml_collections.ConfigDict(locca_defaults())
 
   # The optimizer's keys and defaults come from `OptimConfig` (optim.py).
   c.optim = ml_collections.ConfigDict(dataclasses.asdict(OptimConfig()))

@@ -18,10 +18,11 @@ import ml_collections
 
 from clip_jax import accumulate, distill, sharding
 from clip_jax import checkpoint as ckpt
+from clip_jax.data import locca
 from clip_jax.data.pipeline import PipelineConfig
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.losses import KINDS
-from clip_jax.models.config import CLIPConfig
+from clip_jax.models.config import CLIPConfig, DecoderConfig
 from clip_jax.models.presets import get_config
 from clip_jax.optim import SCHEDULES, OptimConfig
 
@@ -71,12 +72,31 @@ class RunConfig:
 def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
   """The preset with `config.model.{vision,text,decoder}` and logit init overrides, and
   execution options."""
-  overrides = {f'{tower}.{k}': v for tower in ('vision', 'text', 'decoder')
+  overrides = {f'{tower}.{k}': v for tower in ('vision', 'text')
                for k, v in config.model[tower].items() if v is not None}
   overrides.update({k: config.model[k] for k in ('init_logit_scale', 'init_logit_bias')
                     if config.model[k] is not None})
   overrides.update({k: config.model[k] for k in ('dtype', 'scan_layers', 'remat', 'attention')})
-  return get_config(config.model.name, **overrides)
+  model = get_config(config.model.name, **overrides)
+  if config.locca.weight:
+    model = with_locca_decoder(model, config.locca)
+  decoder = {f'decoder.{k}': v for k, v in config.model.decoder.items() if v is not None}
+  return model.replace(**decoder).validate() if decoder else model
+
+
+def with_locca_decoder(model: CLIPConfig, config_locca) -> CLIPConfig:
+  """`model` with LocCa's decoder: as wide as the image tower (its patch tokens are the
+  keys and values), half its depth, its vocabulary the text ids plus box and task tokens
+  (`data/locca.py`); `config.model.decoder.*` overrides any of it."""
+  if model.decoder is not None:
+    raise ValueError(f'config.locca.weight={config_locca.weight}: the preset already has a '
+                     'caption decoder (CoCa); LocCa adds one to a two-tower model.')
+  v = model.vision
+  bins = config_locca.get('bins', locca.locca_defaults()['bins'])
+  return model.replace(decoder=DecoderConfig(
+      width=v.width, heads=v.heads, layers=max(1, v.layers // 2), mlp_dim=v.mlp_dim,
+      context_length=config_locca.get('context_length', 32), act=v.act, norm_eps=v.norm_eps,
+      vocab_size=model.text.vocab_size + bins + len(locca.TASKS), embed_tokens=True))
 
 
 def resolve(config: ml_collections.ConfigDict, num_devices: int, data: bool = True
@@ -110,10 +130,15 @@ def pipeline_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> Pip
     raise ValueError("--config.data.train is empty: set it to your tar shards, e.g. "
                      "--config.data.train='/data/shards/{00000..00099}.tar' "
                      "(or --config.data.kind=synthetic for random data)")
+  tokenizer = tokenizer_from_spec(model.text.tokenizer, model.text.context_length)
+  spec = locca.locca_spec(config.locca, tokenizer)
+  if spec is not None and spec.vocab_size != model.decoder.vocab_size:
+    raise ValueError(f'config.model.decoder.vocab_size={model.decoder.vocab_size}: LocCa needs '
+                     f'{spec.vocab_size} (the tokenizer\'s {spec.text_vocab} ids, '
+                     f'{spec.bins} box bins, {len(locca.TASKS)} task tokens).')
   return PipelineConfig(
       **config.data, global_batch_size=config.batch_size, image_size=model.vision.image_size,
-      tokenizer=tokenizer_from_spec(model.text.tokenizer, model.text.context_length),
-      seed=config.seed, vocab_size=model.text.vocab_size)
+      tokenizer=tokenizer, seed=config.seed, vocab_size=model.text.vocab_size, locca=spec)
 
 
 def _step_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> StepConfig:
@@ -125,7 +150,13 @@ def _step_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> StepCo
       patch_dropout_tail_steps=(config.patch_dropout_tail_steps
                                 if model.vision.patch_dropout > 0 else 0),
       contrastive_weight=config.loss.contrastive_weight,
-      caption_weight=config.loss.caption_weight if model.decoder is not None else 0.0)
+      caption_weight=_caption_weight(config, model))
+
+
+def _caption_weight(config: ml_collections.ConfigDict, model: CLIPConfig) -> float:
+  if model.decoder is None:
+    return 0.0
+  return config.locca.weight if model.decoder.embed_tokens else config.loss.caption_weight
 
 
 def _check(config: ml_collections.ConfigDict, model: CLIPConfig, step: StepConfig,
@@ -148,6 +179,9 @@ def _check(config: ml_collections.ConfigDict, model: CLIPConfig, step: StepConfi
   if step.batch_size % (dp * optim.grad_accum):
     raise ValueError(f'config.batch_size={step.batch_size} must be divisible by the '
                      f'data-parallel size {dp} x config.optim.grad_accum={optim.grad_accum}.')
+  if model.decoder is not None and model.decoder.embed_tokens and not config.locca.weight:
+    raise ValueError('config.model.decoder.embed_tokens=True is LocCa\'s decoder: set '
+                     'config.locca.weight > 0 (its data) or leave embed_tokens unset.')
   if step.total_steps <= 0:
     raise ValueError('config.total_steps must be positive.')
   if not 0 <= optim.ema_decay < 1:

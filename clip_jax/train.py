@@ -324,7 +324,10 @@ def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict
   scalars = {**metrics, 'lr': float(run.schedule(step - 1)), 'step_time': seconds,
              'data_wait': data_wait, 'samples_per_second': run.config.batch_size / seconds,
              'mfu': achieved / run.peak_flops if run.peak_flops else None,
-             **{f'skipped/{k}': v for k, v in run.loader.skipped.items()}}
+             **{f'skipped/{k}': v for k, v in run.loader.skipped.items()},
+             # Texts cut to fit (kept, as the tokenizer cuts) and LocCa's unreadable boxes.
+             **{f'cut/{k}': v for k, v in run.loader.cut.items()},
+             **{f'locca_fallback/{k}': v for k, v in run.loader.locca_fallback.items()}}
   run.logger.write(step, scalars)
   line = (f'step {step} | loss {metrics["loss"]:.4f} | lr {scalars["lr"]:.2e} | '
           f'scale {metrics["logit_scale"]:.1f} | {scalars["samples_per_second"]:.0f} samples/s '

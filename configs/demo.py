@@ -25,6 +25,11 @@ Args (comma-separated, e.g. `configs/demo.py:steps=300,data_dir=/tmp/demo_data`)
   data_dir  where the demo dataset lives or is generated (default $CLIP_JAX_DEMO_DIR, else
             ~/.cache/clip_jax/demo_data)
   model     tiny-demo (default) or tiny-coca
+  locca     LocCa's decoder loss weight (default 0: off); > 0 trains tiny-demo with a LocCa
+            decoder on the demo's boxes (captioning, referring, grounded captioning)
+  loss      softmax (default, CLIP) or sigmoid (SigLIP: logit scale log 10, bias -10)
+  demo_bpe  the demo BPE for the text tower (default: on where a decoder is trained), e.g.
+            to compare a run with LocCa against one without on the same tokens
 """
 
 import os
@@ -59,7 +64,8 @@ def ensure_demo_bpe(data_dir: str) -> tuple[str, int]:
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, steps=1000, data_dir=DEMO_DIR, model='tiny-demo')
+  args = parse_arg(arg, steps=1000, data_dir=DEMO_DIR, model='tiny-demo', locca=0.0,
+                   loss='softmax', demo_bpe=False)
   data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
   ensure_demo(data_dir)
   c = base_config()
@@ -69,10 +75,16 @@ def get_config(arg=None):
   c.eval_every = 250
   c.checkpoint_every = 500
   c.model.name = args.model
-  if args.model == 'tiny-coca':
+  if args.model == 'tiny-coca' or args.locca or args.demo_bpe:
     tokenizer, vocab_size = ensure_demo_bpe(data_dir)
     c.model.text.tokenizer = tokenizer
-    c.model.text.vocab_size = c.model.decoder.vocab_size = vocab_size
+    c.model.text.vocab_size = vocab_size
+    if args.model == 'tiny-coca':
+      c.model.decoder.vocab_size = vocab_size
+  c.locca.weight = args.locca
+  c.loss.kind = args.loss
+  if args.loss == 'sigmoid':
+    c.model.init_logit_scale, c.model.init_logit_bias = 2.302585092994046, -10.0
   c.data.train = f'{data_dir}/train/*.tar'
   c.data.shuffle_window = 1024
   c.data.workers = 1

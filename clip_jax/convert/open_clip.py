@@ -175,10 +175,16 @@ def rules_for(cfg: CLIPConfig) -> list[Rule]:
   vision = (_timm_vision_rules(cfg.vision) if cfg.vision.timm_model_name
             else _openclip_vision_rules(cfg.vision))
   text = _text_rules(cfg.text, 'text.' if cfg.custom_text else '')
-  decoder = _decoder_rules(cfg.decoder) if cfg.decoder is not None else []
+  decoder = _decoder_rules(cfg.decoder) if is_coca(cfg) else []
   scale = [Rule('logit_scale', 'logit_scale')]
   bias = [Rule('logit_bias', 'logit_bias')] if cfg.init_logit_bias is not None else []
   return vision + text + decoder + scale + bias
+
+
+def is_coca(cfg: CLIPConfig) -> bool:
+  """A CoCa model: OpenCLIP has its decoder. LocCa's decoder (`decoder.embed_tokens`) is a
+  training aid OpenCLIP has no place for; export leaves it out (a checkpoint keeps it)."""
+  return cfg.decoder is not None and not cfg.decoder.embed_tokens
 
 
 def _layers(cfg: CLIPConfig, rule: Rule) -> int:

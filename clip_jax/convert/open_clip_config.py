@@ -115,11 +115,12 @@ def _multimodal(d: DecoderConfig, act: str, pool_heads: int, pool_queries: int) 
 def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
   vision = _timm_vision(cfg) if cfg.vision.timm_model_name else _native_vision(cfg.vision)
   text = _text(cfg.text)
-  if cfg.decoder is not None:  # CoCa: both towers return their tokens
+  coca = cfg.decoder is not None and not cfg.decoder.embed_tokens  # LocCa's is not exported
+  if coca:  # both towers return their tokens
     vision['output_tokens'] = text['output_tokens'] = True
   out = dict(embed_dim=cfg.embed_dim, quick_gelu=_quick_gelu(cfg), vision_cfg=vision,
              text_cfg=text, init_logit_scale=cfg.init_logit_scale)
-  if cfg.decoder is not None:
+  if coca:
     out['multimodal_cfg'] = _multimodal(cfg.decoder, cfg.text.act, cfg.vision.attn_pool_heads,
                                         cfg.vision.attn_pool_queries)
   if cfg.custom_text:
