@@ -81,13 +81,17 @@ def open_clip_generate(monkeypatch):
 
 
 def _paired(name, layers, eos_weight):
-  """OpenCLIP's CoCa and the clip_jax model with the same weights. Random weights never pick
-  `<end_of_text>` (its logit is ~0); `eos_weight` points its decoder column along the final
-  LayerNorm's bias, so that captions end at different lengths."""
+  """OpenCLIP's CoCa and the clip_jax model with the same weights. Random weights seldom pick
+  `<end_of_text>`; `eos_weight` points its decoder column along the final LayerNorm's bias,
+  so that captions end at different lengths."""
   torch_model = open_clip_model(name, layers, layers)
   with torch.no_grad():
+    # OpenCLIP leaves the decoder's projection as torch.empty made it (any memory): set it.
+    proj = torch_model.text_decoder.text_projection
+    proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(0))
+               * proj.shape[0] ** -0.5)
     bias = torch_model.text_decoder.ln_final.bias
-    torch_model.text_decoder.text_projection[:, EOS] = eos_weight * bias / bias.norm()
+    proj[:, EOS] = eos_weight * bias / bias.norm()
   overrides = {'vision.layers': layers, 'text.layers': layers, 'decoder.layers': layers}
   cfg = clip_jax.get_config(name, **(overrides if layers else {}))
   return torch_model, model_from_params(cfg, import_state_dict(cfg, state_dict_numpy(torch_model)))
@@ -100,10 +104,10 @@ def _ends(tokens):
 @pytest.mark.parametrize('generation_type', ['greedy', 'beam_search'])
 def test_tiny_coca_generation_matches_open_clip(open_clip_generate, generation_type):
   """Greedy (OpenCLIP: top_k=1) and beam search (its defaults: 6 beams in 3 groups) give
-  OpenCLIP's tokens. With the repetition penalty the captions vary; ended at 7 and 11
-  tokens, at the forced last position, or (beam search) not at all, covering `min_seq_len`,
-  padding after the end and hypotheses of different lengths."""
-  torch_model, model = _paired('tiny-coca', None, 0.5)
+  OpenCLIP's tokens. With the repetition penalty the captions vary, and end at 10 to 21
+  tokens or (beam search) not at all: padding after the end, hypotheses of different
+  lengths and unended beams."""
+  torch_model, model = _paired('tiny-coca', None, 4.0)
   images = _images(4, 64)
   kwargs = dict(repetition_penalty=1.5)
   want = open_clip_generate(torch_model, images, generation_type=(
