@@ -12,6 +12,7 @@ prints `PATH<TAB>caption` per image, in the order given. The defaults are OpenCL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -24,7 +25,8 @@ from PIL import Image
 import clip_jax
 from clip_jax.checkpoint import load_model_config, resolve_checkpoint
 from clip_jax.cli import naming, positive_int, user_errors
-from clip_jax.data.tokenizers import Tokenizer
+from clip_jax.data import locca
+from clip_jax.data.tokenizers import CLIPTokenizer, Tokenizer
 from clip_jax.models.generate import GENERATION_TYPES, Settings
 
 
@@ -47,14 +49,23 @@ def caption_files(checkpoint: str, paths: Sequence[str], settings: Settings, *, 
       raise ValueError(f'{source}: the model has no caption decoder (config.model.decoder is '
                        'None); train a CoCa preset such as model=coca_ViT-B-32.')
     model, preprocess, tokenizer = clip_jax.load(str(source), ema=ema)
-  if tokenizer is None:
-    raise ValueError(f'{source}: no tokenizer is known for this model to decode its captions.')
+  if not isinstance(tokenizer, CLIPTokenizer):
+    raise ValueError(f'{source}: captions need the model\'s CLIP BPE tokenizer (start and end '
+                     f'of text tokens); this model has {type(tokenizer).__name__}.')
+  # The model's own tokenizer's ids (a trained vocabulary, such as the demo's, renumbers them).
+  settings = dataclasses.replace(settings, sot_id=tokenizer.sot_id, eos_id=tokenizer.eot_id)
+  decoder = model.decoder.cfg
+  prefix = (locca.prompt('caption', None, locca.spec_of_decoder(
+      decoder.vocab_size, decoder.context_length, tokenizer)) if decoder.embed_tokens else None)
   key = jax.random.key(seed)
   captions = []
   for start in range(0, len(paths), batch_size):
     images = jnp.asarray(np.stack([preprocess(_open(p)) for p in paths[start:start + batch_size]]))
-    ids = model.generate(images, key=jax.random.fold_in(key, start), **vars(settings))
-    captions += [caption_text(tokenizer, row, settings.eos_id) for row in np.asarray(ids)]
+    ids = np.asarray(model.generate(images, prefix, key=jax.random.fold_in(key, start),
+                                    **vars(settings)))
+    if prefix is not None:  # LocCa: drop its task token, keep <start_of_text> first
+      ids = np.concatenate([ids[:, :1], ids[:, len(prefix):]], axis=1)
+    captions += [caption_text(tokenizer, row, settings.eos_id) for row in ids]
   return captions
 
 

@@ -40,6 +40,12 @@ def open_clip_model(name: str, vision_layers: int | None = None, text_layers: in
   torch.manual_seed(seed)
   if coca:
     model = open_clip.CoCa(**cfg)
+    # OpenCLIP never initialises the decoder's projection (torch.empty: whatever memory
+    # held), so two builds differ: draw it from the seed, as its TextTransformer would.
+    proj = model.text_decoder.text_projection
+    with torch.no_grad():
+      proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(seed))
+                 * proj.shape[0] ** -0.5)
   else:
     model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
   if timm and vision_layers:  # timm builds by name only: drop the extra blocks afterwards

@@ -86,10 +86,7 @@ def _paired(name, layers, eos_weight):
   so that captions end at different lengths."""
   torch_model = open_clip_model(name, layers, layers)
   with torch.no_grad():
-    # OpenCLIP leaves the decoder's projection as torch.empty made it (any memory): set it.
-    proj = torch_model.text_decoder.text_projection
-    proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(0))
-               * proj.shape[0] ** -0.5)
+    proj = torch_model.text_decoder.text_projection  # seeded by `open_clip_model`
     bias = torch_model.text_decoder.ln_final.bias
     proj[:, EOS] = eos_weight * bias / bias.norm()
   overrides = {'vision.layers': layers, 'text.layers': layers, 'decoder.layers': layers}

@@ -81,6 +81,13 @@ class LoccaSpec:
     return self.text_vocab + self.bins + TASKS.index(task)
 
 
+def spec_of_decoder(decoder_vocab: int, context_length: int, tokenizer) -> LoccaSpec:
+  """The token layout a trained LocCa decoder uses: its bins are what its vocabulary holds
+  beyond the tokenizer's ids and the task tokens (for generation from a checkpoint)."""
+  return LoccaSpec(tokenizer, context_length=context_length,
+                   bins=decoder_vocab - tokenizer.vocab_size - len(TASKS))
+
+
 def locca_spec(config: Mapping[str, Any], tokenizer) -> LoccaSpec | None:
   """`config.locca` -> LoccaSpec, or None when `weight` is 0 (LocCa off). Bad values are
   errors naming their key."""
