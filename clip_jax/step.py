@@ -76,10 +76,12 @@ class Program:
     """The global batch as shapes with their sharding (uint8 images, int32 tokens)."""
     cfg = self.model.cfg
     size, context = cfg.vision.image_size, cfg.text.context_length
-    return {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
-                                          sharding=self.batch_sharding),
-            'text': jax.ShapeDtypeStruct((batch_size, context), jnp.int32,
-                                         sharding=self.batch_sharding)}
+    shape = lambda *dims, dtype=jnp.int32: jax.ShapeDtypeStruct(
+        (batch_size, *dims), dtype, sharding=self.batch_sharding)
+    shapes = {'image': shape(size, size, 3, dtype=jnp.uint8), 'text': shape(context)}
+    if cfg.decoder is not None and cfg.decoder.embed_tokens:  # LocCa's own sequences
+      shapes['decoder_tokens'] = shapes['decoder_mask'] = shape(cfg.decoder.context_length)
+    return shapes
 
   def lower(self, batch_size: int):
     """The step lowered on this program's state and a batch of `batch_size` (as shapes)."""

@@ -8,7 +8,7 @@ import pytest
 
 from clip_jax import cli, config_base, run_config
 from clip_jax import train as train_lib
-from configs import clip, demo, flip, lit, siglip
+from configs import clip, coca, demo, flip, lit, siglip
 from tests import helpers
 from tests.conftest import ROOT
 
@@ -40,13 +40,16 @@ def test_every_recipe_resolves_with_its_args():
   """Each recipe's own command-line variants resolve for a 256-chip pod (no data needed)."""
   variants = {clip: 'model=ViT-L-14,batch_size=4096,samples=4096000',
               flip: 'model=ViT-B-32,rate=0.25,tail=0.1,batch_size=4096,samples=4096000',
-              lit: 'model=ViT-B-16,dtype=float32,steps=7', siglip: 'model=ViT-SO400M-14-SigLIP'}
+              lit: 'model=ViT-B-16,dtype=float32,steps=7', siglip: 'model=ViT-SO400M-14-SigLIP',
+              coca: 'model=coca_ViT-L-14,finetune=True,samples=414113'}
   for module, arg in variants.items():
     run = run_config.resolve(module.get_config(arg), 256, data=False)
     assert run.pipeline is None and run.step.total_steps > 0
   assert run_config.resolve(flip.get_config(variants[flip]), 256,
                             data=False).step.patch_dropout_tail_steps == 100
   assert lit.get_config(variants[lit]).total_steps == 7
+  caption_only = run_config.resolve(coca.get_config(variants[coca]), 256, data=False).step
+  assert (caption_only.contrastive_weight, caption_only.caption_weight) == (0.0, 1.0)
 
 
 def test_an_empty_data_train_fails_naming_the_flag():
