@@ -41,7 +41,7 @@ def test_every_recipe_resolves_with_its_args():
   variants = {clip: 'model=ViT-L-14,batch_size=4096,samples=4096000',
               flip: 'model=ViT-B-32,rate=0.25,tail=0.1,batch_size=4096,samples=4096000',
               lit: 'model=ViT-B-16,dtype=float32,steps=7', siglip: 'model=ViT-SO400M-14-SigLIP',
-              coca: 'model=coca_ViT-L-14,finetune=True,samples=414113'}
+              coca: 'model=coca_ViT-L-14,finetune=True,batch_size=512,samples=414113'}
   for module, arg in variants.items():
     run = run_config.resolve(module.get_config(arg), 256, data=False)
     assert run.pipeline is None and run.step.total_steps > 0
