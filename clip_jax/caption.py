@@ -54,6 +54,7 @@ def caption_files(checkpoint: str, paths: Sequence[str], settings: Settings, *, 
                      f'of text tokens); this model has {type(tokenizer).__name__}.')
   # The model's own tokenizer's ids (a trained vocabulary, such as the demo's, renumbers them).
   settings = dataclasses.replace(settings, sot_id=tokenizer.sot_id, eos_id=tokenizer.eot_id)
+  assert model.decoder is not None  # checked on the config above
   decoder = model.decoder.cfg
   prefix = (locca.prompt('caption', None, locca.spec_of_decoder(
       decoder.vocab_size, decoder.context_length, tokenizer)) if decoder.embed_tokens else None)
@@ -61,7 +62,8 @@ def caption_files(checkpoint: str, paths: Sequence[str], settings: Settings, *, 
   captions = []
   for start in range(0, len(paths), batch_size):
     images = jnp.asarray(np.stack([preprocess(_open(p)) for p in paths[start:start + batch_size]]))
-    ids = np.asarray(model.generate(images, prefix, key=jax.random.fold_in(key, start),
+    start_ids = None if prefix is None else jnp.asarray(prefix)
+    ids = np.asarray(model.generate(images, start_ids, key=jax.random.fold_in(key, start),
                                     **vars(settings)))
     if prefix is not None:  # LocCa: drop its task token, keep <start_of_text> first
       ids = np.concatenate([ids[:, :1], ids[:, len(prefix):]], axis=1)

@@ -71,20 +71,20 @@ def decoder_scores(model, preprocess, tokenizer, scenes: list[Scene]) -> dict[st
           if d.embed_tokens else None)
   start = locca.prompt('caption', None, spec) if spec else np.asarray([sot], np.int32)
   captions = _generate(model, pixels, [start] * len(scenes), eos, seq_len)
-  scores = {'caption_accuracy': np.mean([
-      locca.shape_classes(tokenizer.decode(c)) == want for c, want in zip(captions, classes)])}
+  scores = {'caption_accuracy': float(np.mean([
+      locca.shape_classes(tokenizer.decode(c)) == want for c, want in zip(captions, classes)]))}
   if spec is None:
     return scores
   first = [s.objects[0] for s in scenes]
   boxes = _generate(model, pixels, [locca.prompt('referring', o['phrase'], spec) for o in first],
                     eos, seq_len)
   found = [locca.box_from_tokens(b, spec) for b in boxes]
-  scores['referring_accuracy'] = np.mean([
-      box is not None and locca.iou(box, tuple(o['box'])) >= 0.5 for box, o in zip(found, first)])
+  scores['referring_accuracy'] = float(np.mean([
+      box is not None and locca.iou(box, tuple(o['box'])) >= 0.5 for box, o in zip(found, first)]))
   phrases = _generate(model, pixels, [locca.prompt('grounded', tuple(o['box']), spec)
                                       for o in first], eos, seq_len)
-  scores['grounded_accuracy'] = np.mean([
-      locca.shape_classes(tokenizer.decode(p)) == {o['class']} for p, o in zip(phrases, first)])
+  scores['grounded_accuracy'] = float(np.mean([
+      locca.shape_classes(tokenizer.decode(p)) == {o['class']} for p, o in zip(phrases, first)]))
   return scores
 
 

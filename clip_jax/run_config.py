@@ -132,7 +132,8 @@ def pipeline_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> Pip
                      "(or --config.data.kind=synthetic for random data)")
   tokenizer = tokenizer_from_spec(model.text.tokenizer, model.text.context_length)
   spec = locca.locca_spec(config.locca, tokenizer)
-  if spec is not None and spec.vocab_size != model.decoder.vocab_size:
+  if spec is not None and model.decoder is not None and (
+      spec.vocab_size != model.decoder.vocab_size):
     raise ValueError(f'config.model.decoder.vocab_size={model.decoder.vocab_size}: LocCa needs '
                      f'{spec.vocab_size} (the tokenizer\'s {spec.text_vocab} ids, '
                      f'{spec.bins} box bins, {len(locca.TASKS)} task tokens).')

@@ -306,7 +306,7 @@ def caption_targets(batch: dict, cfg: CLIPConfig) -> tuple[jax.Array, jax.Array]
   """The decoder's targets (the token after each input position) and which of them count:
   CoCa's are the caption's tokens past the first, padding ignored (OpenCLIP's `CoCaLoss`);
   LocCa's are its own sequence's, counted where the data marks a task's answer."""
-  if cfg.decoder.embed_tokens:
+  if cfg.decoder is not None and cfg.decoder.embed_tokens:
     return batch['decoder_tokens'][:, 1:], batch['decoder_mask'][:, 1:]
   targets = batch['text'][:, 1:]
   return targets, targets != cfg.text.pad_id

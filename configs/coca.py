@@ -11,7 +11,8 @@ Caption fine-tuning, OpenCLIP's README recipe for MSCOCO (`--coca-contrastive-lo
 from OpenCLIP weights imported with `python -m clip_jax.import_open_clip --model
 coca_ViT-L-14 --checkpoint FILE --out DIR`:
 
-  python -m clip_jax.train --config configs/coca.py:model=coca_ViT-L-14,finetune=True,samples=414113 \
+  python -m clip_jax.train \
+      --config configs/coca.py:model=coca_ViT-L-14,finetune=True,samples=414113 \
       --workdir /runs/coca_coco --config.init_from=DIR \
       --config.data.train='/data/coco/train2014-{00000..00041}.tar'
 

@@ -23,8 +23,7 @@ from clip_jax.losses import caption_loss, caption_rows, contrastive_loss
 from clip_jax.models.functional import get_params, model_from_params
 from tests import helpers
 from tests.jax_reference import jax_features, random_inputs
-from tests.reference import (open_clip_model, state_dict_numpy, torch_caption_logits,
-                             torch_features)
+from tests.reference import open_clip_model, state_dict_numpy, torch_caption_logits, torch_features
 
 TOLERANCE = 1e-4  # relative, the bar; measured ~1.5e-6 on the logits, 3e-7 features
 

@@ -175,7 +175,7 @@ def rules_for(cfg: CLIPConfig) -> list[Rule]:
   vision = (_timm_vision_rules(cfg.vision) if cfg.vision.timm_model_name
             else _openclip_vision_rules(cfg.vision))
   text = _text_rules(cfg.text, 'text.' if cfg.custom_text else '')
-  decoder = _decoder_rules(cfg.decoder) if is_coca(cfg) else []
+  decoder = _decoder_rules(cfg.decoder) if cfg.decoder is not None and is_coca(cfg) else []
   scale = [Rule('logit_scale', 'logit_scale')]
   bias = [Rule('logit_bias', 'logit_bias')] if cfg.init_logit_bias is not None else []
   return vision + text + decoder + scale + bias
@@ -188,7 +188,7 @@ def is_coca(cfg: CLIPConfig) -> bool:
 
 
 def _layers(cfg: CLIPConfig, rule: Rule) -> int:
-  if rule.ours.startswith('decoder/'):
+  if rule.ours.startswith('decoder/') and cfg.decoder is not None:
     return cfg.decoder.layers
   return cfg.vision.layers if rule.ours.startswith('visual/') else cfg.text.layers
 

@@ -120,7 +120,7 @@ def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
     vision['output_tokens'] = text['output_tokens'] = True
   out = dict(embed_dim=cfg.embed_dim, quick_gelu=_quick_gelu(cfg), vision_cfg=vision,
              text_cfg=text, init_logit_scale=cfg.init_logit_scale)
-  if coca:
+  if coca and cfg.decoder is not None:
     out['multimodal_cfg'] = _multimodal(cfg.decoder, cfg.text.act, cfg.vision.attn_pool_heads,
                                         cfg.vision.attn_pool_queries)
   if cfg.custom_text:

@@ -131,7 +131,8 @@ def _task_probs(tasks: Mapping[str, Any]) -> tuple[float, float, float]:
       raise ValueError(f'config.locca.tasks.{task} must be a finite number >= 0, got {w!r}')
   if not sum(weights):
     raise ValueError('config.locca.tasks are all 0; give at least one task a weight.')
-  return tuple(w / sum(weights) for w in weights)  # type: ignore[return-value]
+  total = sum(weights)
+  return (weights[0] / total, weights[1] / total, weights[2] / total)
 
 
 # --- boxes -------------------------------------------------------------------------------
@@ -173,9 +174,10 @@ def crop_box(box: Box, window: Window, width: int, height: int) -> tuple[Box, fl
   x0, x1 = ((box[i] * width - left) / (right - left) for i in (0, 2))
   y0, y1 = ((box[i] * height - top) / (bottom - top) for i in (1, 3))
   full = (x0, y0, x1, y1)
-  clipped = tuple(min(max(v, 0.0), 1.0) for v in full)
+  clip = lambda v: min(max(v, 0.0), 1.0)
+  clipped = (clip(x0), clip(y0), clip(x1), clip(y1))
   area = _area(full)
-  return clipped, (_area(clipped) / area if area > 0 else 0.0)  # type: ignore[return-value]
+  return clipped, (_area(clipped) / area if area > 0 else 0.0)
 
 
 def visible_regions(regions: Sequence[Region], window: Window, width: int, height: int,
@@ -265,7 +267,7 @@ def make_example(caption: str, regions: Sequence[Region], rng: np.random.Generat
     head = _prompt('caption', None, spec)[0]
     answer, cut = _text_ids(caption, spec.context_length - 3, spec)
   else:
-    region = regions[rng.integers(len(regions))]
+    region = regions[int(rng.integers(len(regions)))]
     if task == 'referring':
       head, cut = _prompt(task, region.phrase, spec)
       answer = box_tokens(region.box, spec).tolist()

@@ -206,17 +206,21 @@ class CrossAttention(nnx.Module):
     self.out = Dense((heads, dim // heads), (dim,), ('heads', 'kv', 'embed'), **kw)
     self.dtype = dtype
 
+  def _bias(self) -> jax.Array:
+    assert self.qkv.bias is not None  # made with a bias
+    return self.qkv.bias[...].astype(self.dtype)
+
   def project_context(self, context: jax.Array) -> jax.Array:
     """[B, S, dim] -> keys and values [B, S, 2, H, D]: computed once per image in generation."""
     kernel = self.qkv.kernel[...][:, 1:].astype(self.dtype)
-    bias = self.qkv.bias[...][1:].astype(self.dtype)
+    bias = self._bias()[1:]
     return jnp.einsum('bsd,dkhe->bskhe', context.astype(self.dtype), kernel) + bias
 
   def __call__(self, x: jax.Array, kv: jax.Array) -> jax.Array:
     """`x` [B, T, dim] (normalised) attends over `kv` from `project_context`."""
     kernel = self.qkv.kernel[...][:, 0].astype(self.dtype)
     q = jnp.einsum('btd,dhe->bthe', x.astype(self.dtype), kernel)
-    q = q + self.qkv.bias[...][0].astype(self.dtype)
+    q = q + self._bias()[0]
     return self.out(dot_product_attention(q, kv[:, :, 0], kv[:, :, 1]))
 
 
