@@ -16,8 +16,10 @@ Caveats, also printed when they apply: the step time is the compiler's estimate,
 measurement; `cost_analysis()` counts the body of a `while` loop (`lax.scan`:
 `model.scan_layers=True`, `optim.grad_accum>1`) once, so its FLOPs and time are then a
 fraction of the truth, so for scanned layers the tool adds what one more layer costs inside
-the loop (`depth_extrapolation`; the HBM figures are the program's own either way); custom
-calls (Pallas kernels, ...) are not costed.
+the loop (`depth_extrapolation`: the vision, text and caption decoder's layers; the HBM
+figures are the program's own either way); custom calls (Pallas kernels, ...) are not costed.
+A caption decoder (CoCa presets, `--config.locca.weight=1`) is compiled and counted with
+the step: its FLOPs (`metrics.train_flops_per_sample`) are in the analytic count and MFU.
 `--topology local` compiles for this machine's own devices instead.
 """
 
@@ -115,11 +117,13 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
       'mesh': dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, chips))),
       'model': config.model.name, 'dtype': config.model.dtype, 'remat': config.model.remat,
       'scan_layers': config.model.scan_layers, 'loss': config.loss.kind,
+      'decoder': decoder_summary(cfg),
       'batch_size': config.batch_size, 'batch_per_chip': config.batch_size / chips,
       'grad_accum': config.optim.grad_accum, 'grad_accum_mode': config.optim.grad_accum_mode}
   capacity = hbm_capacity(devices[0])
   scanned = depth_estimate and config.model.scan_layers and config.optim.grad_accum == 1
-  progress(f'compile 1 of {4 if scanned else 1}: the {config.model.name} step for {topology} '
+  compiles = (5 if cfg.decoder is not None else 4) if scanned else 1
+  progress(f'compile 1 of {compiles}: the {config.model.name} step for {topology} '
            f'({chips} x {kind})')
   try:
     with quiet_stderr():
@@ -178,40 +182,58 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
   """Step time and FLOPs of the full-depth scanned step, from the loop bodies' own cost.
 
   `cost_analysis()` counts a loop body once: the scanned program (`scanned`: its time and
-  FLOPs) costs c + a + b, with a and b what one vision and one text layer cost inside the
-  scan loop. Scanning costs more per layer than the same layer unrolled: the loop writes
-  each layer's saved activations into stacks and reads them back (the compiler costs a
-  ViT-B-16 layer at 1.37x its unrolled self, bench/RESULTS.md). So a and b come from the
-  scanned step itself: compiled with 4 layers per tower and 1 layer per loop iteration,
-  then 2 (`scan_unroll`) for one tower at a time, the difference is one more layer in the
-  loop body. The estimate extends `scanned` by the layers not in its loop bodies (all but
-  `scan_unroll` a tower; the layers of a body cost alike). Each compile is
-  the same step (mesh, batch, remat, loss) with shallower towers. The ring loss
-  (`sigmoid_chunked`, a loop) is costed as the gathered `sigmoid`: the same FLOPs. No time
-  when the compiler gives none positive for one of them.
+  FLOPs) costs c + a + b (+ e), with a, b (and e) what one vision, one text (and one caption
+  decoder) layer cost inside their scan loops. Scanning costs more per layer than the same
+  layer unrolled: the loop writes each layer's saved activations into stacks and reads them
+  back (the compiler costs a ViT-B-16 layer at 1.37x its unrolled self, bench/RESULTS.md).
+  So a, b and e come from the scanned step itself: compiled with 4 layers per stack and 1
+  layer per loop iteration, then 2 (`scan_unroll`) for one stack at a time, the difference
+  is one more layer in the loop body. The estimate extends `scanned` by the layers not in
+  its loop bodies (all but `scan_unroll` a stack; the layers of a body cost alike). Each
+  compile is the same step (mesh, batch, remat, loss) with shallower stacks: 3 compiles,
+  4 with a decoder (CoCa, LocCa). The ring loss (`sigmoid_chunked`, a loop) is costed as
+  the gathered `sigmoid`: the same FLOPs. No time when the compiler gives none positive for
+  one of them.
   """
+  stacks = [cfg.vision, cfg.text] + ([cfg.decoder] if cfg.decoder is not None else [])
+  names = ['vision', 'text', 'decoder'][:len(stacks)]
+  base = (1,) * len(stacks)
+  variants = [base] + [tuple(2 if j == i else 1 for j in range(len(stacks)))
+                       for i in range(len(stacks))]
   costs = {}
-  for i, unrolls in enumerate(((1, 1), (2, 1), (1, 2))):
+  for i, unrolls in enumerate(variants):
     shallow = config.copy_and_resolve_references()
-    shallow.model.vision.layers = shallow.model.text.layers = 4  # 2 iterations at unroll 2
-    shallow.model.vision.scan_unroll, shallow.model.text.scan_unroll = unrolls
+    for name, unroll in zip(names, unrolls):
+      shallow.model[name].layers = 4  # 2 iterations at unroll 2
+      shallow.model[name].scan_unroll = unroll
     if shallow.loss.kind == 'sigmoid_chunked':  # the same FLOPs without the ring's loop
       shallow.loss.kind = 'sigmoid'
-    progress(f'compile {i + 2} of 4: 4 layers per tower, {unrolls[0]} vision and {unrolls[1]} '
-             'text layer(s) per loop iteration (for the depth estimate)')
+    progress(f'compile {i + 2} of {len(variants) + 1}: 4 layers per stack, '
+             + ', '.join(f'{u} {n}' for n, u in zip(names, unrolls))
+             + ' layer(s) per loop iteration (for the depth estimate)')
     with quiet_stderr():
       cost = lower_train_step(shallow, devices)[0].compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
-    costs[unrolls] = (float(cost.get('optimal_seconds') or 0.0), float(cost.get('flops', 0.0)))
+    costs[unrolls] = (float(cost.get('optimal_seconds') or 0.0),
+                      float(cost.get('flops', 0.0)))
   # The scanned program's loop bodies hold `scan_unroll` layers each (1 by default).
-  extend = lambda i: (
-      scanned[i] + (cfg.vision.layers - cfg.vision.scan_unroll) * (costs[2, 1][i] - costs[1, 1][i])
-      + (cfg.text.layers - cfg.text.scan_unroll) * (costs[1, 2][i] - costs[1, 1][i]))
+  extend = lambda k: scanned[k] + sum(
+      (stack.layers - stack.scan_unroll) * (costs[u][k] - costs[base][k])
+      for stack, u in zip(stacks, variants[1:]))
   timed = min(seconds for seconds, _ in [*costs.values(), scanned]) > 0
   return {'step_seconds': extend(0) if timed else None, 'flops_per_chip': extend(1),
-          'layers': [cfg.vision.layers, cfg.text.layers],
-          'compiles': {f'{v}x{t}': {'step_seconds': c[0], 'flops': c[1]}
-                       for (v, t), c in costs.items()}}
+          'layers': [stack.layers for stack in stacks],
+          'compiles': {'x'.join(map(str, u)): {'step_seconds': c[0], 'flops': c[1]}
+                       for u, c in costs.items()}}
+
+
+def decoder_summary(cfg: CLIPConfig) -> dict[str, Any] | None:
+  """The caption decoder the step trains (CoCa's, or LocCa's with its own tokens); None."""
+  d = cfg.decoder
+  if d is None:
+    return None
+  return {'kind': 'locca' if d.embed_tokens else 'coca', 'layers': d.layers, 'width': d.width,
+          'context_length': d.context_length, 'vocab_size': d.vocab_size}
 
 
 # Custom calls that only annotate sharding or placement; anything else in the program as
@@ -354,6 +376,11 @@ def format_report(report: dict[str, Any]) -> str:
   lines.append(f'batch {r["batch_size"]} global = {r["batch_per_chip"]:g} pairs per chip'
                + (f', grad_accum {r["grad_accum"]} ({r["grad_accum_mode"]})'
                   if r['grad_accum'] > 1 else ''))
+  if r.get('decoder'):
+    d = r['decoder']
+    lines.append(f'caption decoder ({"LocCa" if d["kind"] == "locca" else "CoCa"}): '
+                 f'{d["layers"]} layers, width {d["width"]}, context {d["context_length"]}, '
+                 f'vocab {d["vocab_size"]} (its FLOPs are in the analytic count)')
   hbm = r['hbm']
   capacity = hbm['capacity_bytes']
   cap = gib(capacity) if capacity else 'unknown capacity'

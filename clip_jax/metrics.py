@@ -1,7 +1,8 @@
 """Training logs: TensorBoard (clu), `WORKDIR/metrics.jsonl`, a console line, and MFU.
 
 Only process 0 writes files. FLOPs are counted analytically per tower
-(L * (8Nd^2 + 4Nd*mlp + 4N^2 d), plus the patch embedding), x3 for training.
+(L * (8Nd^2 + 4Nd*mlp + 4N^2 d), plus the patch embedding), plus a caption decoder's
+(`decoder_flops`) and CoCa's attentional pooler, x3 for training.
 """
 
 from __future__ import annotations
@@ -36,18 +37,52 @@ def tower_flops(layers: int, tokens: int, width: int, mlp: int) -> float:
   return float(layers * per_layer)
 
 
+def decoder_flops(layers: int, tokens: int, image_tokens: int, width: int, mlp: int,
+                  vocab: int) -> float:
+  """Forward FLOPs of a caption decoder over `tokens` (T) positions reading `image_tokens`
+  (S): per layer a self-attention block (a tower layer over T) and a cross-attention block
+  (queries and output over T: 4Td^2; keys and values of the S image tokens, projected in
+  every layer: 4Sd^2; scores and values 4TSd; MLP 4Td*mlp), then the vocabulary projection
+  2Td*vocab."""
+  t, s, d = tokens, image_tokens, width
+  cross = 4 * t * d**2 + 4 * s * d**2 + 4 * t * s * d + 4 * t * d * mlp
+  return tower_flops(layers, t, d, mlp) + float(layers * cross + 2 * t * d * vocab)
+
+
+def attn_pool_flops(queries: int, tokens: int, context_width: int, dim: int) -> float:
+  """CoCa's attentional pooler per image: keys and values of `tokens` (4Nd_v*dim), scores and
+  values (4QN*dim), output projection (2Q*dim^2); the queries' own projection is per batch."""
+  return float(4 * tokens * context_width * dim + 4 * queries * tokens * dim
+               + 2 * queries * dim**2)
+
+
 def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
   """Forward + backward (3x forward) FLOPs of one image-text pair.
 
   With `vision.patch_dropout` the image blocks see only the kept patches (the patch
-  embedding still sees all of them).
+  embedding still sees all of them). The text tower sees `context_length` tokens, plus
+  CoCa's appended class token (`text.embed_cls`). A caption decoder (`cfg.decoder`) runs
+  teacher-forced over one position less than its input: CoCa's over the text tower's
+  `context_length - 1` token outputs, reading the attentional pooler's queries after the
+  first (or the kept patch tokens without a pooler); LocCa's over `decoder.context_length - 1`
+  of its own tokens, reading the image tower's kept patch tokens. Embedding lookups, layer
+  norms, softmaxes and the towers' pooling projections are not counted.
   """
   v, t = cfg.vision, cfg.text
   patches = v.grid ** 2
-  image = (tower_flops(v.layers, v.kept_patches + int(v.class_token), v.width, v.mlp_dim)
+  tokens = v.kept_patches + int(v.class_token)
+  image = (tower_flops(v.layers, tokens, v.width, v.mlp_dim)
            + 2 * patches * 3 * v.patch_size**2 * v.width)
-  text = tower_flops(t.layers, context_length, t.width, t.mlp_dim)
-  return 3 * (image + text)
+  if v.attn_pool_queries:
+    image += attn_pool_flops(v.attn_pool_queries, tokens, v.width, cfg.embed_dim)
+  text = tower_flops(t.layers, context_length + int(t.embed_cls), t.width, t.mlp_dim)
+  caption = 0.0
+  if cfg.decoder is not None:
+    d = cfg.decoder
+    positions = (d.context_length if d.embed_tokens else context_length) - 1
+    image_tokens = v.attn_pool_queries - 1 if v.attn_pool_queries else v.kept_patches
+    caption = decoder_flops(d.layers, positions, image_tokens, d.width, d.mlp_dim, d.vocab_size)
+  return 3 * (image + text + caption)
 
 
 def peak_flops_per_device(override: float = 0.0,
