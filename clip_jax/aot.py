@@ -39,7 +39,7 @@ from absl import app, flags
 from clip_jax import cli, run_config, sharding, step
 from clip_jax.distributed import quiet_stderr
 from clip_jax.metrics import peak_flops_per_device, train_flops_per_sample
-from clip_jax.models.config import CLIPConfig
+from clip_jax.models.config import CLIPConfig, DecoderConfig, TextConfig, VisionConfig
 
 _CONFIG = cli.config_flag()
 _TOPOLOGY = flags.DEFINE_string(
@@ -195,7 +195,9 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
   the gathered `sigmoid`: the same FLOPs. No time when the compiler gives none positive for
   one of them.
   """
-  stacks = [cfg.vision, cfg.text] + ([cfg.decoder] if cfg.decoder is not None else [])
+  stacks: list[VisionConfig | TextConfig | DecoderConfig] = [cfg.vision, cfg.text]
+  if cfg.decoder is not None:
+    stacks.append(cfg.decoder)
   names = ['vision', 'text', 'decoder'][:len(stacks)]
   base = (1,) * len(stacks)
   variants = [base] + [tuple(2 if j == i else 1 for j in range(len(stacks)))

@@ -120,6 +120,20 @@ def test_local_topology_compiles_for_this_machines_devices():
   assert report['flops']['compiled_per_chip'] > 0
 
 
+def test_a_locca_step_compiles_with_its_decoder_in_the_analytic_flops():
+  """LocCa's decoder (`locca.weight=1`: its own token sequences in the batch) is compiled with
+  the step and its FLOPs are in the analytic count: unrolled, the compiled count matches it
+  (the towers alone are a twentieth of it: the vocabulary projection dominates).
+  CoCa on a TPU topology: bench/RESULTS.md 2026-12-05."""
+  config = _config(**{'mesh.data': 1, 'mesh.fsdp': -1, 'batch_size': 16, 'locca.weight': 1.0,
+                      'model.scan_layers': False})
+  report = aot.analyse(config, 'local')
+  assert report['fits'] is True
+  assert report['decoder'] == {'kind': 'locca', 'layers': 1, 'width': 64, 'context_length': 32,
+                               'vocab_size': 49408 + 103}
+  assert 0.9 < report['flops']['compiled_over_analytic'] < 1.1, report['flops']
+
+
 def test_the_binaries_keep_libtpus_probe_noise_from_users():
   """Without JAX_PLATFORMS, an installed libtpu probes for a TPU and logs init errors; the
   binaries' start-up (`distributed.initialize`) shows one warning instead and runs on CPU."""

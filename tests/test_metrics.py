@@ -1,12 +1,25 @@
-"""The MFU peak table: device kinds are matched exactly, never by substring; a resumed run's
-metrics log."""
+"""The MFU peak table: device kinds are matched exactly, never by substring; the analytic
+FLOPs of a caption decoder; a resumed run's metrics log."""
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
-from clip_jax.metrics import MetricLogger, peak_flops_per_device
+from clip_jax.metrics import (
+  MetricLogger,
+  attn_pool_flops,
+  decoder_flops,
+  peak_flops_per_device,
+  tower_flops,
+  train_flops_per_sample,
+)
+from clip_jax.models.config import DecoderConfig
+from clip_jax.models.decoder import TextDecoder
+from clip_jax.models.presets import get_config
 
 
 @pytest.mark.parametrize('kind, peak', [
@@ -50,6 +63,53 @@ def test_default_kind_is_the_first_devices(monkeypatch):
 def test_override_wins():
   assert peak_flops_per_device(123e12) == 123e12
   assert peak_flops_per_device(123e12, device_kind='TPU v5') == 123e12
+
+
+def test_decoder_flops_match_the_compiled_decoder():
+  """The analytic count of a decoder (self- and cross-attention blocks over T tokens and S
+  image tokens, vocabulary projection) is within 10% of XLA's count for the compiled forward
+  (which adds the elementwise work: norms, softmax, GELU)."""
+  width, tokens, image_tokens, vocab = 256, 31, 49, 1024
+  cfg = DecoderConfig(width=width, heads=4, layers=2, mlp_dim=4 * width,
+                      context_length=tokens + 1, vocab_size=vocab)
+  decoder = TextDecoder(cfg, scan=False, remat='none', dtype=jnp.float32,
+                        param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(decoder)
+  forward = jax.jit(lambda state, image, text: nnx.merge(graphdef, state)(image, text))
+  cost = forward.lower(state, jax.ShapeDtypeStruct((1, image_tokens, width), jnp.float32),
+                       jax.ShapeDtypeStruct((1, tokens, width), jnp.float32)
+                       ).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  analytic = decoder_flops(2, tokens, image_tokens, width, 4 * width, vocab)
+  assert 1.0 <= cost['flops'] / analytic < 1.1, (cost['flops'], analytic)
+
+
+def test_coca_counts_its_decoder_pooler_and_class_token():
+  """CoCa: the text tower over the context plus the class token, the attentional pooler, and
+  the decoder over context - 1 positions reading the pooler's queries after the first."""
+  cfg = get_config('coca_ViT-B-32')
+  v, t, d = cfg.vision, cfg.text, cfg.decoder
+  towers = train_flops_per_sample(dataclasses.replace(
+      cfg, decoder=None, vision=dataclasses.replace(v, attn_pool_queries=0),
+      text=dataclasses.replace(t, embed_cls=False)), t.context_length)
+  extra = (tower_flops(t.layers, t.context_length + 1, t.width, t.mlp_dim)
+           - tower_flops(t.layers, t.context_length, t.width, t.mlp_dim)
+           + attn_pool_flops(256, v.grid**2 + 1, v.width, cfg.embed_dim)
+           + decoder_flops(12, t.context_length - 1, 255, 512, 2048, 49408))
+  total = train_flops_per_sample(cfg, t.context_length)
+  assert total == pytest.approx(towers + 3 * extra)
+  assert d.layers == 12 and 2.1 < total / towers < 2.4  # the decoder more than doubles B-32
+
+
+def test_locca_counts_its_own_sequence_over_the_patch_tokens():
+  """LocCa: the decoder runs over decoder.context_length - 1 of its own tokens, whatever the
+  text context, and reads every patch token (no class token in SigLIP)."""
+  base = get_config('ViT-B-16-SigLIP')
+  d = DecoderConfig(width=768, heads=12, layers=6, mlp_dim=3072, context_length=32,
+                    vocab_size=32103, embed_tokens=True)
+  locca = dataclasses.replace(base, decoder=d)
+  added = train_flops_per_sample(locca, 64) - train_flops_per_sample(base, 64)
+  assert added == pytest.approx(3 * decoder_flops(6, 31, 196, 768, 3072, 32103))
 
 
 def test_a_resumed_logger_drops_the_lines_after_its_start_step(tmp_path):
