@@ -31,7 +31,9 @@ def _slow_device_step(state, batch):
 
 
 class _Loader:
-  skipped: dict = {}  # noqa: RUF012 (read-only stand-in)
+  skipped: dict = {}  # noqa: RUF012 (read-only stand-ins)
+  cut: dict = {}  # noqa: RUF012
+  locca_fallback: dict = {}  # noqa: RUF012
 
   def __next__(self):
     return {}
