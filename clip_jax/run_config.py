@@ -86,8 +86,9 @@ def model_config(config: ml_collections.ConfigDict) -> CLIPConfig:
 
 def with_locca_decoder(model: CLIPConfig, config_locca) -> CLIPConfig:
   """`model` with LocCa's decoder: as wide as the image tower (its patch tokens are the
-  keys and values), half its depth, its vocabulary the text ids plus box and task tokens
-  (`data/locca.py`); `config.model.decoder.*` overrides any of it."""
+  keys and values, each placed by its grid position), half its depth, its vocabulary the
+  text ids plus box and task tokens (`data/locca.py`); `config.model.decoder.*` overrides
+  any of it."""
   if model.decoder is not None:
     raise ValueError(f'config.locca.weight={config_locca.weight}: the preset already has a '
                      'caption decoder (CoCa); LocCa adds one to a two-tower model.')
@@ -96,7 +97,8 @@ def with_locca_decoder(model: CLIPConfig, config_locca) -> CLIPConfig:
   return model.replace(decoder=DecoderConfig(
       width=v.width, heads=v.heads, layers=max(1, v.layers // 2), mlp_dim=v.mlp_dim,
       context_length=config_locca.get('context_length', 32), act=v.act, norm_eps=v.norm_eps,
-      vocab_size=model.text.vocab_size + bins + len(locca.TASKS), embed_tokens=True))
+      vocab_size=model.text.vocab_size + bins + len(locca.TASKS), embed_tokens=True,
+      image_positions=v.grid ** 2))
 
 
 def resolve(config: ml_collections.ConfigDict, num_devices: int, data: bool = True

@@ -28,7 +28,10 @@ def _images(n, size, seed=0):
   return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize('overrides', [{}, {'decoder.embed_tokens': True}], ids=['coca', 'locca'])
+LOCCA = {'decoder.embed_tokens': True, 'decoder.image_positions': 16}  # the pooler's 16 tokens
+
+
+@pytest.mark.parametrize('overrides', [{}, LOCCA], ids=['coca', 'locca'])
 def test_cached_steps_give_the_uncached_logits(overrides):
   """Every position's logits from the key-value cache equal `caption_logits` (teacher forced,
   whole sequence); a pad id inside the text exercises CoCa's key mask."""

@@ -13,7 +13,7 @@ from clip_jax.models import generate as generation
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.decoder import TextDecoder
 from clip_jax.models.text import TextTransformer
-from clip_jax.models.vit import VisionTransformer
+from clip_jax.models.vit import VisionTransformer, kept_patch_indices
 
 MAX_LOGIT_SCALE = 4.605170185988092  # log(100): the clamp OpenCLIP and SigLIP apply
 
@@ -72,10 +72,19 @@ class CLIP(nnx.Module):
     if self.decoder.cfg.embed_tokens:
       if decoder_tokens is None:
         raise ValueError('A LocCa decoder (decoder.embed_tokens) needs decoder_tokens.')
-      logits = self.decoder(image_tokens, decoder_tokens[:, :-1])
+      logits = self.decoder(image_tokens, decoder_tokens[:, :-1],
+                            self._kept_patches(dropout_keys))
     else:
       logits = self.decoder(image_tokens, text_tokens[:, :-1])
     return l2_normalize(img), l2_normalize(txt), self.logit_scale[...], bias, logits
+
+  def _kept_patches(self, dropout_keys: jax.Array | None) -> jax.Array | None:
+    """The grid indices of the patch tokens `visual.encode` keeps under patch dropout (None:
+    all), which a LocCa decoder places by."""
+    v = self.cfg.vision
+    if dropout_keys is None or not v.patch_dropout:
+      return None
+    return kept_patch_indices(dropout_keys, v.grid ** 2, v.kept_patches)
 
   def generate(self, images: jax.Array, text: jax.Array | None = None, *,
                key: jax.Array | None = None, **settings: Any) -> jax.Array:

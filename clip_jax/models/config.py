@@ -132,6 +132,13 @@ class DecoderConfig:
   norm_eps: float = 1e-5
   scan_unroll: int = 1
   embed_tokens: bool = False
+  # LocCa: a learned embedding of each image token's grid position (this many: the tower's
+  # patches), added to the tokens the decoder reads; 0 for none (CoCa, as OpenCLIP). Why:
+  # a referring expression's box needs to know where a token sits, and the tokens of a tower
+  # trained by a contrastive loss barely say (the demo's after 1,000 steps: position
+  # embedding norm 1.5 against 33 for the patch embedding; held-out referring accuracy 25-44%
+  # without, docs/captioning.md with); towers with relative or no positions say nothing.
+  image_positions: int = 0
 
   @property
   def head_dim(self) -> int:
@@ -227,6 +234,8 @@ class CLIPConfig:
           (d.embed_tokens or t.embed_cls,
            'a CoCa decoder (decoder.embed_tokens=False) needs text.embed_cls=True'),
           (d.embed_tokens or t.width == d.width, 'decoder.width must equal text.width'),
+          (d.embed_tokens or not d.image_positions,
+           "decoder.image_positions is a LocCa decoder's (decoder.embed_tokens=True)"),
           (d.embed_tokens or d.context_length >= t.context_length - 1,
            'decoder.context_length must be >= text.context_length - 1'),
           (d.scan_unroll >= 1, 'decoder.scan_unroll must be >= 1'),

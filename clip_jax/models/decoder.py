@@ -82,6 +82,9 @@ class TextDecoder(nnx.Module):
                                (cfg.vocab_size, cfg.width), ('vocab', 'embed'), param_dtype)
       self.pos_embed = param(rngs, jax.nn.initializers.normal(0.01),
                              (cfg.context_length, cfg.width), (None, 'embed'), param_dtype)
+    if cfg.image_positions:  # LocCa: where each image token sits (DecoderConfig)
+      self.image_pos = param(rngs, jax.nn.initializers.normal(1.0),
+                             (cfg.image_positions, cfg.width), (None, 'embed'), param_dtype)
     self.layers = make_layers(rngs)
     self.ln_final = LayerNorm(cfg.width, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
                               rngs=rngs)
@@ -102,11 +105,26 @@ class TextDecoder(nnx.Module):
     pos = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], start, ids.shape[1])
     return x + pos.astype(self.dtype)
 
+  def place(self, image_tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """The image tokens [B, S, width] the layers read: with `cfg.image_positions`, plus the
+    embedding of each token's grid position (`positions` [B, S]: the patches patch dropout
+    kept; None: all of them, in grid order)."""
+    image_tokens = image_tokens.astype(self.dtype)
+    if not self.cfg.image_positions:
+      return image_tokens
+    table = self.image_pos[...].astype(self.dtype)
+    if positions is not None:
+      return image_tokens + jnp.take(table, positions, axis=0)
+    if image_tokens.shape[1] != self.cfg.image_positions:
+      raise ValueError(f'Got {image_tokens.shape[1]} image tokens, the decoder places '
+                       f'decoder.image_positions={self.cfg.image_positions}.')
+    return image_tokens + table
+
   def image_context(self, image_tokens: jax.Array) -> jax.Array:
     """Every layer's keys and values of the image tokens, [layers, B, S, 2, H, D]: what
     generation computes once per image instead of at every step."""
     graphdef, state = nnx.split(self.layers)
-    image_tokens = image_tokens.astype(self.dtype)
+    image_tokens = self.place(image_tokens)
     return jax.lax.map(lambda s: nnx.merge(graphdef, s).cross_block.context(image_tokens), state)
 
   def step(self, text_tokens: jax.Array, index: jax.Array, cache: jax.Array,
@@ -121,17 +139,18 @@ class TextDecoder(nnx.Module):
                         lambda layer, x, c: layer.step(x, index, *c))
     return self.logits(x)[:, 0], kv
 
-  def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array) -> jax.Array:
+  def __call__(self, image_tokens: jax.Array, text_tokens: jax.Array,
+               image_positions: jax.Array | None = None) -> jax.Array:
     """Image tokens [B, S, width] and the text tower's token outputs [B, T, width] (LocCa:
     token ids [B, T]) -> logits [B, T, vocab]: position t predicts the token after t
-    (teacher forcing)."""
+    (teacher forcing). `image_positions`: `place`."""
     if self.cfg.embed_tokens:
       text_tokens = self.embed(text_tokens)
     t = text_tokens.shape[1]
     if t > self.cfg.context_length:
       raise ValueError(f'Got {t} text tokens, more than decoder.context_length='
                        f'{self.cfg.context_length}.')
-    image_tokens = image_tokens.astype(self.dtype)
+    image_tokens = self.place(image_tokens, image_positions)
     x = run_layers(self.layers, text_tokens.astype(self.dtype),
                    lambda layer, x: layer(x, image_tokens), layers=self.cfg.layers,
                    scan=self.scan, unroll=self.cfg.scan_unroll, remat=self.remat)

@@ -18,6 +18,13 @@ from clip_jax.models.config import VisionConfig
 from clip_jax.models.layers import MLP, Dense, LayerNorm, Transformer, dot_product_attention, param
 
 
+def kept_patch_indices(keys: jax.Array, patches: int, keep: int) -> jax.Array:
+  """[B, keep] the grid indices of the patches each image's key keeps (`drop_patches`); a
+  LocCa decoder places the kept tokens by them."""
+  noise = jax.vmap(lambda key: jax.random.uniform(key, (patches,)))(keys)
+  return jax.lax.top_k(noise, keep)[1]
+
+
 def drop_patches(x: jax.Array, keep: int, prefix: int, keys: jax.Array) -> jax.Array:
   """Keeps `keep` random patch tokens of each image, plus its `prefix` (class) token.
 
@@ -25,8 +32,7 @@ def drop_patches(x: jax.Array, keep: int, prefix: int, keys: jax.Array) -> jax.A
   comes from. `keys` holds one random key per image, so an image's kept patches depend on
   its key only, not on how the batch is split over devices or micro-batches.
   """
-  noise = jax.vmap(lambda key: jax.random.uniform(key, (x.shape[1] - prefix,)))(keys)
-  _, kept = jax.lax.top_k(noise, keep)
+  kept = kept_patch_indices(keys, x.shape[1] - prefix, keep)
   patches = jnp.take_along_axis(x[:, prefix:], kept[..., None], axis=1)
   return jnp.concatenate([x[:, :prefix], patches], axis=1)
 
