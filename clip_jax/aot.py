@@ -38,8 +38,14 @@ from absl import app, flags
 
 from clip_jax import cli, run_config, sharding, step
 from clip_jax.distributed import quiet_stderr
-from clip_jax.metrics import peak_flops_per_device, train_flops_per_sample
-from clip_jax.models.config import CLIPConfig, DecoderConfig, TextConfig, VisionConfig
+from clip_jax.metrics import convnext_block_flops, peak_flops_per_device, train_flops_per_sample
+from clip_jax.models.config import (
+  CLIPConfig,
+  ConvNeXtConfig,
+  DecoderConfig,
+  TextConfig,
+  VisionConfig,
+)
 
 _CONFIG = cli.config_flag()
 _TOPOLOGY = flags.DEFINE_string(
@@ -195,7 +201,8 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
   the gathered `sigmoid`: the same FLOPs. No time when the compiler gives none positive for
   one of them.
   """
-  stacks: list[VisionConfig | TextConfig | DecoderConfig] = [cfg.vision, cfg.text]
+  stacks: list[VisionConfig | ConvNeXtConfig | TextConfig | DecoderConfig] = [cfg.vision,
+                                                                             cfg.text]
   if cfg.decoder is not None:
     stacks.append(cfg.decoder)
   names = ['vision', 'text', 'decoder'][:len(stacks)]
@@ -205,8 +212,11 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
   costs = {}
   for i, unrolls in enumerate(variants):
     shallow = config.copy_and_resolve_references()
-    for name, unroll in zip(names, unrolls):
-      shallow.model[name].layers = 4  # 2 iterations at unroll 2
+    for name, stack, unroll in zip(names, stacks, unrolls):
+      if isinstance(stack, ConvNeXtConfig):  # 4 blocks in each stage
+        shallow.model[name].depths = (4,) * len(stack.depths)
+      else:
+        shallow.model[name].layers = 4  # 2 iterations at unroll 2
       shallow.model[name].scan_unroll = unroll
     if shallow.loss.kind == 'sigmoid_chunked':  # the same FLOPs without the ring's loop
       shallow.loss.kind = 'sigmoid'
@@ -220,13 +230,29 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
                       float(cost.get('flops', 0.0)))
   # The scanned program's loop bodies hold `scan_unroll` layers each (1 by default).
   extend = lambda k: scanned[k] + sum(
-      (stack.layers - stack.scan_unroll) * (costs[u][k] - costs[base][k])
+      extra_layers(stack) * (costs[u][k] - costs[base][k])
       for stack, u in zip(stacks, variants[1:]))
   timed = min(seconds for seconds, _ in [*costs.values(), scanned]) > 0
   return {'step_seconds': extend(0) if timed else None, 'flops_per_chip': extend(1),
-          'layers': [stack.layers for stack in stacks],
+          'layers': [sum(s.depths) if isinstance(s, ConvNeXtConfig) else s.layers
+                     for s in stacks],
           'compiles': {'x'.join(map(str, u)): {'step_seconds': c[0], 'flops': c[1]}
                        for u, c in costs.items()}}
+
+
+def extra_layers(stack: VisionConfig | ConvNeXtConfig | TextConfig | DecoderConfig) -> float:
+  """How many loop bodies' worth of layers the scanned program's count leaves out.
+
+  A ConvNeXt scans each of its 4 stages: its unroll-2 compile adds one block to every stage's
+  loop body at once (a_1 + ... + a_4), so the blocks left out are weighted by their stage's
+  share of the per-block FLOPs (`metrics.convnext_block_flops`): the estimate assumes a
+  block's cost in the loop follows its FLOPs.
+  """
+  if isinstance(stack, ConvNeXtConfig):
+    flops = convnext_block_flops(stack)
+    return sum((depth - stack.scan_unroll) * f for depth, f in zip(stack.depths, flops)
+               ) / sum(flops)
+  return stack.layers - stack.scan_unroll
 
 
 def decoder_summary(cfg: CLIPConfig) -> dict[str, Any] | None:

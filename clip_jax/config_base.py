@@ -17,15 +17,22 @@ import ml_collections
 from clip_jax import sharding
 from clip_jax.data.locca import locca_defaults
 from clip_jax.data.pipeline import data_defaults
-from clip_jax.models.config import DecoderConfig, TextConfig, VisionConfig, field_type
+from clip_jax.models.config import (
+  ConvNeXtConfig,
+  DecoderConfig,
+  TextConfig,
+  VisionConfig,
+  field_type,
+)
 from clip_jax.optim import OptimConfig
 
 
-def _overrides(klass) -> ml_collections.ConfigDict:
-  """One typed, unset placeholder per architecture field (settable from the command line)."""
+def _overrides(*klasses) -> ml_collections.ConfigDict:
+  """One typed, unset placeholder per architecture field of any of `klasses` (settable from
+  the command line; a field of another tower type than the preset's fails naming it)."""
   return ml_collections.ConfigDict({
       f.name: ml_collections.config_dict.placeholder(field_type(klass, f.name))
-      for f in dataclasses.fields(klass)})
+      for klass in reversed(klasses) for f in dataclasses.fields(klass)})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'tiny'              # a preset, see clip_jax.list_models()
   # Preset overrides (None keeps the preset's value), e.g. --config.model.vision.layers=6.
-  c.model.vision = _overrides(VisionConfig)
+  c.model.vision = _overrides(VisionConfig, ConvNeXtConfig)  # ViT or ConvNeXt keys
   c.model.text = _overrides(TextConfig)
   c.model.decoder = _overrides(DecoderConfig)  # CoCa presets' caption decoder
   # None keeps the preset's; a sigmoid loss on a CLIP preset needs a bias: OpenCLIP's

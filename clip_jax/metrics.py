@@ -1,7 +1,8 @@
 """Training logs: TensorBoard (clu), `WORKDIR/metrics.jsonl`, a console line, and MFU.
 
 Only process 0 writes files. FLOPs are counted analytically per tower
-(L * (8Nd^2 + 4Nd*mlp + 4N^2 d), plus the patch embedding), plus a caption decoder's
+(L * (8Nd^2 + 4Nd*mlp + 4N^2 d), plus the patch embedding; a ConvNeXt's convolutions and
+MLPs: `convnext_flops`), plus a caption decoder's
 (`decoder_flops`) and CoCa's attentional pooler, x3 for training.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from clip_jax.models.config import CLIPConfig
+from clip_jax.models.config import CLIPConfig, ConvNeXtConfig
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate. TPUs by their exact
 # `device_kind` ('TPU v5' is v5p, 'TPU v5 lite' is v5e: a substring rule would mix them up).
@@ -56,6 +57,32 @@ def attn_pool_flops(queries: int, tokens: int, context_width: int, dim: int) -> 
                + 2 * queries * dim**2)
 
 
+def convnext_block_flops(v: ConvNeXtConfig) -> list[float]:
+  """Forward FLOPs of one block of each stage per image (depthwise conv and MLP)."""
+  sides = [v.image_size // 4 // 2**i for i in range(len(v.dims))]
+  return [float(side**2 * (2 * 49 * dim + 16 * dim**2)) for side, dim in zip(sides, v.dims)]
+
+
+def convnext_flops(v: ConvNeXtConfig, embed_dim: int) -> float:
+  """Forward FLOPs of a ConvNeXt tower per image: the 4x4 stem conv, per stage the 2x2
+  downsampling conv and per block the depthwise 7x7 conv (2*49*C per position) and the
+  MLP (16*C^2 per position), and the head's projection (linear, or OpenCLIP's 2-layer MLP).
+  Norms, GELUs, pooling and residual adds are not counted."""
+  side = v.image_size // 4
+  flops = 2.0 * side**2 * 4 * 4 * 3 * v.dims[0]
+  previous = v.dims[0]
+  blocks = convnext_block_flops(v)
+  for i, (depth, dim) in enumerate(zip(v.depths, v.dims)):
+    if i:
+      side //= 2
+      flops += 2 * side**2 * 2 * 2 * previous * dim
+    flops += depth * blocks[i]
+    previous = dim
+  head = (2 * previous * embed_dim if v.head_proj == 'linear'
+          else 2 * previous * 2 * embed_dim + 2 * 2 * embed_dim * embed_dim)
+  return float(flops + head)
+
+
 def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
   """Forward + backward (3x forward) FLOPs of one image-text pair.
 
@@ -69,13 +96,15 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
   norms, softmaxes and the towers' pooling projections are not counted.
   """
   v, t = cfg.vision, cfg.text
+  text = tower_flops(t.layers, context_length + int(t.embed_cls), t.width, t.mlp_dim)
+  if isinstance(v, ConvNeXtConfig):  # no caption decoder (CLIPConfig.validate)
+    return 3 * (convnext_flops(v, cfg.embed_dim) + text)
   patches = v.grid ** 2
   tokens = v.kept_patches + int(v.class_token)
   image = (tower_flops(v.layers, tokens, v.width, v.mlp_dim)
            + 2 * patches * 3 * v.patch_size**2 * v.width)
   if v.attn_pool_queries:
     image += attn_pool_flops(v.attn_pool_queries, tokens, v.width, cfg.embed_dim)
-  text = tower_flops(t.layers, context_length + int(t.embed_cls), t.width, t.mlp_dim)
   caption = 0.0
   if cfg.decoder is not None:
     d = cfg.decoder

@@ -22,7 +22,7 @@ from clip_jax.data import locca
 from clip_jax.data.pipeline import PipelineConfig
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.losses import KINDS
-from clip_jax.models.config import CLIPConfig, DecoderConfig
+from clip_jax.models.config import CLIPConfig, DecoderConfig, require_vit
 from clip_jax.models.presets import get_config
 from clip_jax.optim import SCHEDULES, OptimConfig
 
@@ -92,7 +92,7 @@ def with_locca_decoder(model: CLIPConfig, config_locca) -> CLIPConfig:
   if model.decoder is not None:
     raise ValueError(f'config.locca.weight={config_locca.weight}: the preset already has a '
                      'caption decoder (CoCa); LocCa adds one to a two-tower model.')
-  v = model.vision
+  v = require_vit(model.vision, f'config.locca.weight={config_locca.weight} (LocCa\'s decoder)')
   bins = config_locca.get('bins', locca.locca_defaults()['bins'])
   return model.replace(decoder=DecoderConfig(
       width=v.width, heads=v.heads, layers=max(1, v.layers // 2), mlp_dim=v.mlp_dim,

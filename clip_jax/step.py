@@ -231,7 +231,8 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
   ema_decay = config.optim.ema_decay
   accum, accum_mode = config.optim.grad_accum, config.optim.grad_accum_mode
   preprocess = model.cfg.preprocess
-  patch_dropout = patch_dropout and model.cfg.vision.patch_dropout > 0
+  # Per-image random keys: patch dropout (ViT) or stochastic depth (ConvNeXt's drop_path).
+  patch_dropout = patch_dropout and needs_dropout_keys(model.cfg)
 
   def embed(params, batch):
     # Frozen parameters enter as constants: their backward pass is never built.
@@ -310,6 +311,11 @@ def caption_targets(batch: dict, cfg: CLIPConfig) -> tuple[jax.Array, jax.Array]
     return batch['decoder_tokens'][:, 1:], batch['decoder_mask'][:, 1:]
   targets = batch['text'][:, 1:]
   return targets, targets != cfg.text.pad_id
+
+
+def needs_dropout_keys(cfg: CLIPConfig) -> bool:
+  """Whether training draws per-image keys: patch dropout or stochastic depth."""
+  return cfg.vision.patch_dropout > 0 or getattr(cfg.vision, 'drop_path', 0.0) > 0
 
 
 def dropout_keys(seed: int, step: jax.Array, batch_size: int, batch_sharding) -> jax.Array:

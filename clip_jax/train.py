@@ -39,6 +39,7 @@ from clip_jax.data.specs import parse_spec
 from clip_jax.eval import skips, zeroshot
 from clip_jax.eval.encoder import Encoder
 from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_per_sample
+from clip_jax.models.config import CLIPConfig, is_vit
 from clip_jax.models.functional import FunctionalModel
 from clip_jax.run_config import RunConfig
 
@@ -227,7 +228,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(
       config=config, state=state, step_fn=program.step, unmasked_step_fn=program.unmasked_step,
       unmasked_from=run.step.unmasked_from,
-      unmasked_flops_per_step=flops_per_step(run.model.replace(**{'vision.patch_dropout': 0.0})),
+      unmasked_flops_per_step=flops_per_step(unmasked(run.model)),
       loader=loader, checkpoints=checkpoints, logger=logger,
       evaluate=(ZeroShotEval(config, program.model, mesh, run.data.tokenizer, eval_labels)
                 if eval_labels else None),
@@ -235,6 +236,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       flops_per_step=flops_per_step(run.model),
       peak_flops=peak_flops_per_device(config.peak_flops_per_device),
       preemption=Preemption(), start_step=start)
+
+
+def unmasked(cfg: CLIPConfig) -> CLIPConfig:
+  """`cfg` with every patch kept (a ViT's patch dropout off); other towers as they are."""
+  return cfg.replace(**{'vision.patch_dropout': 0.0}) if is_vit(cfg.vision) else cfg
 
 
 # --- the loop -----------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from clip_jax.models.presets import get_config
 
 
 def open_clip_model(name: str, vision_layers: int | None = None, text_layers: int | None = None,
-                    text_overrides: dict | None = None, seed: int = 0) -> torch.nn.Module:
+                    text_overrides: dict | None = None, seed: int = 0,
+                    vision_depths: tuple[int, ...] | None = None) -> torch.nn.Module:
   """OpenCLIP's own model for preset `name`, optionally shallower, with every weight perturbed.
 
   Presets OpenCLIP lacks (the tiny ones) are built from the model_cfg clip_jax exports.
@@ -50,6 +51,9 @@ def open_clip_model(name: str, vision_layers: int | None = None, text_layers: in
     model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
   if timm and vision_layers:  # timm builds by name only: drop the extra blocks afterwards
     model.visual.trunk.blocks = model.visual.trunk.blocks[:vision_layers]
+  if vision_depths:  # a ConvNeXt trunk: keep the first blocks of each stage
+    for stage, depth in zip(model.visual.trunk.stages, vision_depths):
+      stage.blocks = stage.blocks[:depth]
   perturb(model, seed)
   return model.eval()
 

@@ -66,7 +66,19 @@ def test_preset_matches_open_clip_architecture(name):
   assert text.ln_final.eps == cfg.text.norm_eps
   assert (text.attn_mask is not None) == cfg.text.causal
   assert getattr(text, 'pool_type', getattr(text, 'text_pool_type', None)) == cfg.text.pool
-  if cfg.vision.timm_model_name:
+  if cfg.vision.kind == 'convnext':
+    trunk = torch_model.visual.trunk
+    assert trunk.stem[1].eps == trunk.head.norm.eps == cfg.vision.norm_eps
+    act = trunk.stages[0].blocks[0].mlp.act  # timm's own GELU module: exact (erf)
+    assert type(act).__name__ == 'GELU' and getattr(act, 'approximate', 'none') == 'none'
+    assert [len(stage.blocks) for stage in trunk.stages] == list(cfg.vision.depths)
+    assert (trunk.stages[0].blocks[0].gamma is not None) == (cfg.vision.ls_init is not None)
+    # timm_drop_path: timm's per-block rates, rising linearly to the config's
+    rates = [0.0 if isinstance(b.drop_path, torch.nn.Identity) else b.drop_path.drop_prob
+             for stage in trunk.stages for b in stage.blocks]
+    ours = [r for stage in cfg.vision.drop_path_rates for r in stage]
+    assert rates == pytest.approx(ours, abs=1e-6)
+  elif cfg.vision.timm_model_name:
     trunk = torch_model.visual.trunk
     assert _act_name(trunk.blocks[0].mlp.act) == cfg.vision.act
     assert _act_name(trunk.attn_pool.mlp.act) == cfg.vision.act

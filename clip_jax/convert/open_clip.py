@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
-from clip_jax.models.config import CLIPConfig, DecoderConfig, TextConfig, VisionConfig
+from clip_jax.models.config import (
+  CLIPConfig,
+  ConvNeXtConfig,
+  DecoderConfig,
+  TextConfig,
+  VisionConfig,
+)
 
 Params = dict[str, Any]  # nested dict of arrays, as nnx.to_pure_dict returns
 
@@ -29,15 +35,20 @@ class CheckpointMismatchError(ValueError):
 class Rule:
   torch_key: str   # '{i}' marks a per-layer key
   ours: str        # '/'-joined path in the params tree
-  layout: str = 'same'  # same | linear | linear2 | conv | flat | batch1
+  layout: str = 'same'  # same | linear | linear2 | conv | conv1x1 | flat | batch1
   # linear:  torch [out, in]        <-> ours [in, *out]   (e.g. qkv [D, 3, H, hd])
   # linear2: torch [out, in]        <-> ours [*in(2), out] (e.g. attn out [H, hd, D])
   # conv:    torch OIHW             <-> ours HWIO
+  # conv1x1: torch [out, in, 1, 1]  <-> ours [in, out] (timm's conv_mlp ConvNeXt MLPs)
   # flat:    torch 1-D              <-> ours N-D (packed biases)
   # batch1:  torch [1, *shape]      <-> ours shape (timm pos_embed, latent)
 
 
 def to_ours(layout: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if layout == 'conv1x1':
+    if w.ndim != 4 or w.shape[2:] != (1, 1):
+      raise ValueError(f'shape {w.shape} is not a 1x1 conv')
+    w = w[:, :, 0, 0].T
   if layout in ('linear', 'linear2'):
     w = w.T
   elif layout == 'conv':
@@ -54,6 +65,8 @@ def to_torch(layout: str, a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(-1, a.shape[-1]).T)
   if layout == 'conv':
     return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+  if layout == 'conv1x1':
+    return np.ascontiguousarray(a.T[:, :, None, None])
   if layout == 'flat':
     return a.reshape(-1)
   if layout == 'batch1':
@@ -69,6 +82,8 @@ def torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[-1], math.prod(shape[:-1]))
   if layout == 'conv':
     return (shape[3], shape[2], shape[0], shape[1])
+  if layout == 'conv1x1':
+    return (shape[1], shape[0], 1, 1)
   if layout == 'flat':
     return (math.prod(shape),)
   if layout == 'batch1':
@@ -145,6 +160,34 @@ def _timm_vision_rules(v: VisionConfig) -> list[Rule]:
           + _linear(f'{t}.attn_pool.mlp.fc2', 'visual/map_head/mlp/fc2'))
 
 
+def _convnext_vision_rules(v: ConvNeXtConfig) -> list[Rule]:
+  """timm's ConvNeXt trunk (`visual.trunk.*`) and OpenCLIP's head (`visual.head.*`);
+  `stages.S.blocks.{i}` stack on our per-stage block axis."""
+  t = 'visual.trunk'
+  mlp = 'conv1x1' if v.conv_mlp else 'linear'
+  rules = ([Rule(f'{t}.stem.0.weight', 'visual/stem/kernel', 'conv'),
+            Rule(f'{t}.stem.0.bias', 'visual/stem/bias')] + _ln(f'{t}.stem.1', 'visual/stem_norm'))
+  for stage in range(len(v.depths)):
+    o, ts = f'visual/stage{stage}', f'{t}.stages.{stage}'
+    if stage:
+      rules += (_ln(f'{ts}.downsample.0', f'{o}/down_norm')
+                + [Rule(f'{ts}.downsample.1.weight', f'{o}/down/kernel', 'conv'),
+                   Rule(f'{ts}.downsample.1.bias', f'{o}/down/bias')])
+    b, ob = f'{ts}.blocks.{{i}}', f'{o}/blocks'
+    rules += ([Rule(f'{b}.conv_dw.weight', f'{ob}/conv_dw/kernel', 'conv'),
+               Rule(f'{b}.conv_dw.bias', f'{ob}/conv_dw/bias')]
+              + _ln(f'{b}.norm', f'{ob}/norm')
+              + _linear(f'{b}.mlp.fc1', f'{ob}/mlp/fc1', mlp)
+              + _linear(f'{b}.mlp.fc2', f'{ob}/mlp/fc2', mlp))
+    if v.ls_init is not None:
+      rules.append(Rule(f'{b}.gamma', f'{ob}/gamma'))
+  rules += _ln(f'{t}.head.norm', 'visual/head_norm')
+  if v.head_proj == 'linear':
+    return rules + _linear('visual.head.proj', 'visual/proj', bias=v.proj_bias)
+  return (rules + _linear('visual.head.mlp.fc1', 'visual/head_mlp/fc1')
+          + _linear('visual.head.mlp.fc2', 'visual/head_mlp/fc2', bias=v.proj_bias))
+
+
 def _text_rules(t: TextConfig, prefix: str) -> list[Rule]:
   rules = [Rule(f'{prefix}token_embedding.weight', 'text/token_embed'),
            Rule(f'{prefix}positional_embedding', 'text/pos_embed')]
@@ -172,8 +215,11 @@ def _decoder_rules(d: DecoderConfig) -> list[Rule]:
 
 
 def rules_for(cfg: CLIPConfig) -> list[Rule]:
-  vision = (_timm_vision_rules(cfg.vision) if cfg.vision.timm_model_name
-            else _openclip_vision_rules(cfg.vision))
+  v = cfg.vision
+  if isinstance(v, ConvNeXtConfig):
+    vision = _convnext_vision_rules(v)
+  else:
+    vision = _timm_vision_rules(v) if v.timm_model_name else _openclip_vision_rules(v)
   text = _text_rules(cfg.text, 'text.' if cfg.custom_text else '')
   decoder = _decoder_rules(cfg.decoder) if cfg.decoder is not None and is_coca(cfg) else []
   scale = [Rule('logit_scale', 'logit_scale')]
@@ -190,7 +236,12 @@ def is_coca(cfg: CLIPConfig) -> bool:
 def _layers(cfg: CLIPConfig, rule: Rule) -> int:
   if rule.ours.startswith('decoder/') and cfg.decoder is not None:
     return cfg.decoder.layers
-  return cfg.vision.layers if rule.ours.startswith('visual/') else cfg.text.layers
+  v = cfg.vision
+  if not rule.ours.startswith('visual/'):
+    return cfg.text.layers
+  if isinstance(v, ConvNeXtConfig):  # visual/stage{S}/blocks/...
+    return v.depths[int(rule.ours.split('/')[1][len('stage'):])]
+  return v.layers
 
 
 def _torch_keys(cfg: CLIPConfig, rule: Rule) -> list[str]:
@@ -242,10 +293,34 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
     if len(arrays) == len(keys):
       params[rule.ours] = np.stack(arrays) if '{i}' in rule.torch_key else arrays[0]
   if problems:
+    found, wanted = image_tower_family(state_dict), _family_of_config(cfg)
+    hint = (f'; the checkpoint\'s image tower is {found}, the model\'s {wanted}'
+            if found and found != wanted else '')
     raise CheckpointMismatchError(
-        f'OpenCLIP checkpoint does not fit the model ({len(problems)} problems):\n  '
+        f'OpenCLIP checkpoint does not fit the model ({len(problems)} problems{hint}):\n  '
         + '\n  '.join(problems))
   return traverse_util.unflatten_dict(params, sep='/')
+
+
+# The first key prefix of a state_dict that tells its image tower's family.
+_FAMILY_PREFIXES = (('visual.trunk.stages.', 'a ConvNeXt (timm convnext_*)'),
+                    ('visual.trunk.blocks.', 'a timm ViT (SigLIP)'),
+                    ('visual.transformer.resblocks.', 'an OpenCLIP ViT'),
+                    ('visual.layer1.', 'a ModifiedResNet (RN50...)'))
+
+
+def image_tower_family(state_dict: Mapping[str, Any]) -> str | None:
+  """What kind of image tower an OpenCLIP state_dict holds, in words (None: unknown)."""
+  for prefix, family in _FAMILY_PREFIXES:
+    if any(k.startswith(prefix) for k in state_dict):
+      return family
+  return None
+
+
+def _family_of_config(cfg: CLIPConfig) -> str:
+  if isinstance(cfg.vision, ConvNeXtConfig):
+    return _FAMILY_PREFIXES[0][1]
+  return _FAMILY_PREFIXES[1 if cfg.vision.timm_model_name else 2][1]
 
 
 def open_clip_shapes(cfg: CLIPConfig, shapes: Params) -> dict[str, tuple[int, ...]]:

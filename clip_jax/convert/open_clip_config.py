@@ -9,7 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from clip_jax.models.config import CLIPConfig, DecoderConfig, TextConfig, VisionConfig
+from clip_jax.models.config import (
+  CLIPConfig,
+  ConvNeXtConfig,
+  DecoderConfig,
+  TextConfig,
+  VisionConfig,
+)
 
 
 class UnsupportedForOpenCLIP(ValueError):
@@ -34,7 +40,9 @@ def _norm_kwargs(eps: float) -> dict[str, Any]:
 
 def _quick_gelu(cfg: CLIPConfig) -> bool:
   """OpenCLIP's quick_gelu flag is global to both native towers (timm ignores it)."""
-  acts = {cfg.text.act} | ({cfg.vision.act} if not cfg.vision.timm_model_name else set())
+  v = cfg.vision
+  acts = {cfg.text.act} | ({v.act} if isinstance(v, VisionConfig) and not v.timm_model_name
+                           else set())
   if 'quick_gelu' in acts and len(acts) > 1:
     raise UnsupportedForOpenCLIP(f'OpenCLIP needs quick_gelu in both towers or neither; got {acts}')
   return acts == {'quick_gelu'}
@@ -66,6 +74,7 @@ def _patch_dropout(v: VisionConfig) -> dict[str, Any]:
 
 def _timm_vision(cfg: CLIPConfig) -> dict[str, Any]:
   from clip_jax.models.presets import PRESETS
+  assert isinstance(cfg.vision, VisionConfig)
   # Training and execution options only: timm takes them apart.
   v = dataclasses.replace(cfg.vision, patch_dropout=0.0, scan_unroll=1)
   reference = next((p.vision for p in PRESETS.values() if p.vision == v), None)
@@ -82,6 +91,34 @@ def _timm_vision(cfg: CLIPConfig) -> dict[str, Any]:
   return dict(image_size=v.image_size, timm_model_name=v.timm_model_name,
               timm_model_pretrained=False, timm_pool='map', timm_proj='none',
               **_patch_dropout(cfg.vision))
+
+
+def _convnext_vision(v: ConvNeXtConfig) -> dict[str, Any]:
+  """OpenCLIP's TimmModel over timm's trunk, which it builds by `timm_model_name` alone:
+  the rest of the tower must be that trunk's architecture."""
+  from clip_jax.models.presets import convnext_tower, timm_convnexts
+  if v.timm_model_name not in timm_convnexts():
+    raise UnsupportedForOpenCLIP(
+        f'vision.timm_model_name={v.timm_model_name!r} is not a timm ConvNeXt clip_jax knows '
+        f'({", ".join(timm_convnexts())}); OpenCLIP builds timm towers by name only.')
+  reference = convnext_tower(v.timm_model_name, v.image_size, v.head_proj, v.drop_path)
+  # Not architecture: the execution option, and LayerScale's initial value (timm's gammas
+  # exist whenever ls_init is set; their trained values are in the weights).
+  reference = dataclasses.replace(
+      reference, proj_bias=v.proj_bias, scan_unroll=v.scan_unroll,
+      ls_init=reference.ls_init if v.ls_init is None else v.ls_init)
+  diff = [f'vision.{f.name}={getattr(v, f.name)} (timm: {getattr(reference, f.name)})'
+          for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(reference, f.name)]
+  if diff:
+    raise UnsupportedForOpenCLIP(
+        f'The vision tower differs from timm\'s {v.timm_model_name}: {", ".join(diff)}. '
+        'OpenCLIP builds timm towers by name only.')
+  out = dict(timm_model_name=v.timm_model_name, timm_model_pretrained=False, timm_pool='',
+             timm_proj=v.head_proj, timm_drop=0.0, timm_drop_path=v.drop_path,
+             image_size=v.image_size)
+  if v.proj_bias:
+    out['timm_proj_bias'] = True
+  return out
 
 
 def _text(t: TextConfig) -> dict[str, Any]:
@@ -113,16 +150,20 @@ def _multimodal(d: DecoderConfig, act: str, pool_heads: int, pool_queries: int) 
 
 
 def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
-  vision = _timm_vision(cfg) if cfg.vision.timm_model_name else _native_vision(cfg.vision)
+  v = cfg.vision
+  if isinstance(v, ConvNeXtConfig):
+    vision = _convnext_vision(v)
+  else:
+    vision = _timm_vision(cfg) if v.timm_model_name else _native_vision(v)
   text = _text(cfg.text)
   coca = cfg.decoder is not None and not cfg.decoder.embed_tokens  # LocCa's is not exported
   if coca:  # both towers return their tokens
     vision['output_tokens'] = text['output_tokens'] = True
   out = dict(embed_dim=cfg.embed_dim, quick_gelu=_quick_gelu(cfg), vision_cfg=vision,
              text_cfg=text, init_logit_scale=cfg.init_logit_scale)
-  if coca and cfg.decoder is not None:
-    out['multimodal_cfg'] = _multimodal(cfg.decoder, cfg.text.act, cfg.vision.attn_pool_heads,
-                                        cfg.vision.attn_pool_queries)
+  if coca and cfg.decoder is not None and isinstance(v, VisionConfig):
+    out['multimodal_cfg'] = _multimodal(cfg.decoder, cfg.text.act, v.attn_pool_heads,
+                                        v.attn_pool_queries)
   if cfg.custom_text:
     out['custom_text'] = True
   if cfg.init_logit_bias is not None:

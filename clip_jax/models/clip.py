@@ -10,12 +10,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clip_jax.models import generate as generation
-from clip_jax.models.config import CLIPConfig
+from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, VisionConfig
+from clip_jax.models.convnext import ConvNeXt
 from clip_jax.models.decoder import TextDecoder
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer, kept_patch_indices
 
 MAX_LOGIT_SCALE = 4.605170185988092  # log(100): the clamp OpenCLIP and SigLIP apply
+
+# The image tower each vision config type builds: (config, embed_dim, **execution options).
+IMAGE_TOWERS: dict[type, type[VisionTransformer] | type[ConvNeXt]] = {
+    VisionConfig: VisionTransformer, ConvNeXtConfig: ConvNeXt}
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -33,7 +38,8 @@ class CLIP(nnx.Module):
     kw: dict[str, Any] = dict(scan=cfg.scan_layers, remat=cfg.remat, attention=cfg.attention,
                               dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                               rngs=rngs)
-    self.visual = VisionTransformer(cfg.vision, cfg.embed_dim, **kw)
+    self.visual: VisionTransformer | ConvNeXt = IMAGE_TOWERS[type(cfg.vision)](
+        cfg.vision, cfg.embed_dim, **kw)  # type: ignore[arg-type]
     self.text = TextTransformer(cfg.text, cfg.embed_dim, **kw)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.init_logit_scale, jnp.float32), axes=())
     self.logit_bias = (nnx.Param(jnp.asarray(cfg.init_logit_bias, jnp.float32), axes=())
@@ -82,7 +88,7 @@ class CLIP(nnx.Module):
     """The grid indices of the patch tokens `visual.encode` keeps under patch dropout (None:
     all), which a LocCa decoder places by."""
     v = self.cfg.vision
-    if dropout_keys is None or not v.patch_dropout:
+    if dropout_keys is None or not isinstance(v, VisionConfig) or not v.patch_dropout:
       return None
     return kept_patch_indices(dropout_keys, v.grid ** 2, v.kept_patches)
 

@@ -12,7 +12,7 @@ import ast
 import dataclasses
 import types
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -59,6 +59,8 @@ class VisionConfig:
   attn_pool_queries: int = 0
   attn_pool_heads: int = 8
 
+  kind: ClassVar[str] = 'vit'
+
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
@@ -71,6 +73,74 @@ class VisionConfig:
   def kept_patches(self) -> int:
     """Patch tokens left after patch dropout; rounded as OpenCLIP's PatchDropout, at least 1."""
     return max(1, int(self.grid ** 2 * (1 - self.patch_dropout)))
+
+
+CONVNEXT_HEADS = ('linear', 'mlp')
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNeXtConfig:
+  """A timm `convnext_*` image tower with OpenCLIP's `TimmModel` head (`timm_pool: ''`).
+
+  Stem: a 4x4 stride-4 conv and LayerNorm; 4 stages of `depths[i]` blocks at width
+  `dims[i]`, each stage after the first opening with a LayerNorm and a 2x2 stride-2 conv.
+  A block: depthwise 7x7 conv, LayerNorm, MLP (4x, exact GELU), LayerScale (`ls_init`),
+  stochastic depth (`drop_path`: timm's rate rising linearly over all blocks to this value,
+  per image, in training only, given keys) on the residual branch. Head: global average
+  pool, LayerNorm (timm's head norm), then OpenCLIP's projection to `embed_dim`: `linear`
+  (no bias unless `proj_bias`) or `mlp` (Linear 2*embed_dim with bias, GELU, Linear).
+  `conv_mlp` only changes how timm stores the block MLP (1x1 convs: the small timm models,
+  `convnext_atto`...), not what it computes. OpenCLIP builds the trunk by
+  `timm_model_name` alone, so export checks the rest against that name's architecture.
+  """
+  kind: ClassVar[str] = 'convnext'
+
+  image_size: int = 224
+  depths: tuple[int, ...] = (3, 3, 27, 3)
+  dims: tuple[int, ...] = (128, 256, 512, 1024)
+  ls_init: float | None = 1e-6
+  norm_eps: float = 1e-6
+  drop_path: float = 0.0
+  head_proj: str = 'linear'
+  proj_bias: bool = False
+  conv_mlp: bool = False
+  timm_model_name: str | None = 'convnext_base'
+  # Execution option: blocks per iteration of each stage's scanned loop.
+  scan_unroll: int = 1
+
+  # ViT-only notions, constant here so that code reading them works for any tower.
+  patch_dropout: ClassVar[float] = 0.0
+  attn_pool_queries: ClassVar[int] = 0
+
+  @property
+  def width(self) -> int:
+    """The trunk's output width (the last stage's)."""
+    return self.dims[-1]
+
+  @property
+  def drop_path_rates(self) -> tuple[tuple[float, ...], ...]:
+    """Per stage, each block's stochastic-depth rate (timm: linear over all blocks)."""
+    total = sum(self.depths)
+    rates = [self.drop_path * i / max(total - 1, 1) for i in range(total)]
+    starts = [sum(self.depths[:i]) for i in range(len(self.depths))]
+    return tuple(tuple(rates[s:s + d]) for s, d in zip(starts, self.depths))
+
+
+AnyVisionConfig = VisionConfig | ConvNeXtConfig
+# config.json's `vision.kind` -> the config type (absent: a ViT, as before the field).
+VISION_CONFIGS: dict[str, type] = {'vit': VisionConfig, 'convnext': ConvNeXtConfig}
+
+
+def is_vit(v: Any) -> bool:
+  return isinstance(v, VisionConfig)
+
+
+def require_vit(v: Any, what: str) -> VisionConfig:
+  """`v` if it is a ViT tower, else a one-line ValueError saying `what` needs ViT tokens."""
+  if not isinstance(v, VisionConfig):
+    raise ValueError(f'{what} needs a ViT image tower (patch tokens); this model\'s image tower '
+                     f'is {v.kind} ({v.timm_model_name or "custom"}).')
+  return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +228,7 @@ class PreprocessConfig:
 class CLIPConfig:
   """A complete two-tower model description."""
   embed_dim: int = 512
-  vision: VisionConfig = VisionConfig()
+  vision: VisionConfig | ConvNeXtConfig = VisionConfig()
   text: TextConfig = TextConfig()
   init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
   init_logit_bias: float | None = None
@@ -197,6 +267,8 @@ class CLIPConfig:
         top[key] = value
     for section, fields in nested.items():
       if fields:
+        if section == 'vision' and not is_vit(self.vision):
+          _check_tower_keys(self.vision, fields)
         if getattr(self, section) is None:
           raise KeyError(f'Override {next(iter(fields))!r} of {section}: this model has no '
                          f'{section} (a CoCa preset has one).')
@@ -205,7 +277,44 @@ class CLIPConfig:
 
   def validate(self) -> CLIPConfig:
     """Raises ValueError naming the field for impossible architectures."""
-    v, t = self.vision, self.text
+    v = self.vision
+    if isinstance(v, ConvNeXtConfig):
+      return self._validate_with(self._convnext_checks(v))
+    return self._validate_with(self._vit_checks(v))
+
+  def _convnext_checks(self, v: ConvNeXtConfig) -> list[tuple[bool, str]]:
+    n = len(v.depths)
+    return self._text_checks() + [
+        (n == len(v.dims) == 4, 'vision.depths and vision.dims must have 4 stages each'),
+        (all(d >= 1 for d in v.depths), 'vision.depths must be >= 1 per stage'),
+        (v.image_size >= 32, 'vision.image_size must be >= 32 (4x4 stem, 3 2x downsamples)'),
+        (v.head_proj in CONVNEXT_HEADS, f'vision.head_proj must be one of {CONVNEXT_HEADS}'),
+        (0 <= v.drop_path < 1, 'vision.drop_path must be in [0, 1)'),
+        (v.scan_unroll >= 1, 'vision.scan_unroll must be >= 1'),
+        (self.decoder is None, 'a caption decoder (CoCa, LocCa) needs a ViT image tower\'s '
+                               'tokens; this model\'s image tower is a ConvNeXt'),
+    ]
+
+  def _text_checks(self) -> list[tuple[bool, str]]:
+    t = self.text
+    return [
+        (t.width % t.heads == 0, 'text.width must be divisible by text.heads'),
+        (t.pool in TEXT_POOLS, f'text.pool must be one of {TEXT_POOLS}'),
+        (t.act in ACTIVATIONS, f'act must be one of {ACTIVATIONS}'),
+        (t.proj or t.width == self.embed_dim, 'text.proj=False needs text.width == embed_dim'),
+        (t.scan_unroll >= 1, 'text.scan_unroll must be >= 1'),
+        (self.remat in REMAT_POLICIES, f'remat must be one of {REMAT_POLICIES}'),
+        (self.attention in ATTENTIONS, f'attention must be one of {ATTENTIONS}'),
+    ]
+
+  def _validate_with(self, checks: list[tuple[bool, str]]) -> CLIPConfig:
+    errors = [msg for ok, msg in checks if not ok]
+    if errors:
+      raise ValueError('Invalid model config: ' + '; '.join(errors))
+    return self
+
+  def _vit_checks(self, v: VisionConfig) -> list[tuple[bool, str]]:
+    t = self.text
     checks = [
         (v.image_size >= v.patch_size, 'vision.image_size must be >= vision.patch_size'),
         (v.width % v.heads == 0, 'vision.width must be divisible by vision.heads'),
@@ -243,13 +352,14 @@ class CLIPConfig:
            'decoder.width must equal the image tokens\' width (embed_dim with '
            'vision.attn_pool_queries, else vision.width)'),
       ]
-    errors = [msg for ok, msg in checks if not ok]
-    if errors:
-      raise ValueError('Invalid model config: ' + '; '.join(errors))
-    return self
+    return checks
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """Plain data for config.json; a non-ViT image tower says its `kind`."""
+    out = dataclasses.asdict(self)
+    if not is_vit(self.vision):
+      out['vision'] = {'kind': self.vision.kind, **out['vision']}
+    return out
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
@@ -259,7 +369,11 @@ class CLIPConfig:
       if key in pre:
         pre[key] = tuple(pre[key])
     decoder = d.pop('decoder', None)
-    return cls(vision=_build(VisionConfig, d.pop('vision', {})),
+    vision = dict(d.pop('vision', {}))
+    kind = vision.pop('kind', 'vit')
+    if kind not in VISION_CONFIGS:
+      raise KeyError(f'Unknown vision kind {kind!r}; known: {sorted(VISION_CONFIGS)}')
+    return cls(vision=_build(VISION_CONFIGS[kind], vision),
                text=_build(TextConfig, d.pop('text', {})),
                preprocess=_build(PreprocessConfig, pre),
                decoder=_build(DecoderConfig, decoder) if decoder is not None else None, **d)
@@ -269,7 +383,21 @@ def _build(klass, fields: dict[str, Any]):
   unknown = set(fields) - {f.name for f in dataclasses.fields(klass)}
   if unknown:
     raise KeyError(f'Unknown {klass.__name__} keys: {sorted(unknown)}')
-  return klass(**fields)
+  # JSON keeps tuples as lists.
+  return klass(**{k: tuple(v) if isinstance(v, list) and field_type(klass, k) is tuple else v
+                  for k, v in fields.items()})
+
+
+def _check_tower_keys(v: Any, fields: dict[str, Any]) -> None:
+  """ViT-only keys given for another tower fail in one line naming the key."""
+  own = {f.name for f in dataclasses.fields(v)}
+  vit = {f.name for f in dataclasses.fields(VisionConfig)} - own
+  for key in fields:
+    if key in vit:
+      needs = (' (patch dropout drops ViT patch tokens)' if key == 'patch_dropout' else '')
+      raise KeyError(f'vision.{key} is a ViT option{needs}; this model\'s image tower is '
+                     f'{v.kind} ({v.timm_model_name or "custom"}), whose keys are '
+                     f'{sorted(own)}.')
 
 
 def _replace_checked(obj, fields: dict[str, Any]):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +131,9 @@ class LayerNorm(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, dim: int, hidden: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, dim: int, hidden: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs,
+               kernel_init: Initializer | None = None):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=kernel_init)
     self.fc1 = Dense((dim,), (hidden,), ('embed', 'mlp'), **kw)
     self.fc2 = Dense((hidden,), (dim,), ('mlp', 'embed'), **kw)
     self.act = act
@@ -587,20 +589,23 @@ class Transformer(nnx.Module):
                       layers=self.layers, scan=self.scan, unroll=self.unroll, remat=self.remat)
 
 
-def run_layers(stacked: nnx.Module, x: jax.Array, apply: Callable[[nnx.Module, jax.Array],
-               jax.Array], *, layers: int, scan: bool, unroll: int, remat: str) -> jax.Array:
+def run_layers(stacked: nnx.Module, x: jax.Array, apply: Callable[..., jax.Array], *,
+               layers: int, scan: bool, unroll: int, remat: str, xs: Any = None) -> jax.Array:
   """`apply(layer, x)` for each layer of `stacked` (modules stacked on a leading axis), by
   `lax.scan` (`unroll` layers per iteration; all of them without `scan`), each layer
-  rematerialised by the `remat` policy and its input and output pinned to the batch axes."""
+  rematerialised by the `remat` policy and its input and output pinned to the batch axes.
+  With `xs` (arrays with a leading layer axis), `apply(layer, x, xs_of_the_layer)`."""
   graphdef, state = nnx.split(stacked)
 
-  def layer(x, layer_state):
-    x = apply(nnx.merge(graphdef, layer_state), constrain_batch(x))
+  def layer(x, inputs):
+    layer_state, extra = inputs
+    block = nnx.merge(graphdef, layer_state)
+    x = apply(block, constrain_batch(x)) if xs is None else apply(block, constrain_batch(x), extra)
     return constrain_batch(x), None
 
   if remat != 'none':
     layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
-  x, _ = jax.lax.scan(layer, x, state, unroll=unroll if scan else layers)
+  x, _ = jax.lax.scan(layer, x, (state, xs), unroll=unroll if scan else layers)
   return x
 
 

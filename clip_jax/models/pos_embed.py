@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from clip_jax.models.config import CLIPConfig
+from clip_jax.models.config import CLIPConfig, VisionConfig
 
 Params = dict[str, Any]
 
@@ -52,10 +52,11 @@ def fit_pos_embeds(params: Params, cfg: CLIPConfig) -> Params:
   counts differ (same width); everything else, and any other mismatch, left as it is."""
   v, t = cfg.vision, cfg.text
   resizers = {
-      'visual': ((v.grid ** 2 + int(v.class_token), v.width),
-                 lambda pos: resize_image_pos_embed(pos, v.grid, int(v.class_token))),
       'text': ((t.positions, t.width), lambda pos: resize_text_pos_embed(pos, t.positions)),
   }
+  if isinstance(v, VisionConfig):  # a ConvNeXt has no position table: any size fits it
+    resizers['visual'] = ((v.grid ** 2 + int(v.class_token), v.width),
+                          lambda pos: resize_image_pos_embed(pos, v.grid, int(v.class_token)))
   params = dict(params)
   for tower, ((tokens, width), resize) in resizers.items():
     pos = params.get(tower, {}).get('pos_embed')
