@@ -266,8 +266,8 @@ def test_a_convnext_checkpoint_under_a_vit_name_names_the_first_mismatching_key(
   assert "unexpected key 'visual.head.proj.weight'" in message
 
 
-@pytest.mark.parametrize('name,family', [('RN50', 'ModifiedResNet'), ('EVA02-B-16', 'EVA'),
-                                         ('PE-Core-L-14-336', 'PE-Core')])
+@pytest.mark.parametrize('name,family', [('MobileCLIP2-S0', 'MobileCLIP'), ('ViTamin-B', 'ViTamin'),
+                                         ('swin_base_patch4_window7_224', 'timm Swin')])
 def test_an_open_clip_name_of_an_unbuilt_family_names_it_and_what_builds(name, family):
   with pytest.raises(ValueError, match=f'{family}.*does not build yet. Nearest presets that '
                                        r'build: \S+'):

@@ -42,6 +42,7 @@ IMPORT_CASES = [
     ('ViT-SO400M-14-SigLIP', 1, 1, {}),
     ('ViT-SO400M-14-SigLIP-384', 1, 1, {}),  # 384px at patch 14: partial patches dropped
     ('ViT-SO400M-16-SigLIP-i18n-256', 1, 1, {'vocab_size': 1000}),  # text without projection
+    ('ViT-gopt-16-SigLIP2-256', 1, 1, {'vocab_size': 1000}),  # 1152-wide text -> 1536 embed
 ]
 
 

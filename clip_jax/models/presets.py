@@ -71,20 +71,25 @@ _LAYER_SCALE = {'ViT-M-16-alt': ('ViT-M-16', 384, 6, 1e-4)}
 
 # timm builds these SigLIP trunks with tanh-approximated GELU; the others use exact GELU.
 _TIMM_TANH_GELU = ('vit_base_patch32_siglip_256', 'vit_large_patch16_siglip_512',
+                   'vit_giantopt_patch16_siglip_256', 'vit_giantopt_patch16_siglip_384',
                    'vit_so400m_patch16_siglip_256', 'vit_so400m_patch16_siglip_384',
                    'vit_so400m_patch16_siglip_512')
 
 
 def _siglip(timm_name: str, image_size: int, patch: int, width: int, layers: int, heads: int,
             mlp_dim: int, vocab: int, context: int, hf_tokenizer: str, *,
-            text_act: str = 'gelu', text_proj: bool = True) -> CLIPConfig:
-  """SigLIP: timm trunk (no class token, MAP head, no projection) + bidirectional text."""
+            text_act: str = 'gelu', text_proj: bool = True,
+            text_dims: tuple[int, int, int, int] | None = None) -> CLIPConfig:
+  """SigLIP: timm trunk (no class token, MAP head, no projection) + bidirectional text.
+  The text tower has the trunk's (width, layers, heads, mlp_dim) unless `text_dims` says
+  otherwise (giant-opt: a SO400M text tower projected up to the 1536-wide image embedding)."""
+  text_width, text_layers, text_heads, text_mlp = text_dims or (width, layers, heads, mlp_dim)
   vision = VisionConfig(image_size=image_size, patch_size=patch, width=width, layers=layers,
                         heads=heads, mlp_dim=mlp_dim, class_token=False, pool='map', ln_pre=False,
                         patch_bias=True, proj=False, norm_eps=1e-6, timm_model_name=timm_name,
                         act='gelu_tanh' if timm_name in _TIMM_TANH_GELU else 'gelu')
-  text = TextConfig(context_length=context, vocab_size=vocab, width=width, heads=heads,
-                    layers=layers, mlp_dim=mlp_dim, causal=False, pool='last', proj=text_proj,
+  text = TextConfig(context_length=context, vocab_size=vocab, width=text_width, heads=text_heads,
+                    layers=text_layers, mlp_dim=text_mlp, causal=False, pool='last', proj=text_proj,
                     proj_bias=text_proj, act=text_act, norm_eps=1e-6, tokenizer='',
                     hf_tokenizer_name=hf_tokenizer)
   return CLIPConfig(embed_dim=width, vision=vision, text=text, init_logit_scale=2.302585092994046,
@@ -94,6 +99,7 @@ def _siglip(timm_name: str, image_size: int, patch: int, width: int, layers: int
 
 
 _B, _L, _SO = (768, 12, 12, 3072), (1024, 24, 16, 4096), (1152, 27, 16, 4304)
+_GOPT = (1536, 40, 16, 6144)
 
 
 def _siglip_presets() -> dict[str, CLIPConfig]:
@@ -132,6 +138,10 @@ def _siglip_presets() -> dict[str, CLIPConfig]:
                             ('ViT-SO400M-16-SigLIP2-512', 512, 16)):
     out[name] = _siglip(f'vit_so400m_patch{patch}_siglip_{size}', size, patch, *_SO, 256000, 64,
                         f'timm/{name}', text_act='gelu_tanh')
+  for size in (256, 384):
+    name = f'ViT-gopt-16-SigLIP2-{size}'
+    out[name] = _siglip(f'vit_giantopt_patch16_siglip_{size}', size, 16, *_GOPT, 256000, 64,
+                        f'timm/{name}', text_act='gelu_tanh', text_dims=_SO)
   return out
 
 
@@ -281,7 +291,6 @@ UNBUILT_FAMILIES = (
     (r'^RN\d', 'ModifiedResNet (OpenAI CLIP ResNet)'),
     (r'^EVA0[12]-', 'EVA (timm eva*)'),
     (r'^PE-Core-', 'PE-Core (Perception Encoder)'),
-    (r'^ViT-gopt-', 'SigLIP 2 giant-opt'),
     (r'^MobileCLIP', 'MobileCLIP'),
     (r'^ViTamin-', 'ViTamin'),
     (r'-CLIPA', 'CLIPA'),
