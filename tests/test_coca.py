@@ -139,20 +139,21 @@ def _loss_and_grads(config, devices):
   return metrics, jax.tree.map(np.asarray, state['params'])
 
 
-@pytest.mark.parametrize('flat', [{}, {'optim.grad_accum': 2}], ids=['one-shot', 'feature-cache'])
-def test_sharded_coca_step_equals_one_device(flat):
-  """8 devices (and the feature cache's 2 micro-batches) give one device's loss, its terms
-  and its updated params: the caption mean is over the global batch's tokens."""
+def test_sharded_coca_step_equals_one_device():
+  """8 devices, one-shot and with the feature cache's 2 micro-batches, give one device's
+  loss, its terms and its updated params: the caption mean is over the global batch's
+  tokens. (One test: both variants compare against the same one-device step.)"""
   expected_metrics, expected = _loss_and_grads(_coca_config(), 1)
-  metrics, params = _loss_and_grads(_coca_config(**flat), 8)
-  for key in ('loss', 'contrastive_loss', 'caption_loss'):
-    np.testing.assert_allclose(float(metrics[key]), float(expected_metrics[key]), rtol=2e-5,
-                               err_msg=key)
   np.testing.assert_allclose(float(expected_metrics['loss']),
                              float(expected_metrics['contrastive_loss']
                                    + 2.0 * expected_metrics['caption_loss']), rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, atol=2e-6)
+  for flat in ({}, {'optim.grad_accum': 2}):
+    metrics, params = _loss_and_grads(_coca_config(**flat), 8)
+    for key in ('loss', 'contrastive_loss', 'caption_loss'):
+      np.testing.assert_allclose(float(metrics[key]), float(expected_metrics[key]), rtol=2e-5,
+                                 err_msg=f'{flat}: {key}')
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, atol=2e-6, err_msg=str(flat))
 
 
 def test_caption_only_fine_tuning_leaves_the_contrastive_terms_alone():
@@ -167,7 +168,7 @@ def test_caption_only_fine_tuning_leaves_the_contrastive_terms_alone():
 @pytest.mark.slow
 def test_coca_demo_learns_to_caption_and_classify(tmp_path):
   """The README's CoCa demo, shortened to 500 steps: the train binary on the demo data
-  (configs/demo.py:model=tiny-coca), then held-out images it never saw: greedy captions
+  (configs/demo.py:model=tiny-coca), then 120 held-out images it never saw: greedy captions
   name exactly the drawn class for >= 80% of them (the demo grammar's parser), and
   zero-shot top-1 stays >= 80% (the issue's bars; the 1,000-step run: README)."""
   from clip_jax import demo
@@ -180,5 +181,5 @@ def test_coca_demo_learns_to_caption_and_classify(tmp_path):
   assert helpers.metrics(workdir)[500]['zeroshot_top1'] >= 0.8
   model, preprocess, tokenizer = clip_jax.load(str(workdir))
   rng = np.random.default_rng(7)
-  scenes = [draw_scene(rng, 64, groups=1) for _ in range(200)]
+  scenes = [draw_scene(rng, 64, groups=1) for _ in range(120)]
   assert demo.decoder_scores(model, preprocess, tokenizer, scenes)['caption_accuracy'] >= 0.8
