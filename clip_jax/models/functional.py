@@ -56,7 +56,7 @@ class FunctionalModel:
     if stats:
       nnx.replace_by_pure_dict(stats_state, stats)
     model = nnx.merge(self.graphdef, state, stats_state)
-    if train:
+    if train and self.stats_template:
       batch_norm.train_mode(model, freeze)
     return model
 
@@ -80,6 +80,10 @@ class FunctionalModel:
   def stats_of(self, model: CLIP) -> Params:
     """The BatchNorm running statistics of a bound module ({} without BatchNorm)."""
     return nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  def abstract_variables(self) -> Params:
+    """The variables tree of shapes and dtypes (`jax.ShapeDtypeStruct`s)."""
+    return nnx.to_pure_dict(nnx.state(self.abstract, (nnx.Param, nnx.BatchStat)))
 
   def stats_shapes(self) -> Params:
     return jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(self.stats_template))

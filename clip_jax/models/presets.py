@@ -282,10 +282,10 @@ def _openclip_resnet(embed_dim: int, image_size: int, depths: tuple[int, ...], w
 
 def _tiny_resnet() -> CLIPConfig:
   """A ModifiedResNet of one block per stage, stem width 16 (attention pool 512 wide, 8
-  heads) at 64 px (final grid 2x2), with `tiny-demo`'s text tower: the CPU demo's ResNet and
+  heads) at 32 px (final grid 1x1), with `tiny-demo`'s text tower: the CPU demo's ResNet and
   the parity tests' small one; exports to OpenCLIP."""
   return CLIPConfig(
-      embed_dim=64, vision=ResNetConfig(image_size=64, depths=(1, 1, 1, 1), width=16, heads=8),
+      embed_dim=64, vision=ResNetConfig(image_size=32, depths=(1, 1, 1, 1), width=16, heads=8),
       text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256))
 
 
