@@ -2,8 +2,8 @@
 
 Layout: `DIR/params` (orbax StandardSave of the params tree), for a BatchNorm model
 `DIR/batch_stats` (its running statistics, `clip_jax/models/batch_norm.py`) and
-`DIR/model_config` (JSON of the `CLIPConfig`). Orbax writes into a temporary directory and renames it on
-commit, so a checkpoint is never half-written. A training workdir keeps the same
+`DIR/model_config` (JSON of the `CLIPConfig`). Orbax writes into a temporary directory and
+renames it on commit, so a checkpoint is never half-written. A training workdir keeps the same
 layout per step under `WORKDIR/checkpoints/<step>/`, so every command that takes a
 checkpoint also takes a workdir (meaning its latest step).
 """
