@@ -259,9 +259,11 @@ def extra_layers(stack: Stack) -> float:
   after each stage's first (which is outside the loop: `metrics.resnet_block_flops`).
   """
   if isinstance(stack, (ConvNeXtConfig, ResNetConfig)):
-    resnet = isinstance(stack, ResNetConfig)
-    flops = resnet_block_flops(stack) if resnet else convnext_block_flops(stack)
-    return sum((depth - int(resnet) - stack.scan_unroll) * f
+    if isinstance(stack, ResNetConfig):
+      flops, outside = resnet_block_flops(stack), 1
+    else:
+      flops, outside = convnext_block_flops(stack), 0
+    return sum((depth - outside - stack.scan_unroll) * f
                for depth, f in zip(stack.depths, flops)) / sum(flops)
   return stack.layers - stack.scan_unroll
 

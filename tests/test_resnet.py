@@ -20,6 +20,7 @@ import pytest
 import torch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from open_clip.utils import freeze_batch_norm_2d
 from safetensors.numpy import load_file
 
 import clip_jax
@@ -202,30 +203,43 @@ def _torch_from(cfg, variables):
 
 def test_train_step_updates_the_statistics_as_torch_does():
   """Three real train steps on 8 devices (global batch 16, BatchNorm synced), with the
-  feature cache (grad_accum=2): before each, OpenCLIP's model gets the state's variables and
-  runs the same (normalised) images in training mode, the two micro-batches (rows 0, 2, ...
-  then 1, 3, ...) one after the other; its BatchNorm buffers then equal the state's after
-  the step (momentum 0.1, unbiased running variance, count). Without accumulation the step
-  is the same forward pass once (`accumulate.value_and_grad`); the 8-device test below
-  checks one such pass against torch, the train binary's tests the run."""
+  feature cache (grad_accum=2) and stage 4 frozen (`optim.freeze='^visual/layer4/'`).
+  Before each, OpenCLIP's model gets the state's variables (stage 4's BatchNorms made
+  FrozenBatchNorm2d, as its `--lock-image-freeze-bn-stats` does) and runs the same
+  normalised images in training mode, the two micro-batches (rows 0, 2, ... then 1, 3, ...)
+  one after the other. Its BatchNorm buffers then equal the state's after the step
+  (momentum 0.1, unbiased running variance, count); stage 4 keeps its params and
+  statistics. Without accumulation the step is the same forward pass once
+  (`accumulate.value_and_grad`): the 8-device test below checks one such pass against
+  torch, the train binary's tests the run."""
   accum = 2
   config = helpers.synthetic_config(**{'model.name': 'tiny-resnet', 'batch_size': 16,
                                        'optim.grad_accum': accum, 'optim.lr': 1e-2,
-                                       'optim.warmup_steps': 0})
+                                       'optim.warmup_steps': 0,
+                                       'optim.freeze': '^visual/layer4/'})
   program = helpers.program(config)
   cfg = program.model.cfg
   state = program.state
+  frozen = jax.tree.map(np.array, step_lib.variables(state)['visual']['layer4'])
+  trained = np.array(state['params']['visual']['layer3']['first']['conv2']['conv']['kernel'])
   for step in range(3):
     batch = helpers.random_batch(16, cfg, seed=step)
-    torch_model = _torch_from(cfg, step_lib.variables(state)).train()
+    torch_model = _torch_from(cfg, step_lib.variables(state))
+    torch_model.visual.layer4 = freeze_batch_norm_2d(torch_model.visual.layer4)
+    torch_model.train()
     images = np.asarray(normalize_on_device(jnp.asarray(batch['image']), cfg.preprocess))
     with torch.no_grad():
       for micro in range(accum):
         torch_model.encode_image(_nchw(images[micro::accum]))
     state, _ = program.step(state, jax.device_put(batch, program.batch_sharding))
-    _assert_stats_equal(_torch_stats(torch_model), _our_stats(cfg, step_lib.variables(state)),
-                        f'step {step + 1}')
-  assert int(state['batch_stats']['visual']['stem']['conv1']['bn']['count']) == 3 * accum
+    ours = _our_stats(cfg, step_lib.variables(state))
+    theirs = _torch_stats(torch_model)  # FrozenBatchNorm2d keeps no num_batches_tracked
+    _assert_stats_equal(theirs, {k: ours[k] for k in theirs}, f'step {step + 1}')
+  after = jax.tree.map(np.array, step_lib.variables(state))
+  assert int(after['visual']['stem']['conv1']['bn']['count']) == 3 * accum
+  for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(after['visual']['layer4'])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(trained, after['visual']['layer3']['first']['conv2']['conv']['kernel'])
 
 
 def _train_mode_features(cfg, variables, images, mesh=None, freeze=''):
@@ -277,22 +291,12 @@ def test_batch_statistics_across_8_devices(sync):
     _assert_stats_equal(_our_stats(cfg, with_stats(params, single_stats)), ours, 'one device')
 
 
-def test_a_frozen_image_tower_keeps_its_statistics():
-  """LiT (`optim.freeze='^visual/'`): the train step leaves the image tower's params and
-  running statistics as they are, and normalises by those statistics, as OpenCLIP's
-  `lock_image_tower(freeze_bn_stats=True)` (FrozenBatchNorm2d) does in training mode."""
-  config = helpers.synthetic_config(**{'model.name': 'tiny-resnet', 'batch_size': 16,
-                                       'optim.freeze': '^visual/', 'optim.warmup_steps': 0})
-  program = helpers.program(config, sharding.make_mesh({'data': 1}, jax.devices()[:1]))
-  cfg = program.model.cfg
-  before = jax.tree.map(np.asarray, step_lib.variables(program.state))
-  state, _ = program.step(program.state, jax.device_put(helpers.random_batch(16, cfg),
-                                                        program.batch_sharding))
-  after = jax.tree.map(np.asarray, step_lib.variables(state))
-  for a, b in zip(jax.tree.leaves(before['visual']), jax.tree.leaves(after['visual'])):
-    np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(before['text']['ln_final']['scale'],
-                            after['text']['ln_final']['scale'])  # the text tower trains
+def test_a_frozen_image_tower_normalises_by_its_statistics():
+  """LiT (`optim.freeze='^visual/'`): in training mode the image tower normalises by its
+  running statistics and leaves them as they are, as OpenCLIP's
+  `lock_image_tower(freeze_bn_stats=True)` (FrozenBatchNorm2d) does. (The train step's
+  frozen layers: the test above.)"""
+  cfg = clip_jax.get_config('tiny-resnet')
   variables = _perturbed_variables(cfg)
   images = random_inputs(cfg.vision.image_size, 8, 100, batch=4, seed=5)[0]
   features, stats = _train_mode_features(cfg, variables, images, freeze='^visual/')
@@ -302,7 +306,7 @@ def test_a_frozen_image_tower_keeps_its_statistics():
   with torch.no_grad():
     expected = locked.encode_image(_nchw(images), normalize=True).numpy()
   _assert_close(expected, np.asarray(features), 'frozen tower in training mode')
-  _params, old_stats = FunctionalModel.create(cfg).split(variables)
+  _, old_stats = FunctionalModel.create(cfg).split(variables)
   for a, b in zip(jax.tree.leaves(old_stats), jax.tree.leaves(stats)):
     np.testing.assert_array_equal(a, np.asarray(b))
 
@@ -395,15 +399,16 @@ def test_a_resnet_checkpoint_under_a_vit_name_names_the_first_mismatching_key(tm
 @pytest.mark.slow
 def test_tiny_resnet_learns_the_demo(demo_data, tmp_path):
   """`configs/demo.py:model=tiny-resnet` to >= 80% held-out zero-shot top-1 (40 classes,
-  chance 2.5%) in 500 steps, half the demo's budget (measured: docs/models.md)."""
+  chance 2.5%) in 400 steps, 0.4x the demo's budget, on the tests' small demo set (3,000
+  training images; measured there: 80.3% at 300 steps, 85.3% at 400: docs/models.md)."""
   workdir = tmp_path / 'run'
-  helpers.run(helpers.train_cmd(workdir, '--config.eval_every=500', '--config.log_every=50',
-                                config=f'{helpers.DEMO_CONFIG}:model=tiny-resnet,steps=500,'
+  helpers.run(helpers.train_cmd(workdir, '--config.eval_every=400', '--config.log_every=50',
+                                config=f'{helpers.DEMO_CONFIG}:model=tiny-resnet,steps=400,'
                                        f'data_dir={demo_data}'),
               helpers.env(1), timeout=900)
   metrics = helpers.metrics(workdir)
-  assert metrics[500]['zeroshot_top1'] >= 0.8, metrics[500]
-  assert (workdir / 'checkpoints' / '500' / 'batch_stats').exists()
+  assert metrics[400]['zeroshot_top1'] >= 0.8, metrics[400]
+  assert (workdir / 'checkpoints' / '400' / 'batch_stats').exists()
 
 
 @pytest.mark.slow
@@ -411,7 +416,7 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_data, tmp_path):
   """Killed mid-run and restarted, a tiny-resnet run ends with exactly the uninterrupted
   run's losses, params and BatchNorm statistics (per-device statistics on 8 devices)."""
   common = helpers.overrides(12, '--config.log_every=1', '--config.checkpoint_every=4',
-                             '--config.eval.zeroshot_shards=', '--config.batch_size=32',
+                             '--config.eval.zeroshot_shards=', '--config.batch_size=16',
                              '--config.model.name=tiny-resnet',
                              '--config.model.vision.sync_bn=False')
   config = helpers.demo_config(demo_data)

@@ -41,7 +41,7 @@ class FunctionalModel:
   @classmethod
   def create(cls, cfg: CLIPConfig) -> FunctionalModel:
     abstract = nnx.eval_shape(lambda: CLIP(cfg, rngs=nnx.Rngs(0)))
-    graphdef, template, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)
+    graphdef, template, stats = nnx.split(abstract, nnx.Param, nnx.BatchStat)  # type: ignore[misc]
     return cls(cfg, abstract, graphdef, template, stats)
 
   def bind(self, params: Params, train: bool = False, freeze: str = '') -> CLIP:
