@@ -21,6 +21,13 @@ cross-batch term, and the feature cache keeps and pulls them back like the embed
 
 Micro-batch i holds rows j*K + i of the global batch, so every device keeps its own rows
 (`split`); with K = 1 both modes are the plain one-shot `value_and_grad`.
+
+`embed` also takes and returns the state its forward pass updates: BatchNorm's running
+statistics (`clip_jax/models/batch_norm.py`; {} for models without BatchNorm), never
+differentiated. Each micro-batch updates them once, in order, as K forward passes of a
+torch model in training mode would (each normalised by its own micro-batch's statistics:
+that is also what OpenCLIP's `--accum-freq` computes). The feature cache's second pass
+recomputes the same normalisation and drops its updates.
 """
 
 from __future__ import annotations
@@ -35,24 +42,35 @@ from jax.sharding import PartitionSpec as P
 
 MODES = ('cache', 'micro')
 Params = Any
+Stats = Any  # what the forward pass updates (BatchNorm's running statistics), or {}
 Batch = dict[str, jax.Array]
 # (image features, text features, log logit scale, logit bias or None, per-row values)
-Embed = Callable[[Params, Batch],
-                 tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, Any]]
+Embeddings = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, Any]
+Embed = Callable[[Params, Stats, Batch], tuple[Embeddings, Stats]]
 Loss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-GradFn = Callable[[Params, Batch], tuple[tuple[jax.Array, dict], Params]]
+GradFn = Callable[[Params, Stats, Batch], tuple[tuple[jax.Array, dict], Params, Stats]]
 
 
 def value_and_grad(embed: Embed, loss: Loss, *, accum: int, mode: str,
                    batch_sharding: NamedSharding) -> GradFn:
-  """`(params, batch) -> ((loss, metrics), grads)` of `loss(*embed(params, batch))`.
+  """`(params, stats, batch) -> ((loss, metrics), grads, stats)` of
+  `loss(*embed(params, stats, batch)[0])`, with the `stats` the forward passes left.
 
   `batch_sharding` is how the batch (rows on the mesh's batch axes) is laid out; the
   micro-batches and cached embeddings keep that layout.
   """
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-  one_shot = jax.value_and_grad(lambda p, b: loss(*embed(p, b)), has_aux=True)
+
+  def one_shot(params, stats, batch):
+    def value(p):
+      embeddings, new_stats = embed(p, stats, batch)
+      loss_value, metrics = loss(*embeddings)
+      return loss_value, (metrics, new_stats)
+
+    (loss_value, (metrics, new_stats)), grads = jax.value_and_grad(value, has_aux=True)(params)
+    return (loss_value, metrics), grads, new_stats
+
   if accum == 1:
     return one_shot
   if mode == 'micro':
@@ -80,16 +98,20 @@ def _constrain(x: jax.Array, batch_sharding: NamedSharding, leading: int) -> jax
 def _micro_batches(grad_fn: GradFn, accum: int, batch_sharding: NamedSharding) -> GradFn:
   """Mean of the micro-batches' losses and gradients, each with its own negatives only."""
 
-  def grads(params, batch):
+  def grads(params, stats, batch):
     micro = jax.tree.map(lambda x: split(x, accum, batch_sharding), batch)
 
-    def body(total, one):
-      return jax.tree.map(jnp.add, total, grad_fn(params, one)), None
+    def body(carry, one):
+      total, stats = carry
+      value, g, stats = grad_fn(params, stats, one)
+      return (jax.tree.map(jnp.add, total, (value, g)), stats), None
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
-    total, _ = jax.lax.scan(body, zeros, micro)
-    return jax.tree.map(lambda x: x / accum, total)
+    value, g, _ = jax.eval_shape(grad_fn, params, stats, first)
+    zeros = jax.tree.map(jnp.zeros_like, (value, g))
+    (total, stats), _ = jax.lax.scan(body, (zeros, stats), micro)
+    value, g = jax.tree.map(lambda x: x / accum, total)
+    return value, g, stats
 
   return grads
 
@@ -98,10 +120,16 @@ def _feature_cache(embed: Embed, loss: Loss, accum: int, batch_sharding: NamedSh
                    ) -> GradFn:
   """The global batch's loss and gradients, with one micro-batch's activations at a time."""
 
-  def grads(params, batch):
+  def grads(params, stats, batch):
     micro = jax.tree.map(lambda x: split(x, accum, batch_sharding), batch)
-    # Pass 1: embeddings only; no activation outlives its micro-batch.
-    img, txt, scale, bias, rows = jax.lax.map(lambda one: embed(params, one), micro)
+
+    # Pass 1: embeddings only; no activation outlives its micro-batch. The forward state
+    # (BatchNorm's statistics) is updated by each micro-batch in turn.
+    def first_pass(stats, one):
+      embeddings, stats = embed(params, stats, one)
+      return stats, embeddings
+
+    new_stats, (img, txt, scale, bias, rows) = jax.lax.scan(first_pass, stats, micro)
     scale, bias = jax.tree.map(lambda x: x[0], (scale, bias))  # the same in every micro-batch
     merged = jax.tree.map(lambda x: merge(x, batch_sharding), (img, txt, rows))
     (value, metrics), (d_img, d_txt, d_scale, d_bias, d_rows) = jax.value_and_grad(
@@ -112,7 +140,7 @@ def _feature_cache(embed: Embed, loss: Loss, accum: int, batch_sharding: NamedSh
     # towers; the scale and bias gradient enters once, with micro-batch 0.
     def body(total, xs):
       index, one, d_rows_one = xs
-      _, pullback = jax.vjp(lambda p: embed(p, one), params)
+      _, pullback = jax.vjp(lambda p: embed(p, stats, one)[0], params)
       d_scalars = jax.tree.map(lambda d: jnp.where(index == 0, d, jnp.zeros_like(d)),
                                (d_scale, d_bias))
       (g,) = pullback((d_rows_one[0], d_rows_one[1], *d_scalars, d_rows_one[2]))
@@ -121,6 +149,6 @@ def _feature_cache(embed: Embed, loss: Loss, accum: int, batch_sharding: NamedSh
     zeros = jax.tree.map(jnp.zeros_like, params)
     d_per_row = jax.tree.map(lambda x: split(x, accum, batch_sharding), (d_img, d_txt, d_rows))
     total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro, d_per_row))
-    return (value, metrics), total
+    return (value, metrics), total, new_stats
 
   return grads

@@ -38,14 +38,22 @@ from absl import app, flags
 
 from clip_jax import cli, run_config, sharding, step
 from clip_jax.distributed import quiet_stderr
-from clip_jax.metrics import convnext_block_flops, peak_flops_per_device, train_flops_per_sample
+from clip_jax.metrics import (
+  convnext_block_flops,
+  peak_flops_per_device,
+  resnet_block_flops,
+  train_flops_per_sample,
+)
 from clip_jax.models.config import (
   CLIPConfig,
   ConvNeXtConfig,
   DecoderConfig,
+  ResNetConfig,
   TextConfig,
   VisionConfig,
 )
+
+Stack = VisionConfig | ConvNeXtConfig | ResNetConfig | TextConfig | DecoderConfig
 
 _CONFIG = cli.config_flag()
 _TOPOLOGY = flags.DEFINE_string(
@@ -201,8 +209,7 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
   the gathered `sigmoid`: the same FLOPs. No time when the compiler gives none positive for
   one of them.
   """
-  stacks: list[VisionConfig | ConvNeXtConfig | TextConfig | DecoderConfig] = [cfg.vision,
-                                                                             cfg.text]
+  stacks: list[Stack] = [cfg.vision, cfg.text]
   if cfg.decoder is not None:
     stacks.append(cfg.decoder)
   names = ['vision', 'text', 'decoder'][:len(stacks)]
@@ -215,6 +222,8 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
     for name, stack, unroll in zip(names, stacks, unrolls):
       if isinstance(stack, ConvNeXtConfig):  # 4 blocks in each stage
         shallow.model[name].depths = (4,) * len(stack.depths)
+      elif isinstance(stack, ResNetConfig):  # the first block, then 4 scanned ones
+        shallow.model[name].depths = (5,) * len(stack.depths)
       else:
         shallow.model[name].layers = 4  # 2 iterations at unroll 2
       shallow.model[name].scan_unroll = unroll
@@ -234,24 +243,28 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
       for stack, u in zip(stacks, variants[1:]))
   timed = min(seconds for seconds, _ in [*costs.values(), scanned]) > 0
   return {'step_seconds': extend(0) if timed else None, 'flops_per_chip': extend(1),
-          'layers': [sum(s.depths) if isinstance(s, ConvNeXtConfig) else s.layers
+          'layers': [sum(s.depths) if isinstance(s, (ConvNeXtConfig, ResNetConfig)) else s.layers
                      for s in stacks],
           'compiles': {'x'.join(map(str, u)): {'step_seconds': c[0], 'flops': c[1]}
                        for u, c in costs.items()}}
 
 
-def extra_layers(stack: VisionConfig | ConvNeXtConfig | TextConfig | DecoderConfig) -> float:
+def extra_layers(stack: Stack) -> float:
   """How many loop bodies' worth of layers the scanned program's count leaves out.
 
   A ConvNeXt scans each of its 4 stages: its unroll-2 compile adds one block to every stage's
   loop body at once (a_1 + ... + a_4), so the blocks left out are weighted by their stage's
   share of the per-block FLOPs (`metrics.convnext_block_flops`): the estimate assumes a
-  block's cost in the loop follows its FLOPs.
+  block's cost in the loop follows its FLOPs. A ModifiedResNet likewise, over the blocks
+  after each stage's first (which is outside the loop: `metrics.resnet_block_flops`).
   """
-  if isinstance(stack, ConvNeXtConfig):
-    flops = convnext_block_flops(stack)
-    return sum((depth - stack.scan_unroll) * f for depth, f in zip(stack.depths, flops)
-               ) / sum(flops)
+  if isinstance(stack, (ConvNeXtConfig, ResNetConfig)):
+    if isinstance(stack, ResNetConfig):
+      flops, outside = resnet_block_flops(stack), 1
+    else:
+      flops, outside = convnext_block_flops(stack), 0
+    return sum((depth - outside - stack.scan_unroll) * f
+               for depth, f in zip(stack.depths, flops)) / sum(flops)
   return stack.layers - stack.scan_unroll
 
 

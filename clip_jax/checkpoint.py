@@ -1,8 +1,9 @@
 """clip_jax checkpoints on orbax: one composite directory per model.
 
-Layout: `DIR/params` (orbax StandardSave of the params tree) and `DIR/model_config`
-(JSON of the `CLIPConfig`). Orbax writes into a temporary directory and renames it on
-commit, so a checkpoint is never half-written. A training workdir keeps the same
+Layout: `DIR/params` (orbax StandardSave of the params tree), for a BatchNorm model
+`DIR/batch_stats` (its running statistics, `clip_jax/models/batch_norm.py`) and
+`DIR/model_config` (JSON of the `CLIPConfig`). Orbax writes into a temporary directory and
+renames it on commit, so a checkpoint is never half-written. A training workdir keeps the same
 layout per step under `WORKDIR/checkpoints/<step>/`, so every command that takes a
 checkpoint also takes a workdir (meaning its latest step).
 """
@@ -24,20 +25,23 @@ from flax import traverse_util
 
 from clip_jax.distributed import on_all_processes
 from clip_jax.models.config import CLIPConfig
-from clip_jax.models.functional import first_difference
+from clip_jax.models.functional import FunctionalModel, first_difference, with_stats
 
 Params = dict[str, Any]
 CHECKPOINTS_SUBDIR = 'checkpoints'
 
 
 def save_model(path: str | epath.Path, cfg: CLIPConfig, params: Params) -> epath.Path:
-  """Writes params + model config; refuses to overwrite an existing checkpoint."""
+  """Writes the model's variables (params; a BatchNorm model's running statistics as the
+  item `batch_stats`) + model config; refuses to overwrite an existing checkpoint."""
   path = absolute(path)
   if path.exists():
     raise FileExistsError(f'Checkpoint directory {path} already exists; choose a new --out.')
+  params, stats = FunctionalModel.create(cfg).split(params)
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  checkpointer.save(path, ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                             model_config=ocp.args.JsonSave(cfg.to_dict())))
+  checkpointer.save(path, ocp.args.Composite(
+      params=ocp.args.StandardSave(params), model_config=ocp.args.JsonSave(cfg.to_dict()),
+      **({'batch_stats': ocp.args.StandardSave(stats)} if stats else {})))
   return path
 
 
@@ -78,12 +82,14 @@ def load_model_config(path: str | epath.Path) -> CLIPConfig:
 
 
 def load_params(path: str | epath.Path, ema: bool = False) -> tuple[CLIPConfig, Params]:
-  """(model config, params as numpy arrays) from a checkpoint or a workdir.
+  """(model config, params as numpy arrays) from a checkpoint or a workdir: the model's
+  variables, with a BatchNorm model's running statistics (item `batch_stats`) merged in.
 
   `ema`: the EMA of the params instead (a training checkpoint of a run with
-  `config.optim.ema_decay`); the same tree, so the same model config applies. Read as host
-  arrays whatever the saved sharding, so every process of a multi-process run gets the
-  whole tree (restoring onto the saved devices fails where they are not local).
+  `config.optim.ema_decay`), with the same running statistics; the same tree, so the same
+  model config applies. Read as host arrays whatever the saved sharding, so every process
+  of a multi-process run gets the whole tree (restoring onto the saved devices fails where
+  they are not local).
   """
   path = resolve_checkpoint(path)
   cfg = load_model_config(path)
@@ -91,12 +97,17 @@ def load_params(path: str | epath.Path, ema: bool = False) -> tuple[CLIPConfig, 
   if not item.exists():
     raise FileNotFoundError(f'{path} holds no EMA of the params: it was not trained with '
                             'config.optim.ema_decay > 0. Leave out --ema / ema=True.')
+  stats = path / 'batch_stats'
+  return cfg, with_stats(_read_numpy(item), _read_numpy(stats) if stats.exists() else {})
+
+
+def _read_numpy(item: epath.Path) -> Params:
+  """An orbax PyTree item as host numpy arrays."""
   # The item's tree from its handler: `Checkpointer.metadata` would look for the step's
   # `_CHECKPOINT_METADATA` inside the item directory and warn that it does not exist.
   tree = ocp.PyTreeCheckpointHandler().metadata(item).tree
   as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return cfg, ocp.PyTreeCheckpointer().restore(
-      item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  return ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 class _DataState:
@@ -169,8 +180,9 @@ class TrainCheckpoints:
   """Asynchronous, atomic training checkpoints in `WORKDIR/checkpoints/<step>/`.
 
   Items: `params`, `opt_state`, `ema` (only when the state holds an EMA of the params),
-  `train` (step counters and the process count), `model_config` and `data` (the input
-  pipeline state, one file per process). Restoring takes the current state's shardings as
+  `batch_stats` (only for a BatchNorm model: its running statistics), `train` (step
+  counters and the process count), `model_config` and `data` (the input pipeline state, one
+  file per process). Restoring takes the current state's shardings as
   the target, so a run can resume on a different mesh or device count. `preset` (the
   config's `model.name`) is stored with the counters so that a workdir of another model can
   be named as such.
@@ -204,7 +216,9 @@ class TrainCheckpoints:
                                  'preset': self.preset}),
         model_config=ocp.args.JsonSave(self.model_cfg.to_dict()),
         data=grain.checkpoint.CheckpointSave(_DataState(loader, loader.get_state())),
-        **({'ema': ocp.args.StandardSave(state['ema'])} if 'ema' in state else {}))
+        **({'ema': ocp.args.StandardSave(state['ema'])} if 'ema' in state else {}),
+        **({'batch_stats': ocp.args.StandardSave(state['batch_stats'])}
+           if state.get('batch_stats') else {}))
     self.manager.save(step, args=args, force=force)
 
   def restore_latest(self, state: dict, loader) -> tuple[int, dict, bool]:
@@ -296,11 +310,15 @@ class TrainCheckpoints:
     with_ema = 'ema' in state and (self.directory / str(step) / 'ema').exists()
     if with_ema:
       items['ema'] = ocp.args.StandardRestore(abstract(state['ema']))
+    if state.get('batch_stats'):
+      items['batch_stats'] = ocp.args.StandardRestore(abstract(state['batch_stats']))
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     replicated = state['step'].sharding
     result = {'params': restored['params'], 'opt_state': restored['opt_state'],
               'step': jax.device_put(np.int32(counters['step']), replicated),
               'bad_steps': jax.device_put(np.int32(counters['bad_steps']), replicated)}
+    if 'batch_stats' in state:
+      result['batch_stats'] = restored['batch_stats'] if state['batch_stats'] else {}
     if 'ema' in state:
       if not with_ema:
         logging.warning('Checkpoint step %d holds no EMA: it starts at the params.', step)

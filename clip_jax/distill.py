@@ -62,9 +62,10 @@ class Teacher:
   @classmethod
   def create(cls, cfg: CLIPConfig, mesh: Mesh, rules, dtype: str) -> Teacher:
     """Runs in the student's compute `dtype`; it has no backward pass, so no remat. Its
-    params are placed by the student's sharding `rules`."""
+    params are placed by the student's sharding `rules`; a BatchNorm teacher normalises by
+    its running statistics (replicated)."""
     model = FunctionalModel.create(cfg.replace(dtype=dtype, remat='none'))
-    return cls(model, sharding.param_shardings(model.abstract, mesh, rules))
+    return cls(model, sharding.variable_shardings(model.abstract, mesh, rules))
 
   def embed(self, params: Params, batch: dict, mesh: Mesh, accum: int,
             batch_sharding: NamedSharding) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -2,7 +2,8 @@
 
 Only process 0 writes files. FLOPs are counted analytically per tower
 (L * (8Nd^2 + 4Nd*mlp + 4N^2 d), plus the patch embedding; a ConvNeXt's convolutions and
-MLPs: `convnext_flops`), plus a caption decoder's
+MLPs: `convnext_flops`; a ModifiedResNet's convolutions and attention pool: `resnet_flops`),
+plus a caption decoder's
 (`decoder_flops`) and CoCa's attentional pooler, x3 for training.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from clip_jax.models.config import CLIPConfig, ConvNeXtConfig
+from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, ResNetConfig
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate. TPUs by their exact
 # `device_kind` ('TPU v5' is v5p, 'TPU v5 lite' is v5e: a substring rule would mix them up).
@@ -83,6 +84,36 @@ def convnext_flops(v: ConvNeXtConfig, embed_dim: int) -> float:
   return float(flops + head)
 
 
+def resnet_block_flops(v: ResNetConfig) -> list[float]:
+  """Forward FLOPs per image of one of the stacked blocks (all but the first) of each stage:
+  1x1 conv 4p -> p, 3x3 conv p -> p, 1x1 conv p -> 4p at the stage's output grid, p the
+  stage's planes: 2 * side^2 * 17 * p^2."""
+  sides = [v.image_size // 4 // 2**i for i in range(4)]
+  return [float(2 * side**2 * 17 * (v.width * 2**i)**2) for i, side in enumerate(sides)]
+
+
+def resnet_flops(v: ResNetConfig, embed_dim: int) -> float:
+  """Forward FLOPs of a ModifiedResNet tower per image: the stem's three 3x3 convs at half
+  the image side; per stage the first block (1x1 and 3x3 convs at the input grid, then
+  the 1x1 conv to 4x planes and the shortcut's 1x1 conv at the output grid) and the other
+  blocks (`resnet_block_flops`); the attention pool (k and v of the grid^2 + 1 tokens, the
+  mean token's q, its scores and weighted sum, c_proj). BatchNorms, ReLUs, pooling and
+  residual adds are not counted."""
+  half, w = v.image_size // 2, v.width
+  flops = 2.0 * half**2 * 9 * (3 * w // 2 + (w // 2)**2 + (w // 2) * w)
+  inplanes, side = w, v.image_size // 4
+  blocks = resnet_block_flops(v)
+  for i, depth in enumerate(v.depths):
+    planes, out_side = w * 2**i, side // (2 if i else 1)
+    flops += 2 * side**2 * (inplanes * planes + 9 * planes**2)
+    flops += 2 * out_side**2 * 4 * planes * (planes + inplanes)
+    flops += (depth - 1) * blocks[i]
+    inplanes, side = 4 * planes, out_side
+  c, tokens = v.features, v.grid**2 + 1
+  flops += 2 * tokens * c * c * 2 + 2 * c * c + 2 * 2 * tokens * c + 2 * c * embed_dim
+  return float(flops)
+
+
 def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
   """Forward + backward (3x forward) FLOPs of one image-text pair.
 
@@ -99,6 +130,8 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
   text = tower_flops(t.layers, context_length + int(t.embed_cls), t.width, t.mlp_dim)
   if isinstance(v, ConvNeXtConfig):  # no caption decoder (CLIPConfig.validate)
     return 3 * (convnext_flops(v, cfg.embed_dim) + text)
+  if isinstance(v, ResNetConfig):  # no caption decoder either
+    return 3 * (resnet_flops(v, cfg.embed_dim) + text)
   patches = v.grid ** 2
   tokens = v.kept_patches + int(v.class_token)
   image = (tower_flops(v.layers, tokens, v.width, v.mlp_dim)

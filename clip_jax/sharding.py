@@ -95,6 +95,19 @@ def param_shardings(abstract_model: nnx.Module, mesh: Mesh,
       logical_axes(abstract_model), shapes, is_leaf=is_axes)
 
 
+def variable_shardings(abstract_model: nnx.Module, mesh: Mesh,
+                       rules: Sequence[tuple[str, str | None]] = DEFAULT_RULES) -> dict[str, Any]:
+  """`param_shardings` over the model's variables: the params by their logical axes, and
+  BatchNorm's running statistics (`nnx.BatchStat`, per-channel vectors) replicated. The same
+  as `param_shardings` for a model without BatchNorm."""
+  replicated = NamedSharding(mesh, P())
+  state = nnx.state(abstract_model, (nnx.Param, nnx.BatchStat))
+  place = lambda v: (replicated if isinstance(v, nnx.BatchStat) else NamedSharding(
+      mesh, partition_spec(v.get_metadata()['axes'], v.shape, mesh, rules)))
+  return nnx.to_pure_dict(jax.tree.map(place, state,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
   """Shards dim 0 of an activation over the batch axes of the mesh in context, if any.
 

@@ -12,6 +12,11 @@ benchmarks and the tests all build their step here, from a resolved config
 
 Either way the result is a `Program`: the model, optimizer and shardings, the state (arrays
 or shapes), and the jitted step(s).
+
+The state: `params` (what the optimizer trains), `opt_state`, `step`, `bad_steps`, `ema`
+(with `optim.ema_decay`) and `batch_stats`: BatchNorm's running statistics, which the
+step's forward pass updates ({} for models without BatchNorm; `models/batch_norm.py`).
+`variables(state)` is the model's variables tree for evaluation.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from clip_jax.data.transforms import normalize_on_device
 from clip_jax.losses import caption_loss, caption_rows, contrastive_loss, distillation_loss
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.config import CLIPConfig
-from clip_jax.models.functional import FunctionalModel
+from clip_jax.models.functional import FunctionalModel, with_stats
 from clip_jax.models.pos_embed import fit_pos_embeds
 from clip_jax.run_config import RunConfig, StepConfig
 
@@ -97,20 +102,23 @@ def build(run: RunConfig, mesh: Mesh, abstract: bool = False,
   """The train program of `run` on `mesh`: params (random, or `init_from`'s), optimizer
   (`run.step.optim`'s unless `tx` is given), state, teacher and jitted step(s); shapes only
   with `abstract`. See the module doc."""
-  model, param_shardings, init = build_model(run.model, mesh, run.sharding_rules, run.step.seed)
+  model, variable_shardings, init = build_model(run.model, mesh, run.sharding_rules,
+                                                run.step.seed)
   if abstract:
-    params = with_shardings(jax.eval_shape(init), param_shardings)
+    variables = with_shardings(jax.eval_shape(init), variable_shardings)
   else:
-    params = initial_params(run, model, param_shardings, init)
+    variables = initial_params(run, model, variable_shardings, init)
+  params, batch_stats = model.split(variables)
+  param_shardings, stats_shardings = model.split(variable_shardings)
   tx = tx or optim.make_optimizer(run.step.optim, run.step.total_steps, params)
   ema = run.step.optim.ema_decay > 0
-  shardings = state_shardings(params, param_shardings, tx, mesh, ema)
+  shardings = state_shardings(params, param_shardings, tx, mesh, ema, stats_shardings)
   if abstract:
     state = with_shardings(jax.eval_shape(functools.partial(
-        create_state, tx=tx, mesh=mesh, param_shardings=param_shardings, ema=ema), params),
-        shardings)
+        create_state, tx=tx, mesh=mesh, param_shardings=param_shardings, ema=ema),
+        params, batch_stats=batch_stats), shardings)
   else:
-    state = create_state(params, tx, mesh, ema=ema)
+    state = create_state(params, tx, mesh, ema=ema, batch_stats=batch_stats)
   teacher, teacher_params = _teacher(run, mesh, abstract)
   batch_sharding = sharding.batch_sharding(mesh)
   make = functools.partial(make_train_step, run.step, model, tx, mesh, shardings, batch_sharding,
@@ -131,8 +139,7 @@ def _teacher(run: RunConfig, mesh: Mesh, abstract: bool
   if abstract:
     teacher = distill.Teacher.create(ckpt.load_model_config(path), mesh, run.sharding_rules,
                                      run.model.dtype)
-    return teacher, (with_shardings(nnx.to_pure_dict(teacher.model.template),
-                                    teacher.shardings),)
+    return teacher, (with_shardings(teacher.model.abstract_variables(), teacher.shardings),)
   teacher, params = distill.load(path, mesh, run.sharding_rules, run.model.dtype)
   logging.info('Distilling from %s (weight %g)', path, run.step.distill_weight)
   return teacher, (params,)
@@ -148,20 +155,23 @@ def with_shardings(shapes: Any, shardings: Any) -> Any:
 
 def build_model(cfg: CLIPConfig, mesh: Mesh, rules, seed: int
                 ) -> tuple[FunctionalModel, Params, Callable[[], Params]]:
-  """Functional model, param shardings and a jitted init that creates params sharded."""
+  """Functional model, the shardings of its variables and a jitted init that creates them
+  sharded: the params and, for a BatchNorm model, its initial running statistics (mean 0,
+  var 1, replicated); `model.split` takes them apart."""
   model = FunctionalModel.create(cfg)
-  shardings = sharding.param_shardings(model.abstract, mesh, rules)
+  shardings = sharding.variable_shardings(model.abstract, mesh, rules)
 
   def init() -> Params:
-    return nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+    return nnx.to_pure_dict(nnx.state(CLIP(cfg, rngs=nnx.Rngs(seed)),
+                                      (nnx.Param, nnx.BatchStat)))
 
   return model, shardings, jax.jit(init, out_shardings=shardings)
 
 
 def initial_params(run: RunConfig, model: FunctionalModel, shardings: Params,
                    init_fn: Callable[[], Params]) -> Params:
-  """Random params from `init_fn`, or `run.init_from`'s fitted to the model, placed by
-  `shardings`."""
+  """Random variables (params, BatchNorm statistics) from `init_fn`, or `run.init_from`'s
+  fitted to the model, placed by `shardings`."""
   init_from = run.init_from
   if not init_from:
     return init_fn()
@@ -179,24 +189,26 @@ def initial_params(run: RunConfig, model: FunctionalModel, shardings: Params,
   return jax.device_put(params, shardings)
 
 
-def state_shardings(params: Params, param_shardings: Params, tx, mesh, ema: bool = False
-                    ) -> State:
+def state_shardings(params: Params, param_shardings: Params, tx, mesh, ema: bool = False,
+                    stats_shardings: Params | None = None) -> State:
   """Where the state lives: optimizer moments and the EMA sharded like their params, the
-  rest (counts, step counters) replicated. `params` may be arrays or shapes
-  (`jax.ShapeDtypeStruct`)."""
+  rest (counts, step counters, BatchNorm's statistics: `stats_shardings`) replicated.
+  `params` may be arrays or shapes (`jax.ShapeDtypeStruct`)."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   masked = lambda x: isinstance(x, optax.MaskedNode)  # a frozen parameter has no moments
   opt_state = optax.tree_map_params(
       tx, lambda x, s: x if masked(x) else s, jax.eval_shape(tx.init, params), param_shardings,
       transform_non_params=lambda _: replicated, is_leaf=masked)
   return {'params': param_shardings, 'opt_state': opt_state, 'step': replicated,
-          'bad_steps': replicated, **({'ema': param_shardings} if ema else {})}
+          'bad_steps': replicated, 'batch_stats': stats_shardings or {},
+          **({'ema': param_shardings} if ema else {})}
 
 
 def create_state(params: Params, tx, mesh, param_shardings: Params | None = None,
-                 ema: bool = False) -> State:
-  """Params, optimizer state, step counters and (`ema`) the EMA of the params, which starts
-  at the params; placed by `state_shardings`.
+                 ema: bool = False, batch_stats: Params | None = None) -> State:
+  """Params, optimizer state, step counters, (`ema`) the EMA of the params, which starts
+  at the params, and BatchNorm's running statistics (`batch_stats`; {} without BatchNorm);
+  placed by `state_shardings`.
 
   Under `jax.eval_shape` (abstract params, as `clip_jax.aot` does) pass `param_shardings`.
   """
@@ -210,7 +222,14 @@ def create_state(params: Params, tx, mesh, param_shardings: Params | None = None
 
   # jnp.copy: the EMA needs buffers of its own, as the counters do.
   return {'params': params, 'opt_state': opt_state, 'step': counter(), 'bad_steps': counter(),
+          'batch_stats': batch_stats or {},
           **({'ema': jax.tree.map(jnp.copy, params)} if ema else {})}
+
+
+def variables(state: State, params: str = 'params') -> Params:
+  """The model's variables in a train state: its `params` (or `'ema'`) with BatchNorm's
+  running statistics; what `FunctionalModel.bind`, the evaluators and checkpoints take."""
+  return with_stats(state[params], state.get('batch_stats', {}))
 
 
 # --- the step -----------------------------------------------------------------------------
@@ -220,6 +239,8 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
                     patch_dropout: bool = True):
   """One jitted step: loss, grads (`clip_jax.accumulate`), update, clamp, NaN guard, and
   with `optim.ema_decay` the EMA (the state then holds one: `create_state(ema=True)`).
+  BatchNorm's running statistics (`batch_stats`) come out of the forward pass in training
+  mode, updated; the layers `optim.freeze` freezes keep theirs (`models/batch_norm.py`).
 
   With a `teacher` the step takes the teacher's params as a third argument and adds
   `distill.weight` x the distillation loss; the teacher embeds the whole batch before the
@@ -234,9 +255,12 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
   # Per-image random keys: patch dropout (ViT) or stochastic depth (ConvNeXt's drop_path).
   patch_dropout = patch_dropout and needs_dropout_keys(model.cfg)
 
-  def embed(params, batch):
-    # Frozen parameters enter as constants: their backward pass is never built.
-    clip = model.bind(optim.stop_frozen(params, config.optim.freeze))
+  def embed(params, stats, batch):
+    # Frozen parameters enter as constants: their backward pass is never built. BatchNorm
+    # normalises by the batch and updates `stats`, except in frozen layers.
+    freeze = config.optim.freeze
+    clip = model.bind(with_stats(optim.stop_frozen(params, freeze), stats), train=True,
+                      freeze=freeze)
     images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
     rows = {}
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
@@ -246,7 +270,8 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
         img, txt, scale, bias, logits = clip.caption_logits(
             images, batch['text'], batch.get('dropout_keys'), batch.get('decoder_tokens'))
         rows = caption_rows(logits, *caption_targets(batch, model.cfg))
-    return img, txt, scale, None if loss_kind == 'softmax' else bias, rows
+    embeddings = (img, txt, scale, None if loss_kind == 'softmax' else bias, rows)
+    return embeddings, model.stats_of(clip)
 
   def loss_of(img, txt, scale, bias, rows, teacher_features=None):
     loss, metrics = contrastive_loss(img, txt, scale, bias, kind=loss_kind, mesh=mesh,
@@ -272,7 +297,7 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
     grads_fn = accumulate.value_and_grad(
         embed, functools.partial(loss_of, teacher_features=teacher_features), accum=accum,
         mode=accum_mode, batch_sharding=batch_sharding)
-    (loss, metrics), grads = grads_fn(params, batch)
+    (loss, metrics), grads, batch_stats = grads_fn(params, state['batch_stats'], batch)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
@@ -285,7 +310,8 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
     new_state = {'params': keep(new_params, params),
                  'opt_state': keep(opt_state, state['opt_state']),
                  'step': state['step'] + 1,
-                 'bad_steps': jnp.where(ok, 0, state['bad_steps'] + 1)}
+                 'bad_steps': jnp.where(ok, 0, state['bad_steps'] + 1),
+                 'batch_stats': keep(batch_stats, state['batch_stats'])}
     if ema_decay:
       # ema = d * ema + (1 - d) * params, after the update. It starts at the initial params,
       # so it needs no debiasing (optax.ema, made for gradients, starts at zeros and does).

@@ -349,9 +349,10 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
   """Zero-shot accuracy of the params and, with an EMA, of the EMA (`ema/` keys)."""
   if run.evaluate is None:
     return {}
-  results = run.evaluate(run.state['params'])
-  if 'ema' in run.state:
-    results.update({f'ema/{k}': v for k, v in run.evaluate(run.state['ema']).items()})
+  results = run.evaluate(step_lib.variables(run.state))
+  if 'ema' in run.state:  # with the running BatchNorm statistics of the params
+    results.update({f'ema/{k}': v
+                    for k, v in run.evaluate(step_lib.variables(run.state, 'ema')).items()})
   run.logger.write(step, results)
   logging.info('step %d: %s', step, results)
   return results

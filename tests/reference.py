@@ -29,13 +29,16 @@ def open_clip_model(name: str, vision_layers: int | None = None, text_layers: in
   if cfg is None:  # a clip_jax-only preset (tiny): OpenCLIP builds it from our exported config
     cfg = model_cfg(get_config(name))
   timm = 'timm_model_name' in cfg['vision_cfg']
+  resnet = isinstance(cfg['vision_cfg'].get('layers'), (list, tuple))
   coca = 'multimodal_cfg' in cfg
   if text_layers:
     cfg['text_cfg']['layers'] = text_layers
     if coca:  # the caption decoder runs at the text tower's reduced depth
       cfg['multimodal_cfg']['layers'] = text_layers
-  if vision_layers and not timm:
+  if vision_layers and not timm and not resnet:
     cfg['vision_cfg']['layers'] = vision_layers
+  if vision_depths and resnet:  # a ModifiedResNet: its stage depths
+    cfg['vision_cfg']['layers'] = list(vision_depths)
   cfg['text_cfg'].update(text_overrides or {})
   custom_text = cfg.pop('custom_text', False)
   torch.manual_seed(seed)
@@ -51,7 +54,7 @@ def open_clip_model(name: str, vision_layers: int | None = None, text_layers: in
     model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
   if timm and vision_layers:  # timm builds by name only: drop the extra blocks afterwards
     model.visual.trunk.blocks = model.visual.trunk.blocks[:vision_layers]
-  if vision_depths:  # a ConvNeXt trunk: keep the first blocks of each stage
+  if vision_depths and timm:  # a ConvNeXt trunk: keep the first blocks of each stage
     for stage, depth in zip(model.visual.trunk.stages, vision_depths):
       stage.blocks = stage.blocks[:depth]
   perturb(model, seed)
@@ -59,10 +62,22 @@ def open_clip_model(name: str, vision_layers: int | None = None, text_layers: in
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
+  """Noise on every parameter; a BatchNorm's weight, bias and running statistics (buffers)
+  are drawn afresh, far from their init (weight 1 or 0, mean 0, var 1), so that a swapped
+  or ignored statistic shows in the features."""
   generator = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in model.parameters():
       p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    for m in model.modules():
+      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+        uniform = lambda low, high, m=m: low + (high - low) * torch.rand(
+            m.running_var.shape, generator=generator)
+        m.weight.copy_(uniform(0.5, 1.5))
+        m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
+        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
+        m.running_var.copy_(uniform(0.5, 2.0))
+        m.num_batches_tracked.fill_(int(torch.randint(1, 10**6, (), generator=generator)))
 
 
 def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -48,10 +48,10 @@ def _compiled(kind, devices, accum):
   cached, as the memory test reads the same programs the equivalence tests run."""
   mesh = _mesh(devices)
 
-  def embed(params, batch):
+  def embed(params, stats, batch):
     img, txt, scale, bias = MODEL.bind(params)(
         normalize_on_device(batch['image'], CFG.preprocess), batch['text'])
-    return img, txt, scale, None if kind == 'softmax' else bias, {}
+    return (img, txt, scale, None if kind == 'softmax' else bias, {}), stats
 
   def loss(img, txt, scale, bias, rows):
     return contrastive_loss(img, txt, scale, bias, kind=kind, mesh=mesh,
@@ -59,11 +59,11 @@ def _compiled(kind, devices, accum):
 
   fn = accumulate.value_and_grad(embed, loss, accum=accum, mode='cache',
                                  batch_sharding=sharding.batch_sharding(mesh))
-  return jax.jit(fn).lower(_params(devices), _batch(devices)).compile()
+  return jax.jit(fn).lower(_params(devices), {}, _batch(devices)).compile()
 
 
 def _grads(kind, devices, accum):
-  (loss, _), grads = _compiled(kind, devices, accum)(_params(devices), _batch(devices))
+  (loss, _), grads, _ = _compiled(kind, devices, accum)(_params(devices), {}, _batch(devices))
   return float(loss), jax.tree.map(np.asarray, grads)
 
 

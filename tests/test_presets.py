@@ -78,6 +78,14 @@ def test_preset_matches_open_clip_architecture(name):
              for stage in trunk.stages for b in stage.blocks]
     ours = [r for stage in cfg.vision.drop_path_rates for r in stage]
     assert rates == pytest.approx(ours, abs=1e-6)
+  elif cfg.vision.kind == 'resnet':
+    visual = torch_model.visual
+    assert [len(stage) for stage in (visual.layer1, visual.layer2, visual.layer3,
+                                     visual.layer4)] == list(cfg.vision.depths)
+    assert visual.attnpool.num_heads == cfg.vision.heads
+    assert visual.image_size == cfg.vision.image_size
+    assert {m.eps for m in visual.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
+    assert {m.momentum for m in visual.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
   elif cfg.vision.timm_model_name:
     trunk = torch_model.visual.trunk
     assert _act_name(trunk.blocks[0].mlp.act) == cfg.vision.act

@@ -34,7 +34,10 @@ def read_state_dict(path: str | epath.Path) -> dict[str, np.ndarray]:
 
 
 def _tensor_to_numpy(t: Any) -> np.ndarray:
-  return t.detach().float().numpy() if hasattr(t, 'detach') else np.asarray(t)
+  """float32 for floating tensors; integer ones (BatchNorm's num_batches_tracked) as they are."""
+  if not hasattr(t, 'detach'):
+    return np.asarray(t)
+  return t.detach().numpy() if not t.is_floating_point() else t.detach().float().numpy()
 
 
 def _import_torch(path: epath.Path):
@@ -57,7 +60,8 @@ def write_torch_bin(state_dict: dict[str, np.ndarray], path: str | epath.Path) -
     import torch
   except ImportError:
     return False
-  tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state_dict.items()}
+  tensors = {k: torch.from_numpy(np.array(v, dtype=v.dtype if v.dtype.kind in 'iu' else np.float32))
+             for k, v in state_dict.items()}
   with epath.Path(path).open('wb') as f:
     torch.save(tensors, f)
   return True

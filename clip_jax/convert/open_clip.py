@@ -20,6 +20,7 @@ from clip_jax.models.config import (
   CLIPConfig,
   ConvNeXtConfig,
   DecoderConfig,
+  ResNetConfig,
   TextConfig,
   VisionConfig,
 )
@@ -35,16 +36,22 @@ class CheckpointMismatchError(ValueError):
 class Rule:
   torch_key: str   # '{i}' marks a per-layer key
   ours: str        # '/'-joined path in the params tree
-  layout: str = 'same'  # same | linear | linear2 | conv | conv1x1 | flat | batch1
+  layout: str = 'same'  # same | linear | linear2 | conv | conv1x1 | flat | batch1 | count
+  first: int = 0   # the torch index of our stacked layer 0 ('{i}' keys)
   # linear:  torch [out, in]        <-> ours [in, *out]   (e.g. qkv [D, 3, H, hd])
   # linear2: torch [out, in]        <-> ours [*in(2), out] (e.g. attn out [H, hd, D])
   # conv:    torch OIHW             <-> ours HWIO
   # conv1x1: torch [out, in, 1, 1]  <-> ours [in, out] (timm's conv_mlp ConvNeXt MLPs)
   # flat:    torch 1-D              <-> ours N-D (packed biases)
   # batch1:  torch [1, *shape]      <-> ours shape (timm pos_embed, latent)
+  # count:   torch int64 scalar     <-> ours int32 (BatchNorm's num_batches_tracked)
 
 
 def to_ours(layout: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if layout == 'count':
+    if w.shape != tuple(shape):
+      raise ValueError(f'shape {w.shape} is not {shape}')
+    return np.asarray(w, np.int64).astype(np.int32)
   if layout == 'conv1x1':
     if w.ndim != 4 or w.shape[2:] != (1, 1):
       raise ValueError(f'shape {w.shape} is not a 1x1 conv')
@@ -59,6 +66,8 @@ def to_ours(layout: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def to_torch(layout: str, a: np.ndarray) -> np.ndarray:
+  if layout == 'count':
+    return np.asarray(a, np.int64)
   if layout == 'linear':
     return np.ascontiguousarray(a.reshape(a.shape[0], -1).T)
   if layout == 'linear2':
@@ -188,6 +197,44 @@ def _convnext_vision_rules(v: ConvNeXtConfig) -> list[Rule]:
           + _linear('visual.head.mlp.fc2', 'visual/head_mlp/fc2', bias=v.proj_bias))
 
 
+def _bn(torch_prefix: str, ours: str, first: int = 0) -> list[Rule]:
+  """torch's BatchNorm2d: weight and bias (params), running statistics (ours: BatchStats)."""
+  names = (('weight', 'scale', 'same'), ('bias', 'bias', 'same'), ('running_mean', 'mean', 'same'),
+           ('running_var', 'var', 'same'), ('num_batches_tracked', 'count', 'count'))
+  return [Rule(f'{torch_prefix}.{t}', f'{ours}/{o}', layout, first) for t, o, layout in names]
+
+
+def _conv_bn(conv: str, bn: str, ours: str, first: int = 0) -> list[Rule]:
+  return [Rule(f'{conv}.weight', f'{ours}/conv/kernel', 'conv', first)] + _bn(bn, f'{ours}/bn',
+                                                                             first)
+
+
+def _bottleneck(t: str, o: str, first: int = 0, downsample: bool = False) -> list[Rule]:
+  rules = [r for k in (1, 2, 3) for r in _conv_bn(f'{t}.conv{k}', f'{t}.bn{k}', f'{o}/conv{k}',
+                                                  first)]
+  if downsample:
+    rules += _conv_bn(f'{t}.downsample.0', f'{t}.downsample.1', f'{o}/downsample', first)
+  return rules
+
+
+def _resnet_vision_rules(v: ResNetConfig) -> list[Rule]:
+  """OpenCLIP's ModifiedResNet (`visual.conv1`... `visual.layerS.N.*`, `visual.attnpool.*`).
+  Block 0 of a stage is our `first` (with its downsample branch); blocks 1... stack on our
+  `blocks` axis (torch index = ours + 1)."""
+  rules = [r for k in (1, 2, 3)
+           for r in _conv_bn(f'visual.conv{k}', f'visual.bn{k}', f'visual/stem/conv{k}')]
+  for stage, depth in enumerate(v.depths, start=1):
+    t, o = f'visual.layer{stage}', f'visual/layer{stage}'
+    rules += _bottleneck(f'{t}.0', f'{o}/first', downsample=True)
+    if depth > 1:
+      rules += _bottleneck(f'{t}.{{i}}', f'{o}/blocks', first=1)
+  a = 'visual.attnpool'
+  rules.append(Rule(f'{a}.positional_embedding', 'visual/attnpool/pos_embed'))
+  for x in 'qkv':
+    rules += _linear(f'{a}.{x}_proj', f'visual/attnpool/{x}')
+  return rules + _linear(f'{a}.c_proj', 'visual/attnpool/c_proj', 'linear2')
+
+
 def _text_rules(t: TextConfig, prefix: str) -> list[Rule]:
   rules = [Rule(f'{prefix}token_embedding.weight', 'text/token_embed'),
            Rule(f'{prefix}positional_embedding', 'text/pos_embed')]
@@ -218,6 +265,8 @@ def rules_for(cfg: CLIPConfig) -> list[Rule]:
   v = cfg.vision
   if isinstance(v, ConvNeXtConfig):
     vision = _convnext_vision_rules(v)
+  elif isinstance(v, ResNetConfig):
+    vision = _resnet_vision_rules(v)
   else:
     vision = _timm_vision_rules(v) if v.timm_model_name else _openclip_vision_rules(v)
   text = _text_rules(cfg.text, 'text.' if cfg.custom_text else '')
@@ -241,13 +290,15 @@ def _layers(cfg: CLIPConfig, rule: Rule) -> int:
     return cfg.text.layers
   if isinstance(v, ConvNeXtConfig):  # visual/stage{S}/blocks/...
     return v.depths[int(rule.ours.split('/')[1][len('stage'):])]
+  if isinstance(v, ResNetConfig):  # visual/layer{S}/blocks/...: all but the stage's first
+    return v.depths[int(rule.ours.split('/')[1][len('layer'):]) - 1] - 1
   return v.layers
 
 
 def _torch_keys(cfg: CLIPConfig, rule: Rule) -> list[str]:
   if '{i}' not in rule.torch_key:
     return [rule.torch_key]
-  return [rule.torch_key.format(i=i) for i in range(_layers(cfg, rule))]
+  return [rule.torch_key.format(i=i + rule.first) for i in range(_layers(cfg, rule))]
 
 
 def _flat(tree: Params) -> dict[str, Any]:
@@ -284,7 +335,7 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
     per_layer = shape[1:] if '{i}' in rule.torch_key else shape
     arrays = []
     for key in keys:
-      w = np.asarray(state_dict[key], dtype=np.float32)
+      w = np.asarray(state_dict[key], dtype=None if rule.layout == 'count' else np.float32)
       try:
         arrays.append(to_ours(rule.layout, w, per_layer))
       except ValueError:
@@ -320,6 +371,8 @@ def image_tower_family(state_dict: Mapping[str, Any]) -> str | None:
 def _family_of_config(cfg: CLIPConfig) -> str:
   if isinstance(cfg.vision, ConvNeXtConfig):
     return _FAMILY_PREFIXES[0][1]
+  if isinstance(cfg.vision, ResNetConfig):
+    return _FAMILY_PREFIXES[3][1]
   return _FAMILY_PREFIXES[1 if cfg.vision.timm_model_name else 2][1]
 
 
@@ -335,10 +388,11 @@ def open_clip_shapes(cfg: CLIPConfig, shapes: Params) -> dict[str, tuple[int, ..
 
 
 def params_to_open_clip(cfg: CLIPConfig, params: Params) -> dict[str, np.ndarray]:
-  """Our params tree -> an OpenCLIP state_dict of float32 numpy arrays."""
+  """Our params tree (with a BatchNorm model's running statistics) -> an OpenCLIP
+  state_dict of float32 numpy arrays (int64 for BatchNorm's `num_batches_tracked`)."""
   state_dict, flat_params = {}, _flat(params)
   for rule in rules_for(cfg):
-    a = np.asarray(flat_params[rule.ours], dtype=np.float32)
+    a = np.asarray(flat_params[rule.ours], dtype=None if rule.layout == 'count' else np.float32)
     for i, key in enumerate(_torch_keys(cfg, rule)):
       layer = a[i] if '{i}' in rule.torch_key else a
       state_dict[key] = to_torch(rule.layout, layer)

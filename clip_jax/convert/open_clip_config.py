@@ -13,6 +13,7 @@ from clip_jax.models.config import (
   CLIPConfig,
   ConvNeXtConfig,
   DecoderConfig,
+  ResNetConfig,
   TextConfig,
   VisionConfig,
 )
@@ -121,6 +122,17 @@ def _convnext_vision(v: ConvNeXtConfig) -> dict[str, Any]:
   return out
 
 
+def _resnet_vision(v: ResNetConfig) -> dict[str, Any]:
+  """OpenCLIP's ModifiedResNet: `layers` as a list, the attention pool's heads as
+  32 x width // head_width (default 64). `sync_bn` is a training option, not exported."""
+  head_width = v.features // v.heads
+  out: dict[str, Any] = dict(image_size=v.image_size, layers=list(v.depths), width=v.width,
+                             patch_size=None)
+  if head_width != 64:
+    out['head_width'] = head_width
+  return out
+
+
 def _text(t: TextConfig) -> dict[str, Any]:
   if t.pool == 'mean':
     raise UnsupportedForOpenCLIP("OpenCLIP's text tower has no 'mean' pooling (text.pool).")
@@ -153,6 +165,8 @@ def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
   v = cfg.vision
   if isinstance(v, ConvNeXtConfig):
     vision = _convnext_vision(v)
+  elif isinstance(v, ResNetConfig):
+    vision = _resnet_vision(v)
   else:
     vision = _timm_vision(cfg) if v.timm_model_name else _native_vision(v)
   text = _text(cfg.text)

@@ -10,17 +10,19 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clip_jax.models import generate as generation
-from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, VisionConfig
+from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, ResNetConfig, VisionConfig
 from clip_jax.models.convnext import ConvNeXt
 from clip_jax.models.decoder import TextDecoder
+from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer, kept_patch_indices
 
 MAX_LOGIT_SCALE = 4.605170185988092  # log(100): the clamp OpenCLIP and SigLIP apply
 
 # The image tower each vision config type builds: (config, embed_dim, **execution options).
-IMAGE_TOWERS: dict[type, type[VisionTransformer] | type[ConvNeXt]] = {
-    VisionConfig: VisionTransformer, ConvNeXtConfig: ConvNeXt}
+ImageTower = VisionTransformer | ConvNeXt | ModifiedResNet
+IMAGE_TOWERS: dict[type, type[ImageTower]] = {
+    VisionConfig: VisionTransformer, ConvNeXtConfig: ConvNeXt, ResNetConfig: ModifiedResNet}
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -38,7 +40,7 @@ class CLIP(nnx.Module):
     kw: dict[str, Any] = dict(scan=cfg.scan_layers, remat=cfg.remat, attention=cfg.attention,
                               dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                               rngs=rngs)
-    self.visual: VisionTransformer | ConvNeXt = IMAGE_TOWERS[type(cfg.vision)](
+    self.visual: ImageTower = IMAGE_TOWERS[type(cfg.vision)](
         cfg.vision, cfg.embed_dim, **kw)  # type: ignore[arg-type]
     self.text = TextTransformer(cfg.text, cfg.embed_dim, **kw)
     self.logit_scale = nnx.Param(jnp.asarray(cfg.init_logit_scale, jnp.float32), axes=())

@@ -126,9 +126,57 @@ class ConvNeXtConfig:
     return tuple(tuple(rates[s:s + d]) for s, d in zip(starts, self.depths))
 
 
-AnyVisionConfig = VisionConfig | ConvNeXtConfig
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+  """OpenAI CLIP's ModifiedResNet image tower (OpenCLIP `RN50`, `RN101`, `RN50x4`, ...: the
+  configs whose `vision_cfg.layers` is a list of 4 stage depths).
+
+  Stem: three 3x3 convs (the first with stride 2; widths `width/2`, `width/2`, `width`), each
+  followed by BatchNorm and ReLU, then a 2x2 average pool. Then 4 stages of `depths[i]`
+  bottleneck blocks with `width * 2**i` planes and 4x that many output channels. Stages 2-4
+  halve the grid with anti-aliasing instead of strided convs: a 2x2 average pool after the
+  block's 3x3 conv, and one before its downsample branch's 1x1 conv. Head: OpenCLIP's
+  AttentionPool2d over the final (image_size/32)^2 grid. The mean of the tokens is prepended,
+  a learned position embedding is added, and `heads`-head attention runs with the mean token
+  as the only query; an output projection maps it to embed_dim. No biases in the convs.
+
+  BatchNorm (eps 1e-5, momentum 0.1, as torch's) keeps running statistics beside the params
+  (`clip_jax/models/batch_norm.py`). `sync_bn` is a training option: True normalises a
+  training batch by the statistics of the global batch (synchronised over the mesh's batch
+  axes, OpenCLIP's `--use-bn-sync`); False by each device's rows (OpenCLIP's default, plain
+  BatchNorm2d per GPU). Evaluation always uses the running statistics.
+  """
+  kind: ClassVar[str] = 'resnet'
+
+  image_size: int = 224
+  depths: tuple[int, ...] = (3, 4, 6, 3)
+  width: int = 64
+  heads: int = 32
+  sync_bn: bool = True
+  # Execution option: blocks per iteration of each stage's scanned loop (the blocks after
+  # the first, which differs: it changes the width, and the grid in stages 2-4).
+  scan_unroll: int = 1
+
+  # ViT-only notions, constant here so that code reading them works for any tower.
+  patch_dropout: ClassVar[float] = 0.0
+  attn_pool_queries: ClassVar[int] = 0
+  timm_model_name: ClassVar[str | None] = None
+
+  @property
+  def grid(self) -> int:
+    """Side of the final feature map that the attention pool reads."""
+    return self.image_size // 32
+
+  @property
+  def features(self) -> int:
+    """Channels of the final feature map (the attention pool's width): 32 x width."""
+    return self.width * 32
+
+
+AnyVisionConfig = VisionConfig | ConvNeXtConfig | ResNetConfig
 # config.json's `vision.kind` -> the config type (absent: a ViT, as before the field).
-VISION_CONFIGS: dict[str, type] = {'vit': VisionConfig, 'convnext': ConvNeXtConfig}
+VISION_CONFIGS: dict[str, type] = {'vit': VisionConfig, 'convnext': ConvNeXtConfig,
+                                   'resnet': ResNetConfig}
 
 
 def is_vit(v: Any) -> bool:
@@ -139,7 +187,7 @@ def require_vit(v: Any, what: str) -> VisionConfig:
   """`v` if it is a ViT tower, else a one-line ValueError saying `what` needs ViT tokens."""
   if not isinstance(v, VisionConfig):
     raise ValueError(f'{what} needs a ViT image tower (patch tokens); this model\'s image tower '
-                     f'is {v.kind} ({v.timm_model_name or "custom"}).')
+                     f'is {v.kind} ({_tower_name(v)}).')
   return v
 
 
@@ -228,7 +276,7 @@ class PreprocessConfig:
 class CLIPConfig:
   """A complete two-tower model description."""
   embed_dim: int = 512
-  vision: VisionConfig | ConvNeXtConfig = VisionConfig()
+  vision: VisionConfig | ConvNeXtConfig | ResNetConfig = VisionConfig()
   text: TextConfig = TextConfig()
   init_logit_scale: float = 2.6592600369644043  # log(1 / 0.07)
   init_logit_bias: float | None = None
@@ -280,7 +328,25 @@ class CLIPConfig:
     v = self.vision
     if isinstance(v, ConvNeXtConfig):
       return self._validate_with(self._convnext_checks(v))
+    if isinstance(v, ResNetConfig):
+      return self._validate_with(self._resnet_checks(v))
     return self._validate_with(self._vit_checks(v))
+
+  def _resnet_checks(self, v: ResNetConfig) -> list[tuple[bool, str]]:
+    return self._text_checks() + [
+        (len(v.depths) == 4, 'vision.depths must have 4 stages'),
+        (all(d >= 1 for d in v.depths), 'vision.depths must be >= 1 per stage'),
+        (v.image_size >= 32 and v.image_size % 32 == 0,
+         'vision.image_size must be a multiple of 32 (the attention pool\'s grid is '
+         'image_size / 32)'),
+        (v.width >= 2 and v.width % 2 == 0, 'vision.width must be even (the stem starts at '
+                                            'width / 2)'),
+        (v.heads >= 1 and v.features % v.heads == 0,
+         'vision.heads must divide the attention pool\'s width (32 x vision.width)'),
+        (v.scan_unroll >= 1, 'vision.scan_unroll must be >= 1'),
+        (self.decoder is None, 'a caption decoder (CoCa, LocCa) needs a ViT image tower\'s '
+                               'tokens; this model\'s image tower is a ModifiedResNet'),
+    ]
 
   def _convnext_checks(self, v: ConvNeXtConfig) -> list[tuple[bool, str]]:
     n = len(v.depths)
@@ -388,6 +454,10 @@ def _build(klass, fields: dict[str, Any]):
                   for k, v in fields.items()})
 
 
+def _tower_name(v: Any) -> str:
+  return v.timm_model_name or ('ModifiedResNet' if v.kind == 'resnet' else 'custom')
+
+
 def _check_tower_keys(v: Any, fields: dict[str, Any]) -> None:
   """ViT-only keys given for another tower fail in one line naming the key."""
   own = {f.name for f in dataclasses.fields(v)}
@@ -396,7 +466,7 @@ def _check_tower_keys(v: Any, fields: dict[str, Any]) -> None:
     if key in vit:
       needs = (' (patch dropout drops ViT patch tokens)' if key == 'patch_dropout' else '')
       raise KeyError(f'vision.{key} is a ViT option{needs}; this model\'s image tower is '
-                     f'{v.kind} ({v.timm_model_name or "custom"}), whose keys are '
+                     f'{v.kind} ({_tower_name(v)}), whose keys are '
                      f'{sorted(own)}.')
 
 

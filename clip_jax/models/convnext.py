@@ -25,7 +25,15 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from clip_jax.models.config import ConvNeXtConfig
-from clip_jax.models.layers import MLP, Dense, LayerNorm, activation, param, run_layers
+from clip_jax.models.layers import (
+  MLP,
+  Dense,
+  Initializer,
+  LayerNorm,
+  activation,
+  param,
+  run_layers,
+)
 
 # timm's init for convolutions and linear layers (biases start at zero).
 _INIT = jax.nn.initializers.truncated_normal(0.02)
@@ -35,10 +43,12 @@ class Conv(nnx.Module):
   """A 2-D convolution over NHWC inputs, kernel HWIO; `groups == channels`: depthwise."""
 
   def __init__(self, in_ch: int, out_ch: int, size: int, *, stride: int = 1, padding: int = 0,
-               groups: int = 1, dtype, param_dtype, rngs: nnx.Rngs):
-    self.kernel = param(rngs, _INIT, (size, size, in_ch // groups, out_ch),
+               groups: int = 1, use_bias: bool = True, kernel_init: Initializer = _INIT, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    self.kernel = param(rngs, kernel_init, (size, size, in_ch // groups, out_ch),
                         (None, None, None, 'embed'), param_dtype)
-    self.bias = param(rngs, jax.nn.initializers.zeros, (out_ch,), ('embed',), param_dtype)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, (out_ch,), ('embed',), param_dtype)
+                 if use_bias else None)
     self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -52,7 +62,7 @@ class Conv(nnx.Module):
       y = jax.lax.conv_general_dilated(
           x, kernel, (self.stride,) * 2, pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
           feature_group_count=self.groups)
-    return y + self.bias[...].astype(self.dtype)
+    return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 def patchify_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:

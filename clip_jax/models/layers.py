@@ -594,18 +594,41 @@ def run_layers(stacked: nnx.Module, x: jax.Array, apply: Callable[..., jax.Array
   """`apply(layer, x)` for each layer of `stacked` (modules stacked on a leading axis), by
   `lax.scan` (`unroll` layers per iteration; all of them without `scan`), each layer
   rematerialised by the `remat` policy and its input and output pinned to the batch axes.
-  With `xs` (arrays with a leading layer axis), `apply(layer, x, xs_of_the_layer)`."""
+  With `xs` (arrays with a leading layer axis), `apply(layer, x, xs_of_the_layer)`.
+  What the layers change of their `nnx.BatchStat`s (BatchNorm's running statistics in
+  training) is written back into `stacked`; models without BatchNorm have none."""
   graphdef, state = nnx.split(stacked)
 
   def layer(x, inputs):
     layer_state, extra = inputs
     block = nnx.merge(graphdef, layer_state)
     x = apply(block, constrain_batch(x)) if xs is None else apply(block, constrain_batch(x), extra)
-    return constrain_batch(x), None
+    return constrain_batch(x), nnx.state(block, nnx.BatchStat)
 
   if remat != 'none':
     layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
-  x, _ = jax.lax.scan(layer, x, (state, xs), unroll=unroll if scan else layers)
+  x, stats = jax.lax.scan(layer, x, (state, xs), unroll=unroll if scan else layers)
+  if jax.tree.leaves(stats):
+    nnx.update(stacked, stats)
+  return x
+
+
+def run_block(module: nnx.Module, x: jax.Array, apply: Callable[..., jax.Array], *,
+              remat: str) -> jax.Array:
+  """`apply(module, x)` for one unstacked layer, as `run_layers` runs each stacked one:
+  rematerialised by the `remat` policy, input and output pinned to the batch axes, its
+  `nnx.BatchStat` changes written back."""
+  graphdef, state = nnx.split(module)
+
+  def layer(x, state):
+    block = nnx.merge(graphdef, state)
+    return constrain_batch(apply(block, constrain_batch(x))), nnx.state(block, nnx.BatchStat)
+
+  if remat != 'none':
+    layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[remat])
+  x, stats = layer(x, state)
+  if jax.tree.leaves(stats):
+    nnx.update(module, stats)
   return x
 
 

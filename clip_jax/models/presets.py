@@ -17,6 +17,7 @@ from clip_jax.models.config import (
   ConvNeXtConfig,
   DecoderConfig,
   PreprocessConfig,
+  ResNetConfig,
   TextConfig,
   VisionConfig,
 )
@@ -258,6 +259,36 @@ def _tiny_convnext() -> CLIPConfig:
       text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256))
 
 
+# OpenCLIP name: (embed_dim, image size, stage depths, stem width, text width, text heads)
+_OPENCLIP_RESNETS: dict[str, tuple[int, int, tuple[int, ...], int, int, int]] = {
+    'RN50': (1024, 224, (3, 4, 6, 3), 64, 512, 8),
+    'RN101': (512, 224, (3, 4, 23, 3), 64, 512, 8),
+    'RN50x4': (640, 288, (4, 6, 10, 6), 80, 640, 10),
+    'RN50x16': (768, 384, (6, 8, 18, 8), 96, 768, 12),
+    'RN50x64': (1024, 448, (3, 15, 36, 10), 128, 1024, 16),
+}
+
+
+def _openclip_resnet(embed_dim: int, image_size: int, depths: tuple[int, ...], width: int,
+                     text_width: int, text_heads: int, quick_gelu: bool = False) -> CLIPConfig:
+  """OpenCLIP's `RN*` JSON configs: ModifiedResNet (attention-pool heads: 32 x width / 64,
+  OpenCLIP's head_width 64) and the 12-layer causal CLIP text tower; OpenAI preprocessing.
+  `quick_gelu` (the `-quickgelu` names) changes the text tower only: the ResNet uses ReLU."""
+  vision = ResNetConfig(image_size=image_size, depths=depths, width=width, heads=width // 2)
+  text = TextConfig(width=text_width, heads=text_heads, layers=12, mlp_dim=text_width * 4,
+                    act='quick_gelu' if quick_gelu else 'gelu')
+  return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text)
+
+
+def _tiny_resnet() -> CLIPConfig:
+  """A ModifiedResNet of one block per stage, stem width 16 (attention pool 512 wide, 8
+  heads) at 32 px (final grid 1x1), with `tiny-demo`'s text tower: the CPU demo's ResNet and
+  the parity tests' small one; exports to OpenCLIP."""
+  return CLIPConfig(
+      embed_dim=64, vision=ResNetConfig(image_size=32, depths=(1, 1, 1, 1), width=16, heads=8),
+      text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256))
+
+
 def _build_presets() -> dict[str, CLIPConfig]:
   presets = {name: _openclip_vit(*args) for name, args in _OPENCLIP_VITS.items()}
   for name in _QUICKGELU:
@@ -276,6 +307,10 @@ def _build_presets() -> dict[str, CLIPConfig]:
   presets['tiny-coca'] = _tiny_coca()
   presets.update({name: _openclip_convnext(*args) for name, args in _OPENCLIP_CONVNEXTS.items()})
   presets['tiny-convnext'] = _tiny_convnext()
+  for name, args in _OPENCLIP_RESNETS.items():
+    presets[name] = _openclip_resnet(*args)
+    presets[f'{name}-quickgelu'] = _openclip_resnet(*args, quick_gelu=True)
+  presets['tiny-resnet'] = _tiny_resnet()
   return presets
 
 
@@ -288,7 +323,6 @@ def list_models() -> list[str]:
 
 # OpenCLIP 3.3 model names of families clip_jax does not build yet: (pattern, family).
 UNBUILT_FAMILIES = (
-    (r'^RN\d', 'ModifiedResNet (OpenAI CLIP ResNet)'),
     (r'^EVA0[12]-', 'EVA (timm eva*)'),
     (r'^PE-Core-', 'PE-Core (Perception Encoder)'),
     (r'^MobileCLIP', 'MobileCLIP'),
