@@ -20,6 +20,7 @@ from clip_jax.data.pipeline import data_defaults
 from clip_jax.models.config import (
   ConvNeXtConfig,
   DecoderConfig,
+  EvaConfig,
   ResNetConfig,
   TextConfig,
   VisionConfig,
@@ -58,9 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'tiny'              # a preset, see clip_jax.list_models()
   # Preset overrides (None keeps the preset's value), e.g. --config.model.vision.layers=6.
-  # ViT, ConvNeXt or ModifiedResNet keys; e.g. --config.model.vision.sync_bn=False: BatchNorm
-  # statistics per device (OpenCLIP's default) instead of over the global batch.
-  c.model.vision = _overrides(VisionConfig, ConvNeXtConfig, ResNetConfig)
+  # ViT, ConvNeXt, ModifiedResNet or timm Eva (EVA, PE-Core) keys; e.g.
+  # --config.model.vision.sync_bn=False: BatchNorm statistics per device (OpenCLIP's
+  # default) instead of over the global batch.
+  c.model.vision = _overrides(VisionConfig, ConvNeXtConfig, ResNetConfig, EvaConfig)
   c.model.text = _overrides(TextConfig)
   c.model.decoder = _overrides(DecoderConfig)  # CoCa presets' caption decoder
   # None keeps the preset's; a sigmoid loss on a CLIP preset needs a bias: OpenCLIP's

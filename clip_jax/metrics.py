@@ -1,9 +1,9 @@
 """Training logs: TensorBoard (clu), `WORKDIR/metrics.jsonl`, a console line, and MFU.
 
 Only process 0 writes files. FLOPs are counted analytically per tower
-(L * (8Nd^2 + 4Nd*mlp + 4N^2 d), plus the patch embedding; a ConvNeXt's convolutions and
-MLPs: `convnext_flops`; a ModifiedResNet's convolutions and attention pool: `resnet_flops`),
-plus a caption decoder's
+(L * (8Nd^2 + 4Nd*mlp + 4N^2 d), plus the patch embedding; a gated (SwiGLU) MLP's third
+matmul adds 2Nd*mlp; a ConvNeXt's convolutions and MLPs: `convnext_flops`; a
+ModifiedResNet's convolutions and attention pool: `resnet_flops`), plus a caption decoder's
 (`decoder_flops`) and CoCa's attentional pooler, x3 for training.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, ResNetConfig
+from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, EvaConfig, ResNetConfig
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate. TPUs by their exact
 # `device_kind` ('TPU v5' is v5p, 'TPU v5 lite' is v5e: a substring rule would mix them up).
@@ -34,8 +34,13 @@ GPU_MODEL_PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}
 _NVIDIA_KIND = re.compile(r'NVIDIA ([A-Za-z0-9]+)(?:[ -].*)?')
 
 
-def tower_flops(layers: int, tokens: int, width: int, mlp: int) -> float:
-  per_layer = 8 * tokens * width**2 + 4 * tokens * width * mlp + 4 * tokens**2 * width
+def tower_flops(layers: int, tokens: int, width: int, mlp: int, gated: bool = False) -> float:
+  """Forward FLOPs of `layers` transformer blocks over `tokens`: q, k, v and output
+  projections, the MLP's matmuls (3 when `gated`: SwiGLU's gate), attention scores and values.
+  Norms, activations and rotary embeddings are not counted."""
+  mlp_matmuls = 3 if gated else 2
+  per_layer = (8 * tokens * width**2 + 2 * mlp_matmuls * tokens * width * mlp
+               + 4 * tokens**2 * width)
   return float(layers * per_layer)
 
 
@@ -134,7 +139,8 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
     return 3 * (resnet_flops(v, cfg.embed_dim) + text)
   patches = v.grid ** 2
   tokens = v.kept_patches + int(v.class_token)
-  image = (tower_flops(v.layers, tokens, v.width, v.mlp_dim)
+  gated = isinstance(v, EvaConfig) and v.gated_mlp  # EVA-02's SwiGLU
+  image = (tower_flops(v.layers, tokens, v.width, v.mlp_dim, gated)
            + 2 * patches * 3 * v.patch_size**2 * v.width)
   if v.attn_pool_queries:
     image += attn_pool_flops(v.attn_pool_queries, tokens, v.width, cfg.embed_dim)

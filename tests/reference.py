@@ -6,9 +6,12 @@ Imports torch: pure-JAX tests use `tests.jax_reference` (re-exported here) inste
 from __future__ import annotations
 
 import copy
+import functools
+from unittest import mock
 
 import numpy as np
 import open_clip
+import open_clip.timm_model
 import torch
 
 from clip_jax.convert.open_clip_config import model_cfg
@@ -17,15 +20,19 @@ from clip_jax.models.presets import get_config
 
 def open_clip_model(name: str, vision_layers: int | None = None, text_layers: int | None = None,
                     text_overrides: dict | None = None, seed: int = 0,
-                    vision_depths: tuple[int, ...] | None = None) -> torch.nn.Module:
+                    vision_depths: tuple[int, ...] | None = None, config: dict | None = None,
+                    trunk: dict | None = None) -> torch.nn.Module:
   """OpenCLIP's own model for preset `name`, optionally shallower, with every weight perturbed.
 
-  Presets OpenCLIP lacks (the tiny ones) are built from the model_cfg clip_jax exports.
+  Presets OpenCLIP lacks (the tiny ones) are built from the model_cfg clip_jax exports, or
+  from `config` (an OpenCLIP model_cfg) when given. `trunk`: keyword arguments OpenCLIP's
+  TimmModel passes on to `timm.create_model` for its `timm_model_name` (shapes timm names no
+  model for: timm's own class and model function, these arguments overriding the name's).
 
   Random noise on all parameters (LayerNorm scales and biases included) makes any
   mis-mapped or transposed weight show up in the features.
   """
-  cfg = copy.deepcopy(open_clip.get_model_config(name))
+  cfg = copy.deepcopy(config or open_clip.get_model_config(name))
   if cfg is None:  # a clip_jax-only preset (tiny): OpenCLIP builds it from our exported config
     cfg = model_cfg(get_config(name))
   timm = 'timm_model_name' in cfg['vision_cfg']
@@ -42,16 +49,10 @@ def open_clip_model(name: str, vision_layers: int | None = None, text_layers: in
   cfg['text_cfg'].update(text_overrides or {})
   custom_text = cfg.pop('custom_text', False)
   torch.manual_seed(seed)
-  if coca:
-    model = open_clip.CoCa(**cfg)
-    # OpenCLIP never initialises the decoder's projection (torch.empty: whatever memory
-    # held), so two builds differ: draw it from the seed, as its TextTransformer would.
-    proj = model.text_decoder.text_projection
-    with torch.no_grad():
-      proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(seed))
-                 * proj.shape[0] ** -0.5)
-  else:
-    model = (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
+  create = open_clip.timm_model.timm.create_model
+  with mock.patch.object(open_clip.timm_model.timm, 'create_model',
+                         functools.partial(create, **(trunk or {}))):
+    model = _build(cfg, coca, custom_text, seed)
   if timm and vision_layers:  # timm builds by name only: drop the extra blocks afterwards
     model.visual.trunk.blocks = model.visual.trunk.blocks[:vision_layers]
   if vision_depths and timm:  # a ConvNeXt trunk: keep the first blocks of each stage
@@ -59,6 +60,19 @@ def open_clip_model(name: str, vision_layers: int | None = None, text_layers: in
       stage.blocks = stage.blocks[:depth]
   perturb(model, seed)
   return model.eval()
+
+
+def _build(cfg: dict, coca: bool, custom_text: bool, seed: int) -> torch.nn.Module:
+  if not coca:
+    return (open_clip.CustomTextCLIP if custom_text else open_clip.CLIP)(**cfg)
+  model = open_clip.CoCa(**cfg)
+  # OpenCLIP never initialises the decoder's projection (torch.empty: whatever memory
+  # held), so two builds differ: draw it from the seed, as its TextTransformer would.
+  proj = model.text_decoder.text_projection
+  with torch.no_grad():
+    proj.copy_(torch.randn(proj.shape, generator=torch.Generator().manual_seed(seed))
+               * proj.shape[0] ** -0.5)
+  return model
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:

@@ -37,6 +37,40 @@ def _act_name(module):
   return 'gelu'
 
 
+def _assert_eva_trunk(trunk, v, embed_dim):
+  """A timm Eva trunk (PE-Core, EVA-01/02) against its EvaConfig, option by option."""
+  block = trunk.blocks[0]
+  assert trunk.norm.eps == block.norm1.eps == v.norm_eps
+  assert len(trunk.blocks) == v.layers and block.attn.num_heads == v.heads
+  assert trunk.num_prefix_tokens == int(v.class_token)
+  assert isinstance(trunk.norm_pre, torch.nn.Identity) != v.ln_pre
+  assert (trunk.patch_embed.proj.bias is not None) == v.patch_bias
+  assert type(block).__name__ == ('EvaBlockPostNorm' if v.post_norm else 'EvaBlock')
+  assert isinstance(block.attn.norm, torch.nn.Identity) != v.attn_norm
+  mlp = block.mlp
+  assert (type(mlp).__name__ == 'SwiGLU') == v.gated_mlp
+  act = mlp.act
+  assert (type(act).__name__ == 'SiLU') if v.act == 'silu' else _act_name(act) == v.act
+  assert isinstance(mlp.norm, torch.nn.Identity) != v.mlp_norm
+  rope = trunk.rope
+  assert (rope is not None) == v.rope
+  if v.rope:  # timm's RotaryEmbeddingCat: index grid, interleaved pairs
+    assert type(rope).__name__ == 'RotaryEmbeddingCat' and not rope.in_pixels
+    assert rope.grid_offset == v.rope_offset and rope.temperature == v.rope_temperature
+    assert rope.grid_indexing == ('xy' if v.rope_xy else 'ij') and not rope.rotate_half
+    ref = rope.ref_feat_shape
+    assert (None if ref is None else tuple(ref)) == (
+        None if v.rope_ref_grid is None else (v.rope_ref_grid,) * 2)
+  pool = trunk.attn_pool
+  assert (pool is not None) == (v.pool == 'map')
+  if pool is not None:
+    assert pool.num_heads == v.map_heads and pool.mlp.fc1.out_features == v.map_mlp_dim
+    assert _act_name(pool.mlp.act) == 'gelu' and pool.norm.eps == v.norm_eps
+  assert trunk.global_pool == ('map' if v.pool == 'map' else 'token')
+  assert isinstance(trunk.fc_norm, torch.nn.Identity)
+  assert trunk.head.out_features == embed_dim and (trunk.head.bias is not None) == v.proj_bias
+
+
 def test_presets_cover_open_clip_names():
   assert len(OPEN_CLIP_PRESETS) >= 50
   assert set(OPEN_CLIP_PRESETS) <= set(open_clip.list_models())
@@ -86,6 +120,8 @@ def test_preset_matches_open_clip_architecture(name):
     assert visual.image_size == cfg.vision.image_size
     assert {m.eps for m in visual.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
     assert {m.momentum for m in visual.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+  elif cfg.vision.kind == 'eva':
+    _assert_eva_trunk(torch_model.visual.trunk, cfg.vision, cfg.embed_dim)
   elif cfg.vision.timm_model_name:
     trunk = torch_model.visual.trunk
     assert _act_name(trunk.blocks[0].mlp.act) == cfg.vision.act

@@ -20,6 +20,7 @@ from clip_jax.models.config import (
   CLIPConfig,
   ConvNeXtConfig,
   DecoderConfig,
+  EvaConfig,
   ResNetConfig,
   TextConfig,
   VisionConfig,
@@ -37,6 +38,7 @@ class Rule:
   torch_key: str   # '{i}' marks a per-layer key
   ours: str        # '/'-joined path in the params tree
   layout: str = 'same'  # same | linear | linear2 | conv | conv1x1 | flat | batch1 | count
+  #                       | token
   first: int = 0   # the torch index of our stacked layer 0 ('{i}' keys)
   # linear:  torch [out, in]        <-> ours [in, *out]   (e.g. qkv [D, 3, H, hd])
   # linear2: torch [out, in]        <-> ours [*in(2), out] (e.g. attn out [H, hd, D])
@@ -45,6 +47,10 @@ class Rule:
   # flat:    torch 1-D              <-> ours N-D (packed biases)
   # batch1:  torch [1, *shape]      <-> ours shape (timm pos_embed, latent)
   # count:   torch int64 scalar     <-> ours int32 (BatchNorm's num_batches_tracked)
+  # token:   torch [1, 1, d]        <-> ours [d] (timm cls_token)
+  # `part` (axis, index): the key is one slice of a packed parameter of ours, at `index`
+  # along its (per-layer) `axis`: timm's separate q_proj/k_proj/v_proj, q_bias/v_bias.
+  part: tuple[int, int] | None = None
 
 
 def to_ours(layout: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -80,6 +86,8 @@ def to_torch(layout: str, a: np.ndarray) -> np.ndarray:
     return a.reshape(-1)
   if layout == 'batch1':
     return a[None]
+  if layout == 'token':
+    return a[None, None]
   return a
 
 
@@ -97,6 +105,8 @@ def torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (math.prod(shape),)
   if layout == 'batch1':
     return (1, *shape)
+  if layout == 'token':
+    return (1, 1, *shape)
   return tuple(shape)
 
 
@@ -160,13 +170,15 @@ def _timm_vision_rules(v: VisionConfig) -> list[Rule]:
            Rule(f'{t}.pos_embed', 'visual/pos_embed', 'batch1')]
           + _timm_block(f'{t}.blocks.{{i}}', 'visual/transformer/blocks')
           + _ln(f'{t}.norm', 'visual/ln_post')
-          + [Rule(f'{t}.attn_pool.latent', 'visual/map_head/latent', 'batch1')]
-          + _linear(f'{t}.attn_pool.q', 'visual/map_head/q')
-          + _linear(f'{t}.attn_pool.kv', 'visual/map_head/kv')
-          + _linear(f'{t}.attn_pool.proj', 'visual/map_head/out', 'linear2')
-          + _ln(f'{t}.attn_pool.norm', 'visual/map_head/norm')
-          + _linear(f'{t}.attn_pool.mlp.fc1', 'visual/map_head/mlp/fc1')
-          + _linear(f'{t}.attn_pool.mlp.fc2', 'visual/map_head/mlp/fc2'))
+          + _map_head_rules(f'{t}.attn_pool', 'visual/map_head'))
+
+
+def _map_head_rules(t: str, o: str) -> list[Rule]:
+  """timm's `AttentionPoolLatent` (SigLIP's, PE-Core's)."""
+  return ([Rule(f'{t}.latent', f'{o}/latent', 'batch1')]
+          + _linear(f'{t}.q', f'{o}/q') + _linear(f'{t}.kv', f'{o}/kv')
+          + _linear(f'{t}.proj', f'{o}/out', 'linear2') + _ln(f'{t}.norm', f'{o}/norm')
+          + _linear(f'{t}.mlp.fc1', f'{o}/mlp/fc1') + _linear(f'{t}.mlp.fc2', f'{o}/mlp/fc2'))
 
 
 def _convnext_vision_rules(v: ConvNeXtConfig) -> list[Rule]:
@@ -235,6 +247,51 @@ def _resnet_vision_rules(v: ResNetConfig) -> list[Rule]:
   return rules + _linear(f'{a}.c_proj', 'visual/attnpool/c_proj', 'linear2')
 
 
+def _eva_vision_rules(v: EvaConfig) -> list[Rule]:
+  """timm's Eva trunk (`visual.trunk.*`, its classifier `head` as our projection). q, k, v:
+  fused `attn.qkv` (with a bias, PE-Core; or `q_bias`/`v_bias`, EVA-01, EVA-02 E) or
+  separate `q_proj`/`k_proj`/`v_proj` (`qkv_fused=False`, EVA-02 B/L), all packed in ours."""
+  t, b, o = 'visual.trunk', 'visual.trunk.blocks.{i}', 'visual/transformer/blocks'
+  rules = [Rule(f'{t}.patch_embed.proj.weight', 'visual/patch_embed/kernel', 'conv')]
+  if v.patch_bias:
+    rules.append(Rule(f'{t}.patch_embed.proj.bias', 'visual/patch_embed/bias'))
+  if v.class_token:
+    rules.append(Rule(f'{t}.cls_token', 'visual/cls_token', 'token'))
+  rules.append(Rule(f'{t}.pos_embed', 'visual/pos_embed', 'batch1'))
+  if v.ln_pre:
+    rules += _ln(f'{t}.norm_pre', 'visual/ln_pre')
+  rules += _ln(f'{b}.norm1', f'{o}/ln_1') + _ln(f'{b}.norm2', f'{o}/ln_2')
+  if v.qkv_fused:
+    rules.append(Rule(f'{b}.attn.qkv.weight', f'{o}/attn/qkv/kernel', 'linear'))
+  else:
+    rules += [Rule(f'{b}.attn.{x}_proj.weight', f'{o}/attn/qkv/kernel', 'linear', part=(1, i))
+              for i, x in enumerate('qkv')]
+  if v.qkv_bias == 'qkv':
+    rules.append(Rule(f'{b}.attn.qkv.bias', f'{o}/attn/qkv/bias', 'flat'))
+  else:
+    q, v_ = ('q_proj.bias', 'v_proj.bias') if not v.qkv_fused else ('q_bias', 'v_bias')
+    rules += [Rule(f'{b}.attn.{q}', f'{o}/attn/qv_bias', 'flat', part=(0, 0)),
+              Rule(f'{b}.attn.{v_}', f'{o}/attn/qv_bias', 'flat', part=(0, 1))]
+  if v.attn_norm:
+    rules += [Rule(f'{b}.attn.norm.weight', f'{o}/attn/norm/scale', 'flat'),
+              Rule(f'{b}.attn.norm.bias', f'{o}/attn/norm/bias', 'flat')]
+  rules += _linear(f'{b}.attn.proj', f'{o}/attn/out', 'linear2')
+  if v.gated_mlp:
+    rules += _linear(f'{b}.mlp.fc1_g', f'{o}/mlp/gate') + _linear(f'{b}.mlp.fc1_x', f'{o}/mlp/fc1')
+  else:
+    rules += _linear(f'{b}.mlp.fc1', f'{o}/mlp/fc1')
+  if v.mlp_norm:
+    rules += _ln(f'{b}.mlp.norm', f'{o}/mlp/norm')
+  rules += _linear(f'{b}.mlp.fc2', f'{o}/mlp/fc2')
+  if v.ls_init is not None:
+    rules += [Rule(f'{b}.gamma_1', f'{o}/ls_1/gamma'), Rule(f'{b}.gamma_2', f'{o}/ls_2/gamma')]
+  rules += _ln(f'{t}.norm', 'visual/ln_post')
+  if v.pool == 'map':
+    rules += _map_head_rules(f'{t}.attn_pool', 'visual/map_head')
+  return (rules + [Rule(f'{t}.head.weight', 'visual/proj', 'linear')]
+          + ([Rule(f'{t}.head.bias', 'visual/proj_bias')] if v.proj_bias else []))
+
+
 def _text_rules(t: TextConfig, prefix: str) -> list[Rule]:
   rules = [Rule(f'{prefix}token_embedding.weight', 'text/token_embed'),
            Rule(f'{prefix}positional_embedding', 'text/pos_embed')]
@@ -267,6 +324,8 @@ def rules_for(cfg: CLIPConfig) -> list[Rule]:
     vision = _convnext_vision_rules(v)
   elif isinstance(v, ResNetConfig):
     vision = _resnet_vision_rules(v)
+  elif isinstance(v, EvaConfig):
+    vision = _eva_vision_rules(v)
   else:
     vision = _timm_vision_rules(v) if v.timm_model_name else _openclip_vision_rules(v)
   text = _text_rules(cfg.text, 'text.' if cfg.custom_text else '')
@@ -326,13 +385,13 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
   problems = [f'missing key {k!r}' for k in sorted(expected - set(state_dict))]
   problems += [f'unexpected key {k!r}' for k in sorted(set(state_dict) - expected)]
   params: dict[str, np.ndarray] = {}
+  parts: dict[tuple[str, int], dict[int, np.ndarray]] = {}  # (ours, packed axis): slices
   flat_shapes = _flat(shapes)
   for rule in rules:
     keys = _torch_keys(cfg, rule)
     if any(k not in state_dict for k in keys):
       continue
-    shape = tuple(flat_shapes[rule.ours])
-    per_layer = shape[1:] if '{i}' in rule.torch_key else shape
+    per_layer = _rule_shape(rule, tuple(flat_shapes[rule.ours]))
     arrays = []
     for key in keys:
       w = np.asarray(state_dict[key], dtype=None if rule.layout == 'count' else np.float32)
@@ -342,7 +401,15 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
         problems.append(f'key {key!r} has shape {tuple(w.shape)}, model expects '
                         f'{torch_shape(rule.layout, per_layer)} (clip_jax {rule.ours} {per_layer})')
     if len(arrays) == len(keys):
-      params[rule.ours] = np.stack(arrays) if '{i}' in rule.torch_key else arrays[0]
+      array = np.stack(arrays) if '{i}' in rule.torch_key else arrays[0]
+      if rule.part is None:
+        params[rule.ours] = array
+      else:
+        axis = rule.part[0] + int('{i}' in rule.torch_key)
+        parts.setdefault((rule.ours, axis), {})[rule.part[1]] = array
+  for (ours, axis), slices in parts.items():  # (a missing slice is a problem reported above)
+    if len(slices) == flat_shapes[ours][axis]:
+      params[ours] = np.stack([slices[i] for i in range(len(slices))], axis=axis)
   if problems:
     found, wanted = image_tower_family(state_dict), _family_of_config(cfg)
     hint = (f'; the checkpoint\'s image tower is {found}, the model\'s {wanted}'
@@ -355,6 +422,7 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
 
 # The first key prefix of a state_dict that tells its image tower's family.
 _FAMILY_PREFIXES = (('visual.trunk.stages.', 'a ConvNeXt (timm convnext_*)'),
+                    ('visual.trunk.head.', 'a timm Eva (EVA-01/02, PE-Core)'),
                     ('visual.trunk.blocks.', 'a timm ViT (SigLIP)'),
                     ('visual.transformer.resblocks.', 'an OpenCLIP ViT'),
                     ('visual.layer1.', 'a ModifiedResNet (RN50...)'))
@@ -369,19 +437,34 @@ def image_tower_family(state_dict: Mapping[str, Any]) -> str | None:
 
 
 def _family_of_config(cfg: CLIPConfig) -> str:
+  """The family (as `image_tower_family` words it) of the image tower `cfg` builds."""
   if isinstance(cfg.vision, ConvNeXtConfig):
-    return _FAMILY_PREFIXES[0][1]
-  if isinstance(cfg.vision, ResNetConfig):
-    return _FAMILY_PREFIXES[3][1]
-  return _FAMILY_PREFIXES[1 if cfg.vision.timm_model_name else 2][1]
+    prefix = 'visual.trunk.stages.'
+  elif isinstance(cfg.vision, ResNetConfig):
+    prefix = 'visual.layer1.'
+  elif isinstance(cfg.vision, EvaConfig):
+    prefix = 'visual.trunk.head.'
+  elif cfg.vision.timm_model_name:
+    prefix = 'visual.trunk.blocks.'
+  else:
+    prefix = 'visual.transformer.resblocks.'
+  return dict(_FAMILY_PREFIXES)[prefix]
+
+
+def _rule_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of one (per-layer) array of `rule`'s key on our side: the parameter's shape
+  without its layer axis and, for a `part`, without the packed axis."""
+  per_layer = shape[1:] if '{i}' in rule.torch_key else shape
+  if rule.part is None:
+    return per_layer
+  return per_layer[:rule.part[0]] + per_layer[rule.part[0] + 1:]
 
 
 def open_clip_shapes(cfg: CLIPConfig, shapes: Params) -> dict[str, tuple[int, ...]]:
   """OpenCLIP state_dict key -> shape for our model, from our params tree of shapes."""
   out, flat_shapes = {}, _flat(shapes)
   for rule in rules_for(cfg):
-    shape = tuple(flat_shapes[rule.ours])
-    per_layer = shape[1:] if '{i}' in rule.torch_key else shape
+    per_layer = _rule_shape(rule, tuple(flat_shapes[rule.ours]))
     for key in _torch_keys(cfg, rule):
       out[key] = torch_shape(rule.layout, per_layer)
   return out
@@ -393,6 +476,9 @@ def params_to_open_clip(cfg: CLIPConfig, params: Params) -> dict[str, np.ndarray
   state_dict, flat_params = {}, _flat(params)
   for rule in rules_for(cfg):
     a = np.asarray(flat_params[rule.ours], dtype=None if rule.layout == 'count' else np.float32)
+    a = np.asarray(flat_params[rule.ours], dtype=np.float32)
+    if rule.part is not None:  # the key's slice of the packed parameter
+      a = np.take(a, rule.part[1], axis=rule.part[0] + int('{i}' in rule.torch_key))
     for i, key in enumerate(_torch_keys(cfg, rule)):
       layer = a[i] if '{i}' in rule.torch_key else a
       state_dict[key] = to_torch(rule.layout, layer)

@@ -13,6 +13,7 @@ from clip_jax.models.config import (
   CLIPConfig,
   ConvNeXtConfig,
   DecoderConfig,
+  EvaConfig,
   ResNetConfig,
   TextConfig,
   VisionConfig,
@@ -133,6 +134,28 @@ def _resnet_vision(v: ResNetConfig) -> dict[str, Any]:
   return out
 
 
+def _eva_vision(v: EvaConfig) -> dict[str, Any]:
+  """OpenCLIP's TimmModel over timm's Eva trunk, built by `timm_model_name` alone with timm's
+  classifier as the projection (`timm_proj: null`): the tower must be that trunk's."""
+  from clip_jax.models.presets import eva_tower, timm_evas
+  if v.timm_model_name not in timm_evas():
+    raise UnsupportedForOpenCLIP(
+        f'vision.timm_model_name={v.timm_model_name!r} is not a timm Eva trunk clip_jax knows '
+        f'({", ".join(timm_evas())}); OpenCLIP builds timm towers by name only.')
+  # Training and execution options only: timm takes them apart (patch dropout: below).
+  reference = dataclasses.replace(eva_tower(v.timm_model_name), patch_dropout=v.patch_dropout,
+                                  scan_unroll=v.scan_unroll)
+  diff = [f'vision.{f.name}={getattr(v, f.name)} (timm: {getattr(reference, f.name)})'
+          for f in dataclasses.fields(v) if getattr(v, f.name) != getattr(reference, f.name)]
+  if diff:
+    raise UnsupportedForOpenCLIP(
+        f'The vision tower differs from timm\'s {v.timm_model_name}: {", ".join(diff)}. '
+        'OpenCLIP builds timm towers by name only.')
+  return dict(image_size=v.image_size, timm_model_name=v.timm_model_name,
+              timm_model_pretrained=False, timm_pool='map' if v.pool == 'map' else 'token',
+              timm_proj=None, **_patch_dropout(v))
+
+
 def _text(t: TextConfig) -> dict[str, Any]:
   if t.pool == 'mean':
     raise UnsupportedForOpenCLIP("OpenCLIP's text tower has no 'mean' pooling (text.pool).")
@@ -167,6 +190,8 @@ def model_cfg(cfg: CLIPConfig) -> dict[str, Any]:
     vision = _convnext_vision(v)
   elif isinstance(v, ResNetConfig):
     vision = _resnet_vision(v)
+  elif isinstance(v, EvaConfig):
+    vision = _eva_vision(v)
   else:
     vision = _timm_vision(cfg) if v.timm_model_name else _native_vision(v)
   text = _text(cfg.text)

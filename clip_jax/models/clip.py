@@ -10,9 +10,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from clip_jax.models import generate as generation
-from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, ResNetConfig, VisionConfig
+from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, EvaConfig, ResNetConfig, VisionConfig
 from clip_jax.models.convnext import ConvNeXt
 from clip_jax.models.decoder import TextDecoder
+from clip_jax.models.eva import EvaVisionTransformer
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.vit import VisionTransformer, kept_patch_indices
@@ -20,9 +21,10 @@ from clip_jax.models.vit import VisionTransformer, kept_patch_indices
 MAX_LOGIT_SCALE = 4.605170185988092  # log(100): the clamp OpenCLIP and SigLIP apply
 
 # The image tower each vision config type builds: (config, embed_dim, **execution options).
-ImageTower = VisionTransformer | ConvNeXt | ModifiedResNet
+ImageTower = VisionTransformer | ConvNeXt | ModifiedResNet  # EvaVisionTransformer is a ViT
 IMAGE_TOWERS: dict[type, type[ImageTower]] = {
-    VisionConfig: VisionTransformer, ConvNeXtConfig: ConvNeXt, ResNetConfig: ModifiedResNet}
+    VisionConfig: VisionTransformer, ConvNeXtConfig: ConvNeXt, ResNetConfig: ModifiedResNet,
+    EvaConfig: EvaVisionTransformer}  # Eva: timm's EVA-01/02 and PE-Core trunks
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -19,7 +19,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
-ACTIVATIONS = ('gelu', 'quick_gelu', 'gelu_tanh')
+ACTIVATIONS = ('gelu', 'quick_gelu', 'gelu_tanh', 'silu')  # silu: SwiGLU's gate (gated_mlp)
 VISION_POOLS = ('tok', 'gap', 'map')
 TEXT_POOLS = ('argmax', 'last', 'first', 'mean')
 REMAT_POLICIES = ('none', 'minimal', 'save_attn', 'minimal_offloaded', 'full', 'dots',
@@ -73,6 +73,54 @@ class VisionConfig:
   def kept_patches(self) -> int:
     """Patch tokens left after patch dropout; rounded as OpenCLIP's PatchDropout, at least 1."""
     return max(1, int(self.grid ** 2 * (1 - self.patch_dropout)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaConfig(VisionConfig):
+  """A timm `Eva` trunk (EVA-01, EVA-02, PE-Core) with OpenCLIP's TimmModel head: a ViT whose
+  blocks take the options below, timm's classifier `head` (Linear with bias) projecting the
+  pooled token to `embed_dim` (`proj`, `proj_bias`), `ln_pre` as timm's `norm_pre`.
+
+  2-D rotary position embedding (`rope`, timm's `RotaryEmbeddingCat`, interleaved pairs,
+  added to the absolute position table): each head's q and k of the patch tokens (not the
+  class token) are rotated by angles `coordinate * temperature**(-j / (head_dim / 4))`,
+  j < head_dim / 4, one half of the pairs by the patch's row and the other by its column
+  (`rope_xy`: column first, PE-Core; else row first, EVA-02). Coordinates are the grid
+  index plus `rope_offset` (PE-Core: 1), scaled by `rope_ref_grid / grid` when set (timm's
+  `ref_feat_shape`). The tables are computed, not parameters.
+
+  `qkv_bias='qv'`: no bias on k (EVA: `q_bias`, `v_bias`). `attn_norm`: a LayerNorm over the
+  heads' outputs before the output projection (timm `scale_attn_inner`). `gated_mlp`: the
+  MLP is act(gate(x)) * fc1(x) (`act='silu'`: SwiGLU), `mlp_norm`: a LayerNorm on the MLP's
+  hidden (timm `scale_mlp`). `post_norm`: x + norm(attn(x)) blocks (EVA02-E). The MAP head
+  (`pool='map'`, timm `AttentionPoolLatent`) has `map_heads` heads and a 4x MLP.
+  `qkv_fused=False` only changes how timm stores q, k and v (separate `q_proj`, `k_proj`,
+  `v_proj`: the EVA-02 CLIP trunks), not what it computes: ours stay packed.
+  OpenCLIP builds the trunk by `timm_model_name` alone, so export checks the rest against
+  that name's architecture (`presets.eva_tower`).
+  """
+  kind: ClassVar[str] = 'eva'
+
+  rope: bool = True
+  rope_offset: float = 0.0
+  rope_xy: bool = False
+  rope_ref_grid: int | None = None
+  rope_temperature: float = 10000.0
+  qkv_bias: str = 'qkv'
+  qkv_fused: bool = True
+  attn_norm: bool = False
+  gated_mlp: bool = False
+  mlp_norm: bool = False
+  post_norm: bool = False
+  map_heads: int = 8
+  proj_bias: bool = True
+
+  @property
+  def map_mlp_dim(self) -> int:
+    return 4 * self.width
+
+
+QKV_BIASES = ('qkv', 'qv')
 
 
 CONVNEXT_HEADS = ('linear', 'mlp')
@@ -176,10 +224,11 @@ class ResNetConfig:
 AnyVisionConfig = VisionConfig | ConvNeXtConfig | ResNetConfig
 # config.json's `vision.kind` -> the config type (absent: a ViT, as before the field).
 VISION_CONFIGS: dict[str, type] = {'vit': VisionConfig, 'convnext': ConvNeXtConfig,
-                                   'resnet': ResNetConfig}
+                                   'resnet': ResNetConfig, 'eva': EvaConfig}
 
 
 def is_vit(v: Any) -> bool:
+  """A ViT image tower (patch tokens): OpenCLIP's, timm's SigLIP trunk or a timm Eva."""
   return isinstance(v, VisionConfig)
 
 
@@ -330,7 +379,22 @@ class CLIPConfig:
       return self._validate_with(self._convnext_checks(v))
     if isinstance(v, ResNetConfig):
       return self._validate_with(self._resnet_checks(v))
+    if isinstance(v, EvaConfig):
+      return self._validate_with(self._vit_checks(v) + self._eva_checks(v))
     return self._validate_with(self._vit_checks(v))
+
+  def _eva_checks(self, v: EvaConfig) -> list[tuple[bool, str]]:
+    return [
+        (not v.rope or v.head_dim % 4 == 0,
+         'vision.rope needs vision.head_dim divisible by 4 (2 axes x sin/cos pairs)'),
+        (v.qkv_bias in QKV_BIASES, f'vision.qkv_bias must be one of {QKV_BIASES}'),
+        (v.pool != 'map' or v.width % v.map_heads == 0,
+         'vision.width must be divisible by vision.map_heads'),
+        (not v.attn_pool_queries, "vision.attn_pool_queries (CoCa's pooler) needs an OpenCLIP "
+                                  'ViT, not a timm Eva'),
+        (v.proj, 'vision.proj=False: a timm Eva under OpenCLIP always has its head'),
+        (not v.post_norm or v.ls_init is None, 'vision.post_norm blocks have no LayerScale'),
+    ]
 
   def _resnet_checks(self, v: ResNetConfig) -> list[tuple[bool, str]]:
     return self._text_checks() + [
@@ -423,7 +487,7 @@ class CLIPConfig:
   def to_dict(self) -> dict[str, Any]:
     """Plain data for config.json; a non-ViT image tower says its `kind`."""
     out = dataclasses.asdict(self)
-    if not is_vit(self.vision):
+    if self.vision.kind != 'vit':
       out['vision'] = {'kind': self.vision.kind, **out['vision']}
     return out
 

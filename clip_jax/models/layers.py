@@ -20,6 +20,7 @@ policies below save or recompute.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -54,7 +55,8 @@ def recomputed(fn: Callable) -> Callable:
   return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
 
 
-def dense_of(prepare: Callable[[jax.Array], jax.Array], dense: Dense, x: jax.Array) -> jax.Array:
+def dense_of(prepare: Callable[[Any], jax.Array], dense: Dense,
+             x: jax.Array | tuple[jax.Array, ...]) -> jax.Array:
   """`dense(prepare(x))` keeping `x`, not `prepare(x)`, for the backward pass.
 
   A matmul's weight gradient needs its input: after a LayerNorm or an activation, the
@@ -75,6 +77,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return lambda x: jax.nn.gelu(x, approximate=True)
   if name == 'quick_gelu':
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == 'silu':  # SwiGLU's gate (timm's nn.SiLU)
+    return jax.nn.silu
   raise ValueError(f'Unknown activation {name!r}')
 
 
@@ -109,12 +113,17 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm computed in float32 (as OpenCLIP's LayerNormFp32), cast back to `dtype`."""
+  """LayerNorm computed in float32 (as OpenCLIP's LayerNormFp32), cast back to `dtype`.
 
-  def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ('embed',), param_dtype)
-    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), ('embed',), param_dtype)
+  Normalises over the last `len(shape)` dims: (dim,) by default, (heads, head_dim) for the
+  heads' outputs (timm's `scale_attn_inner`), with the logical `axes` of those dims.
+  """
+
+  def __init__(self, dim: int | tuple[int, ...], *, eps: float, axes: Sequence[str] = ('embed',),
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    self.scale = param(rngs, jax.nn.initializers.ones, shape, axes, param_dtype)
+    self.bias = param(rngs, jax.nn.initializers.zeros, shape, axes, param_dtype)
     self.eps = eps
     self.dtype = dtype
 
@@ -123,57 +132,125 @@ class LayerNorm(nnx.Module):
 
   def _normalize(self, x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    dims = tuple(range(-scale.ndim, 0))
+    mean = x32.mean(dims, keepdims=True)
+    var = jnp.square(x32 - mean).mean(dims, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
     y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(self.dtype)
 
 
 class MLP(nnx.Module):
-  def __init__(self, dim: int, hidden: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs,
+  """fc2(act(fc1(x))); `gated`: fc2(act(gate(x)) * fc1(x)) (SwiGLU with act 'silu', timm's
+  `SwiGLU`: `fc1_g` is `gate`, `fc1_x` is `fc1`); `norm_eps`: a LayerNorm on the hidden
+  before fc2 (timm's `scale_mlp`)."""
+
+  def __init__(self, dim: int, hidden: int, act: str, *, gated: bool = False,
+               norm_eps: float | None = None, dtype, param_dtype, rngs: nnx.Rngs,
                kernel_init: Initializer | None = None):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=kernel_init)
     self.fc1 = Dense((dim,), (hidden,), ('embed', 'mlp'), **kw)
+    self.gate = Dense((dim,), (hidden,), ('embed', 'mlp'), **kw) if gated else None
+    self.norm = (LayerNorm(hidden, eps=norm_eps, axes=('mlp',), dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs) if norm_eps is not None else None)
     self.fc2 = Dense((hidden,), (dim,), ('mlp', 'embed'), **kw)
     self.act = act
 
   def __call__(self, x: jax.Array, norm: Callable[[jax.Array], jax.Array] = lambda x: x
                ) -> jax.Array:
-    """fc2(act(fc1(norm(x)))), storing neither `norm(x)` nor `act(...)` (`dense_of`)."""
+    """The MLP of `norm(x)`, storing neither `norm(x)` nor what the activation (and the
+    gate's product, the hidden's norm) make of the matmul outputs (`dense_of`)."""
+    act, hidden_norm = activation(self.act), self.norm or (lambda h: h)
     hidden = checkpoint_name(dense_of(norm, self.fc1, x), 'mlp_hidden')
-    return dense_of(activation(self.act), self.fc2, hidden)
+    if self.gate is None:
+      return dense_of(lambda h: hidden_norm(act(h)), self.fc2, hidden)
+    gate = checkpoint_name(dense_of(norm, self.gate, x), 'mlp_hidden')
+    return dense_of(lambda hg: hidden_norm(act(hg[1]) * hg[0]), self.fc2, (hidden, gate))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockVariant:
+  """How a block departs from OpenCLIP's pre-LN block (the defaults): timm's Eva options.
+
+  `k_bias=False`: q and v have biases, k none (EVA's `q_bias`/`v_bias`; with rotary
+  embeddings a k bias would not cancel out of the softmax). `attn_norm`: LayerNorm over the
+  heads' outputs before the output projection. `gated_mlp`, `mlp_norm`: `MLP`'s `gated` and
+  hidden norm. `post_norm`: x + ln_1(attn(x)), x + ln_2(mlp(x)) (EVA02-E). Rotary position
+  embeddings need no option: a block turns q and k by the table its caller passes
+  (`Transformer.__call__`'s `rope`).
+  """
+  k_bias: bool = True
+  attn_norm: bool = False
+  gated_mlp: bool = False
+  mlp_norm: bool = False
+  post_norm: bool = False
+
+
+def apply_rope(x: jax.Array, table: jax.Array) -> jax.Array:
+  """timm's `apply_rot_embed_cat` (interleaved pairs) on the last N tokens of [B, T, H, D]
+  `x`: pair (x_2j, x_2j+1) turned by angle j, whose sin and cos are `table`'s [..., N, 2D]
+  halves (each angle repeated for its pair). The first T - N (class) tokens pass unchanged.
+  Computed in float32, the result cast back to `x.dtype`."""
+  n = table.shape[-2]
+  prefix, tokens = x[:, :x.shape[1] - n], x[:, x.shape[1] - n:].astype(jnp.float32)
+  sin, cos = jnp.split(table.astype(jnp.float32)[..., None, :], 2, axis=-1)  # [.., N, 1, D]
+  turned = jnp.stack([-tokens[..., 1::2], tokens[..., ::2]], axis=-1).reshape(tokens.shape)
+  return jnp.concatenate([prefix, (tokens * cos + turned * sin).astype(x.dtype)], axis=1)
 
 
 class Attention(nnx.Module):
   """Multi-head self-attention with q, k, v packed on their own kernel axis.
 
   `impl` (the model's `attention` option) picks the attention core: see `attend`.
+  `variant`'s `k_bias`, `attn_norm` and `rope` options as `BlockVariant` says.
   """
 
-  def __init__(self, dim: int, heads: int, *, impl: str = 'xla', dtype, param_dtype,
+  def __init__(self, dim: int, heads: int, *, impl: str = 'xla',
+               variant: BlockVariant = BlockVariant(), eps: float = 1e-5, dtype, param_dtype,
                rngs: nnx.Rngs):
     head_dim = dim // heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = Dense((dim,), (3, heads, head_dim), ('embed', None, 'heads', 'kv'), **kw)
+    self.qkv = Dense((dim,), (3, heads, head_dim), ('embed', None, 'heads', 'kv'),
+                     use_bias=variant.k_bias, **kw)
+    self.qv_bias = (None if variant.k_bias else
+                    param(rngs, jax.nn.initializers.zeros, (2, heads, head_dim),
+                          (None, 'heads', 'kv'), param_dtype))
+    self.norm = (LayerNorm((heads, head_dim), eps=eps, axes=('heads', 'kv'), **kw)
+                 if variant.attn_norm else None)
     self.out = Dense((heads, head_dim), (dim,), ('heads', 'kv', 'embed'), **kw)
     self.impl = impl
+    self.dtype = dtype
+
+  def project(self, x: jax.Array, norm: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """q, k, v of `norm(x)`: [B, T, 3, H, D], storing `x`, not `norm(x)` (`dense_of`)."""
+    qkv = checkpoint_name(dense_of(norm, self.qkv, x), 'qkv')
+    if self.qv_bias is None:
+      return qkv
+    q_bias, v_bias = self.qv_bias[...].astype(self.dtype)
+    return qkv + jnp.stack([q_bias, jnp.zeros_like(q_bias), v_bias])
+
+  def output(self, y: jax.Array) -> jax.Array:
+    """The output projection of the heads' [B, T, H, D] outputs (after `norm`, if any)."""
+    return self.out(y) if self.norm is None else dense_of(self.norm, self.out, y)
 
   def __call__(self, x: jax.Array, *, causal: bool,
                norm: Callable[[jax.Array], jax.Array] = lambda x: x,
-               key_mask: jax.Array | None = None) -> jax.Array:
+               key_mask: jax.Array | None = None, rope: jax.Array | None = None) -> jax.Array:
     """Attention over `norm(x)`, storing `x`, not `norm(x)` (`dense_of`).
 
     `key_mask` ([B, T] bool, True = may be attended to) masks keys for every query; with it
     the XLA core runs on every platform (CoCa's text tower, the only user, is small).
+    `rope`: the sin/cos table `apply_rope` turns q and k by (before any attention core).
     """
-    qkv = checkpoint_name(dense_of(norm, self.qkv, x), 'qkv')  # [B, T, 3, H, D]
+    qkv = self.project(x, norm)  # [B, T, 3, H, D]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
     if key_mask is None:
-      y = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal, impl=self.impl)
+      y = attend(q, k, v, causal=causal, impl=self.impl)
     else:
-      y = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal,
-                                key_mask=key_mask)
-    return checkpoint_name(self.out(y), 'attn_out')
+      y = dot_product_attention(q, k, v, causal=causal, key_mask=key_mask)
+    return checkpoint_name(self.output(y), 'attn_out')
 
   def step(self, x: jax.Array, cache: jax.Array, index: jax.Array, *,
            norm: Callable[[jax.Array], jax.Array] = lambda x: x,
@@ -185,14 +262,14 @@ class Attention(nnx.Module):
     writes them into its cache, so a stacked cache is updated once per step, in place.
     `key_mask` ([B, T]) as in `__call__`.
     """
-    qkv = dense_of(norm, self.qkv, x)  # [B, 1, 3, H, D]
+    qkv = self.project(x, norm)  # [B, 1, 3, H, D]
     kv = qkv[:, :, 1:]
     keys = jax.lax.dynamic_update_slice_in_dim(cache, kv.astype(cache.dtype), index, axis=1)
     visible = jnp.arange(cache.shape[1]) <= index
     visible = jnp.broadcast_to(visible if key_mask is None else key_mask & visible,
                                cache.shape[:2])
     y = dot_product_attention(qkv[:, :, 0], keys[:, :, 0], keys[:, :, 1], key_mask=visible)
-    return self.out(y), kv
+    return self.output(y), kv
 
 
 class CrossAttention(nnx.Module):
@@ -502,25 +579,31 @@ class LayerScale(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x)) (optional LayerScale)."""
+  """Pre-LN transformer block: x + attn(ln_1(x)); x + mlp(ln_2(x)) (optional LayerScale);
+  `variant` (`BlockVariant`): timm Eva's options, post-norm among them."""
 
   def __init__(self, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
-               ls_init: float | None, attention: str = 'xla', dtype, param_dtype,
-               rngs: nnx.Rngs):
+               ls_init: float | None, attention: str = 'xla',
+               variant: BlockVariant = BlockVariant(), dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ln_1 = LayerNorm(dim, eps=eps, **kw)
-    self.attn = Attention(dim, heads, impl=attention, **kw)
+    self.attn = Attention(dim, heads, impl=attention, variant=variant, eps=eps, **kw)
     self.ln_2 = LayerNorm(dim, eps=eps, **kw)
-    self.mlp = MLP(dim, mlp_dim, act, **kw)
+    self.mlp = MLP(dim, mlp_dim, act, gated=variant.gated_mlp,
+                   norm_eps=eps if variant.mlp_norm else None, **kw)
+    self.post_norm = variant.post_norm
     if ls_init is not None:
       self.ls_1: LayerScale | None = LayerScale(dim, ls_init, param_dtype=param_dtype, rngs=rngs)
       self.ls_2: LayerScale | None = LayerScale(dim, ls_init, param_dtype=param_dtype, rngs=rngs)
     else:
       self.ls_1 = self.ls_2 = None
 
-  def __call__(self, x: jax.Array, *, causal: bool, key_mask: jax.Array | None = None
-               ) -> jax.Array:
-    h = self.attn(x, causal=causal, norm=self.ln_1, key_mask=key_mask)
+  def __call__(self, x: jax.Array, *, causal: bool, key_mask: jax.Array | None = None,
+               rope: jax.Array | None = None) -> jax.Array:
+    if self.post_norm:
+      x = x + self.ln_1(self.attn(x, causal=causal, key_mask=key_mask, rope=rope))
+      return x + self.ln_2(self.mlp(x))
+    h = self.attn(x, causal=causal, norm=self.ln_1, key_mask=key_mask, rope=rope)
     x = x + (self.ls_1(h) if self.ls_1 is not None else h)
     h = self.mlp(x, norm=self.ln_2)
     return x + (self.ls_2(h) if self.ls_2 is not None else h)
@@ -568,13 +651,14 @@ class Transformer(nnx.Module):
 
   def __init__(self, layers: int, dim: int, heads: int, mlp_dim: int, *, act: str, eps: float,
                ls_init: float | None, scan: bool, remat: str, attention: str = 'xla',
-               unroll: int = 1, dtype, param_dtype, rngs: nnx.Rngs):
+               unroll: int = 1, variant: BlockVariant = BlockVariant(), dtype, param_dtype,
+               rngs: nnx.Rngs):
 
     @nnx.split_rngs(splits=layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make_blocks(rngs: nnx.Rngs) -> Block:
       return Block(dim, heads, mlp_dim, act=act, eps=eps, ls_init=ls_init, attention=attention,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   variant=variant, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
     self.layers = layers
@@ -582,10 +666,12 @@ class Transformer(nnx.Module):
     self.unroll = unroll
     self.remat = remat
 
-  def __call__(self, x: jax.Array, *, causal: bool, key_mask: jax.Array | None = None
-               ) -> jax.Array:
-    """`key_mask` ([B, T] bool): keys every layer's attention may see (all without it)."""
-    return run_layers(self.blocks, x, lambda block, x: block(x, causal=causal, key_mask=key_mask),
+  def __call__(self, x: jax.Array, *, causal: bool, key_mask: jax.Array | None = None,
+               rope: jax.Array | None = None) -> jax.Array:
+    """`key_mask` ([B, T] bool): keys every layer's attention may see (all without it).
+    `rope`: the rotary sin/cos table every layer's attention applies (`apply_rope`)."""
+    return run_layers(self.blocks, x,
+                      lambda block, x: block(x, causal=causal, key_mask=key_mask, rope=rope),
                       layers=self.layers, scan=self.scan, unroll=self.unroll, remat=self.remat)
 
 

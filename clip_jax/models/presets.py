@@ -16,6 +16,7 @@ from clip_jax.models.config import (
   CLIPConfig,
   ConvNeXtConfig,
   DecoderConfig,
+  EvaConfig,
   PreprocessConfig,
   ResNetConfig,
   TextConfig,
@@ -289,6 +290,102 @@ def _tiny_resnet() -> CLIPConfig:
       text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256))
 
 
+# --- timm Eva trunks: PE-Core and EVA-01/02 ---------------------------------------------------
+
+# PE-Core (timm `vit_pe_core_*`): (image, patch, width, layers, heads, mlp_dim, class token,
+# rope offset). Pre-norm (`norm_pre`), no patch bias, fused qkv with bias, GELU MLP, rope on
+# an xy grid, MAP head (8 heads, 4x MLP), LayerNorm eps 1e-5; `ref_feat_shape` is the grid.
+_TIMM_PE_CORES: dict[str, tuple[int, int, int, int, int, int, bool, float]] = {
+    'vit_pe_core_tiny_patch16_384': (384, 16, 192, 12, 3, 768, True, 1.0),
+    'vit_pe_core_small_patch16_384': (384, 16, 384, 12, 6, 1536, True, 1.0),
+    'vit_pe_core_base_patch16_224': (224, 16, 768, 12, 12, 3072, True, 1.0),
+    'vit_pe_core_large_patch14_336': (336, 14, 1024, 24, 16, 4096, True, 1.0),
+    'vit_pe_core_gigantic_patch14_448': (448, 14, 1536, 50, 16, 8960, False, 0.0),
+}
+# EVA (timm `eva02_*_clip_*`, `eva_giant_*`): (image, patch, width, layers, heads, mlp_dim).
+# Class token, patch bias, q/v biases only, token pooling, LayerNorm eps 1e-6. EVA-02 B/L:
+# rope on an ij grid scaled to 16 (`ref_feat_shape`), attention-output norm, SwiGLU with a
+# hidden norm; EVA-02 E: post-norm blocks, GELU MLP, no rope; EVA-01 g: a pre-norm GELU ViT.
+_TIMM_EVA02S: dict[str, tuple[int, int, int, int, int, int]] = {
+    'eva02_base_patch16_clip_224': (224, 16, 768, 12, 12, 2048),
+    'eva02_large_patch14_clip_224': (224, 14, 1024, 24, 16, 2730),
+    'eva02_large_patch14_clip_336': (336, 14, 1024, 24, 16, 2730),
+}
+_TIMM_EVA_PLAIN: dict[str, tuple[int, int, int, int, int, int, bool]] = {  # + post_norm
+    'eva02_enormous_patch14_clip_224': (224, 14, 1792, 64, 16, 15360, True),
+    'eva_giant_patch14_224': (224, 14, 1408, 40, 16, 6144, False),
+}
+
+
+def eva_tower(timm_name: str) -> EvaConfig:
+  """timm's `timm_name` Eva trunk as OpenCLIP builds it (`timm_proj: null`: timm's head is
+  the projection, with bias)."""
+  if timm_name in _TIMM_PE_CORES:
+    image, patch, width, layers, heads, mlp, cls, offset = _TIMM_PE_CORES[timm_name]
+    return EvaConfig(image_size=image, patch_size=patch, width=width, layers=layers, heads=heads,
+                     mlp_dim=mlp, class_token=cls, pool='map', ln_pre=True, patch_bias=False,
+                     norm_eps=1e-5, rope=True, rope_offset=offset, rope_xy=True,
+                     rope_ref_grid=image // patch, timm_model_name=timm_name)
+  eva: dict[str, Any] = dict(class_token=True, pool='tok', ln_pre=False, patch_bias=True,
+                             norm_eps=1e-6, qkv_bias='qv', timm_model_name=timm_name)
+  if timm_name in _TIMM_EVA02S:
+    image, patch, width, layers, heads, mlp = _TIMM_EVA02S[timm_name]
+    return EvaConfig(image_size=image, patch_size=patch, width=width, layers=layers, heads=heads,
+                     mlp_dim=mlp, act='silu', gated_mlp=True, mlp_norm=True, attn_norm=True,
+                     rope=True, rope_ref_grid=16, qkv_fused=False, **eva)
+  image, patch, width, layers, heads, mlp, post_norm = _TIMM_EVA_PLAIN[timm_name]
+  return EvaConfig(image_size=image, patch_size=patch, width=width, layers=layers, heads=heads,
+                   mlp_dim=mlp, rope=False, post_norm=post_norm, **eva)
+
+
+def timm_evas() -> list[str]:
+  """The timm Eva trunks clip_jax builds (OpenCLIP's `timm_model_name`)."""
+  return [*_TIMM_PE_CORES, *_TIMM_EVA02S, *_TIMM_EVA_PLAIN]
+
+
+# OpenCLIP name: (timm trunk, embed_dim, text context, width, heads, layers). Both families
+# use OpenCLIP's causal CLIP text tower under `text.` (`custom_text`), pooled at the EOT token.
+_OPENCLIP_EVAS: dict[str, tuple[str, int, int, int, int, int]] = {
+    'PE-Core-T-16-384': ('vit_pe_core_tiny_patch16_384', 512, 32, 512, 8, 12),
+    'PE-Core-S-16-384': ('vit_pe_core_small_patch16_384', 512, 32, 512, 8, 12),
+    'PE-Core-B-16': ('vit_pe_core_base_patch16_224', 1024, 32, 1024, 16, 24),
+    'PE-Core-L-14-336': ('vit_pe_core_large_patch14_336', 1024, 32, 1024, 16, 24),
+    'PE-Core-bigG-14-448': ('vit_pe_core_gigantic_patch14_448', 1280, 72, 1280, 20, 24),
+    'EVA02-B-16': ('eva02_base_patch16_clip_224', 512, 77, 512, 8, 12),
+    'EVA02-L-14': ('eva02_large_patch14_clip_224', 768, 77, 768, 12, 12),
+    'EVA02-L-14-336': ('eva02_large_patch14_clip_336', 768, 77, 768, 12, 12),
+    'EVA02-E-14': ('eva02_enormous_patch14_clip_224', 1024, 77, 1024, 16, 24),
+    'EVA02-E-14-plus': ('eva02_enormous_patch14_clip_224', 1024, 77, 1280, 20, 32),
+    'EVA01-g-14': ('eva_giant_patch14_224', 1024, 77, 768, 12, 12),
+    'EVA01-g-14-plus': ('eva_giant_patch14_224', 1024, 77, 1024, 16, 24),
+}
+# PE-Core's released weights (OpenCLIP's pretrained cfg, tag 'meta'): SigLIP-style inputs,
+# squashed and bilinear. EVA's: OpenAI's mean and std, shortest side, bicubic (the default).
+_PE_PREPROCESS = PreprocessConfig(mean=INCEPTION_MEAN, std=INCEPTION_STD, resize_mode='squash',
+                                  interpolation='bilinear')
+
+
+def _openclip_eva(timm_name: str, embed_dim: int, context: int, text_width: int,
+                  text_heads: int, text_layers: int) -> CLIPConfig:
+  text = TextConfig(context_length=context, width=text_width, heads=text_heads,
+                    layers=text_layers, mlp_dim=text_width * 4)
+  pe = timm_name in _TIMM_PE_CORES
+  return CLIPConfig(embed_dim=embed_dim, vision=eva_tower(timm_name), text=text, custom_text=True,
+                    preprocess=_PE_PREPROCESS if pe else PreprocessConfig())
+
+
+def _tiny_pe_core() -> CLIPConfig:
+  """A 2-layer PE-Core (every PE option: pre-norm, rope on an xy grid offset by 1, MAP head
+  with 8 heads, head with bias) at 64 px with `tiny-demo`'s text tower: the CPU demo's and the
+  parity tests' small Eva. clip_jax's own shape: timm names no trunk this small, and
+  OpenCLIP builds timm towers by name only, so it does not export (PE-Core-T-16-384 does)."""
+  vision = EvaConfig(image_size=64, patch_size=16, width=128, layers=2, heads=4, mlp_dim=512,
+                     pool='map', ln_pre=True, patch_bias=False, norm_eps=1e-5, rope_offset=1.0,
+                     rope_xy=True, timm_model_name=None)
+  return CLIPConfig(embed_dim=64, vision=vision, custom_text=True, preprocess=_PE_PREPROCESS,
+                    text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256))
+
+
 def _build_presets() -> dict[str, CLIPConfig]:
   presets = {name: _openclip_vit(*args) for name, args in _OPENCLIP_VITS.items()}
   for name in _QUICKGELU:
@@ -311,6 +408,8 @@ def _build_presets() -> dict[str, CLIPConfig]:
     presets[name] = _openclip_resnet(*args)
     presets[f'{name}-quickgelu'] = _openclip_resnet(*args, quick_gelu=True)
   presets['tiny-resnet'] = _tiny_resnet()
+  presets.update({name: _openclip_eva(*args) for name, args in _OPENCLIP_EVAS.items()})
+  presets['tiny-pe-core'] = _tiny_pe_core()
   return presets
 
 
@@ -323,8 +422,6 @@ def list_models() -> list[str]:
 
 # OpenCLIP 3.3 model names of families clip_jax does not build yet: (pattern, family).
 UNBUILT_FAMILIES = (
-    (r'^EVA0[12]-', 'EVA (timm eva*)'),
-    (r'^PE-Core-', 'PE-Core (Perception Encoder)'),
     (r'^MobileCLIP', 'MobileCLIP'),
     (r'^ViTamin-', 'ViTamin'),
     (r'-CLIPA', 'CLIPA'),

@@ -2,7 +2,8 @@
 
 Covers OpenCLIP's native VisionTransformer (class token, ln_pre, `tok`/`gap` pooling,
 projection without bias, CoCa's attentional pooler) and timm's SigLIP trunk (patch bias, no
-class token, MAP head). `encode` also returns the image tokens a caption decoder reads.
+class token, MAP head); `models/eva.py` extends it to timm's Eva trunks (EVA-01/02, PE-Core:
+rotary embeddings, SwiGLU, ...). `encode` also returns the image tokens a caption decoder reads.
 Images are NHWC floats, already normalised. Given one random key per image, training
 drops a fraction of the patch tokens (FLIP's patch dropout) before the blocks run.
 """
@@ -12,10 +13,19 @@ from __future__ import annotations
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from clip_jax.models.config import VisionConfig
-from clip_jax.models.layers import MLP, Dense, LayerNorm, Transformer, dot_product_attention, param
+from clip_jax.models.layers import (
+  MLP,
+  BlockVariant,
+  Dense,
+  LayerNorm,
+  Transformer,
+  dot_product_attention,
+  param,
+)
 
 
 def kept_patch_indices(keys: jax.Array, patches: int, keep: int) -> jax.Array:
@@ -32,24 +42,29 @@ def drop_patches(x: jax.Array, keep: int, prefix: int, keys: jax.Array) -> jax.A
   comes from. `keys` holds one random key per image, so an image's kept patches depend on
   its key only, not on how the batch is split over devices or micro-batches.
   """
-  kept = kept_patch_indices(keys, x.shape[1] - prefix, keep)
+  return take_patches(x, kept_patch_indices(keys, x.shape[1] - prefix, keep), prefix)
+
+
+def take_patches(x: jax.Array, kept: jax.Array, prefix: int) -> jax.Array:
+  """The patch tokens at grid indices `kept` ([B, keep]) of each image, after its `prefix`."""
   patches = jnp.take_along_axis(x[:, prefix:], kept[..., None], axis=1)
   return jnp.concatenate([x[:, :prefix], patches], axis=1)
 
 
 class MAPHead(nnx.Module):
-  """Multihead attention pooling: one learned query attends over all tokens (SigLIP)."""
+  """Multihead attention pooling: one learned query attends over all tokens (timm's
+  `AttentionPoolLatent`: SigLIP with the trunk's heads and MLP, PE-Core with its own)."""
 
-  def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    d, h = cfg.width, cfg.heads
+  def __init__(self, d: int, h: int, mlp_dim: int, act: str, eps: float, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.latent = param(rngs, jax.nn.initializers.normal(d ** -0.5), (1, d), (None, 'embed'),
                         param_dtype)
     self.q = Dense((d,), (h, d // h), ('embed', 'heads', 'kv'), **kw)
     self.kv = Dense((d,), (2, h, d // h), ('embed', None, 'heads', 'kv'), **kw)
     self.out = Dense((h, d // h), (d,), ('heads', 'kv', 'embed'), **kw)
-    self.norm = LayerNorm(d, eps=cfg.norm_eps, **kw)
-    self.mlp = MLP(d, cfg.mlp_dim, cfg.act, **kw)
+    self.norm = LayerNorm(d, eps=eps, **kw)
+    self.mlp = MLP(d, mlp_dim, act, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     latent = jnp.broadcast_to(self.latent[...], (x.shape[0],) + self.latent.shape)
@@ -89,9 +104,14 @@ class AttentionalPooler(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
+  """The ViT image tower. A subclass for timm's Eva trunks (`models/eva.py`) passes its block
+  `variant`, the MAP head's size (`map_shape`: heads, MLP width; default the trunk's), a
+  projection bias, and its rotary table (`rope`)."""
 
   def __init__(self, cfg: VisionConfig, embed_dim: int, *, scan: bool, remat: str,
-               attention: str = 'xla', dtype, param_dtype, rngs: nnx.Rngs):
+               attention: str = 'xla', variant: BlockVariant | None = None,
+               map_shape: tuple[int, int] | None = None, proj_bias: bool = False, dtype,
+               param_dtype, rngs: nnx.Rngs):
     d, p = cfg.width, cfg.patch_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg = cfg
@@ -107,14 +127,23 @@ class VisionTransformer(nnx.Module):
     self.ln_pre = LayerNorm(d, eps=cfg.norm_eps, **kw) if cfg.ln_pre else None
     self.transformer = Transformer(cfg.layers, d, cfg.heads, cfg.mlp_dim, act=cfg.act,
                                    eps=cfg.norm_eps, ls_init=cfg.ls_init, scan=scan, remat=remat,
-                                   attention=attention, unroll=cfg.scan_unroll, **kw)
+                                   attention=attention, unroll=cfg.scan_unroll,
+                                   variant=variant or BlockVariant(), **kw)
     self.attn_pool = (AttentionalPooler(embed_dim, d, cfg.attn_pool_heads, cfg.attn_pool_queries,
                                         cfg.norm_eps, **kw) if cfg.attn_pool_queries else None)
     pool_dim = embed_dim if cfg.attn_pool_queries else d
     self.ln_post = LayerNorm(pool_dim, eps=cfg.norm_eps, **kw)
-    self.map_head = MAPHead(cfg, **kw) if cfg.pool == 'map' else None
+    self.map_head = (MAPHead(d, *(map_shape or (cfg.heads, cfg.mlp_dim)), cfg.act, cfg.norm_eps,
+                             **kw) if cfg.pool == 'map' else None)
     self.proj = (param(rngs, jax.nn.initializers.normal(scale), (pool_dim, embed_dim),
                        ('embed', 'proj'), param_dtype) if cfg.proj else None)
+    self.proj_bias = (param(rngs, jax.nn.initializers.zeros, (embed_dim,), ('proj',), param_dtype)
+                      if proj_bias else None)
+
+  def rope(self) -> np.ndarray | None:
+    """The rotary sin/cos table of the patch tokens ([N, 2 * head_dim]); None: no rotary
+    position embedding (OpenCLIP's and SigLIP's ViTs)."""
+    return None
 
   def embed(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> [B, N(+1), width] tokens with position embedding."""
@@ -143,17 +172,23 @@ class VisionTransformer(nnx.Module):
     `dropout_keys` (one key per image, training only) turns on `cfg.patch_dropout`.
     """
     x = self.embed(images)
+    rope: jax.Array | np.ndarray | None = self.rope()
     if dropout_keys is not None and self.cfg.patch_dropout > 0:  # after the position embedding
-      x = drop_patches(x, self.cfg.kept_patches, int(self.cfg.class_token), dropout_keys)
+      kept = kept_patch_indices(dropout_keys, self.cfg.grid ** 2, self.cfg.kept_patches)
+      x = take_patches(x, kept, int(self.cfg.class_token))
+      if rope is not None:  # each kept patch keeps its rotation: [B, keep, 2 * head_dim]
+        rope = jnp.take(jnp.asarray(rope), kept, axis=0)
     if self.ln_pre is not None:
       x = self.ln_pre(x)
-    x = self.transformer(x, causal=False)
+    x = self.transformer(x, causal=False, rope=None if rope is None else jnp.asarray(rope))
     if self.attn_pool is not None:  # OpenCLIP's CoCa: pool, then normalise
       x = self.attn_pool(x)
     x = self.ln_post(x)
     pooled = self.pool(x)
     if self.proj is not None:
       pooled = pooled @ self.proj[...].astype(x.dtype)
+    if self.proj_bias is not None:
+      pooled = pooled + self.proj_bias[...].astype(x.dtype)
     return pooled, x[:, int(self.cfg.class_token or self.attn_pool is not None):]
 
   def __call__(self, images: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
