@@ -10,7 +10,9 @@ with or without DDP's `module.` prefix). `--override vision.layers=2` adjusts th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
+import math
 import pickle
 from collections.abc import Mapping
 from typing import Any
@@ -24,8 +26,9 @@ from clip_jax.checkpoint import save_model
 from clip_jax.cli import user_errors
 from clip_jax.convert.files import read_state_dict
 from clip_jax.convert.open_clip import CheckpointMismatchError, Params, params_from_open_clip
-from clip_jax.models.config import CLIPConfig
+from clip_jax.models.config import CLIPConfig, VisionConfig
 from clip_jax.models.functional import param_shapes
+from clip_jax.models.pos_embed import fit_pos_embeds
 from clip_jax.models.presets import get_config
 
 # What safetensors and torch.load raise for a damaged, truncated or non-weights file.
@@ -33,7 +36,24 @@ UNREADABLE = (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError)
 MISMATCHES_SHOWN = 3
 
 
+# A fixed-resolution timm SigLIP trunk's patch embedding (NaFlex's is `embeds.proj`).
+FIXED_PATCH_KEY = 'visual.trunk.patch_embed.proj.weight'
+
+
 def import_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any]) -> Params:
+  """Our params of `cfg` from an OpenCLIP state_dict of the same architecture.
+
+  A NaFlex model (`vision.naflex`) also takes its fixed-resolution twin's checkpoint (a
+  SigLIP 2 trunk at any image size), as SigLIP 2 began its NaFlex models from the fixed
+  ones: the same parameters (the patch conv read as the Linear over flattened patches it
+  is), the position grid resized to the NaFlex table with OpenCLIP's rule.
+  """
+  v = cfg.vision
+  if isinstance(v, VisionConfig) and v.naflex and FIXED_PATCH_KEY in state_dict:
+    grid = math.isqrt(int(np.shape(state_dict['visual.trunk.pos_embed'])[1]))
+    fixed = cfg.replace(vision=dataclasses.replace(v, naflex=False,
+                                                   image_size=grid * v.patch_size))
+    return fit_pos_embeds(params_from_open_clip(fixed, state_dict, param_shapes(fixed)), cfg)
   return params_from_open_clip(cfg, state_dict, param_shapes(cfg))
 
 

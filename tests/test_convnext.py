@@ -35,7 +35,7 @@ from clip_jax.metrics import convnext_flops, tower_flops, train_flops_per_sample
 from clip_jax.models.config import CLIPConfig, ConvNeXtConfig
 from clip_jax.models.convnext import drop_path
 from clip_jax.models.functional import FunctionalModel, get_params, model_from_params
-from tests.jax_reference import jax_features, random_inputs
+from tests.jax_reference import jax_features, perturbed_model, random_inputs
 from tests.reference import open_clip_model, state_dict_numpy, torch_features
 
 # Max abs difference on L2-normalised fp32 features, as tests/test_parity.py (the issue's
@@ -102,16 +102,8 @@ def test_import_matches_open_clip(name, depths):
     np.testing.assert_array_equal(round_trip[key], value, err_msg=key)
 
 
-def _perturbed(name, **overrides):
-  model = clip_jax.create_model(name, **overrides)
-  rng = np.random.default_rng(1)
-  params = jax.tree.map(lambda a: np.asarray(a) + rng.normal(scale=0.02, size=np.shape(a))
-                        .astype(np.float32), get_params(model))
-  return model_from_params(model.cfg, params)
-
-
 def test_export_loads_strictly_in_open_clip(tmp_path):
-  model = _perturbed('tiny-convnext')
+  model = perturbed_model('tiny-convnext')
   cfg = model.cfg
   save_model(tmp_path / 'ckpt', cfg, get_params(model))
   out = export(str(tmp_path / 'ckpt'), str(tmp_path / 'open_clip'))
@@ -157,7 +149,7 @@ def test_sharded_forward_equals_one_device():
   """8 devices, params FSDP-sharded (conv kernels over their output channels) and the batch
   split: the same features as on one device."""
   cfg = clip_jax.get_config('tiny-convnext')
-  model = _perturbed('tiny-convnext')
+  model = perturbed_model('tiny-convnext')
   params = get_params(model)
   functional = FunctionalModel.create(cfg)
   images = jnp.asarray(random_inputs(cfg.vision.image_size, 32, 1000, batch=8)[0])

@@ -19,7 +19,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from safetensors.numpy import load_file
@@ -38,7 +37,7 @@ from clip_jax.models.functional import FunctionalModel, get_params, model_from_p
 from clip_jax.models.presets import eva_tower
 from clip_jax.models.vit import take_patches
 from tests import helpers
-from tests.jax_reference import jax_features, random_inputs
+from tests.jax_reference import jax_features, perturbed_model, random_inputs
 from tests.reference import open_clip_model, state_dict_numpy, torch_features
 
 # Max abs difference on L2-normalised fp32 features, as tests/test_parity.py (the issue's
@@ -153,22 +152,10 @@ def test_rope_tables_are_timms(name):
                              atol=2e-6)
 
 
-def _perturbed(name, **overrides):
-  """The model with random weights drawn in numpy (the large towers' eager JAX init took
-  ~20 s): N(0, 0.02), LayerNorm scales 1 + N(0, 0.02)."""
-  cfg = clip_jax.get_config(name, **overrides)
-  rng = np.random.default_rng(1)
-  flat = traverse_util.flatten_dict(FunctionalModel.create(cfg).shapes(), sep='/',
-                                    is_leaf=lambda _, x: isinstance(x, tuple))
-  params = {path: (rng.normal(scale=0.02, size=shape) + path.endswith('/scale')
-                   ).astype(np.float32) for path, shape in flat.items()}
-  return model_from_params(cfg, traverse_util.unflatten_dict(params, sep='/'))
-
-
 @pytest.mark.parametrize('name,text_layers', [('PE-Core-T-16-384', 1), ('EVA02-B-16', 1)])
 def test_export_loads_strictly_in_open_clip(name, text_layers, tmp_path):
   """The whole timm trunk (OpenCLIP builds it by name), the text tower shallower."""
-  model = _perturbed(name, **{'text.layers': text_layers})
+  model = perturbed_model(name, **{'text.layers': text_layers})
   cfg = model.cfg
   save_model(tmp_path / 'ckpt', cfg, get_params(model))
   out = export(str(tmp_path / 'ckpt'), str(tmp_path / 'open_clip'))
@@ -210,7 +197,7 @@ def test_sharded_forward_equals_one_device():
   head and projection bias), the batch split: the same features as on one device."""
   overrides = {**EVA02_LIKE, 'vision.pool': 'map'}
   cfg = clip_jax.get_config('tiny-pe-core', **overrides)
-  params = get_params(_perturbed('tiny-pe-core', **overrides))
+  params = get_params(perturbed_model('tiny-pe-core', **overrides))
   functional = FunctionalModel.create(cfg)
   images = jnp.asarray(random_inputs(64, 32, 1000, batch=8)[0])
 
@@ -240,7 +227,7 @@ def test_patch_dropout_carries_each_kept_patchs_rotation():
   shuffled order give the unshuffled features (MAP pooling and attention are order-free,
   given the right angles per token), but not with the angles left in grid order. Given
   keys, patches are dropped per image: an image's features do not depend on the others'."""
-  model = _perturbed('tiny-pe-core', **{'vision.patch_dropout': 0.5})
+  model = perturbed_model('tiny-pe-core', **{'vision.patch_dropout': 0.5})
   visual, cfg = model.visual, model.cfg.vision
   images = jnp.asarray(random_inputs(64, 32, 1000, batch=2)[0])
   order = jnp.asarray(np.random.default_rng(0).permutation(16)[None].repeat(2, 0))

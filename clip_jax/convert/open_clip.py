@@ -48,6 +48,7 @@ class Rule:
   # batch1:  torch [1, *shape]      <-> ours shape (timm pos_embed, latent)
   # count:   torch int64 scalar     <-> ours int32 (BatchNorm's num_batches_tracked)
   # token:   torch [1, 1, d]        <-> ours [d] (timm cls_token)
+  # grid:    torch [1, g, g, d]     <-> ours [g*g, d] (timm NaFlex pos_embed)
   # `part` (axis, index): the key is one slice of a packed parameter of ours, at `index`
   # along its (per-layer) `axis`: timm's separate q_proj/k_proj/v_proj, q_bias/v_bias.
   part: tuple[int, int] | None = None
@@ -88,6 +89,8 @@ def to_torch(layout: str, a: np.ndarray) -> np.ndarray:
     return a[None]
   if layout == 'token':
     return a[None, None]
+  if layout == 'grid':
+    return a.reshape(1, math.isqrt(a.shape[0]), math.isqrt(a.shape[0]), a.shape[1])
   return a
 
 
@@ -107,6 +110,8 @@ def torch_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *shape)
   if layout == 'token':
     return (1, 1, *shape)
+  if layout == 'grid':
+    return (1, math.isqrt(shape[0]), math.isqrt(shape[0]), shape[1])
   return tuple(shape)
 
 
@@ -164,10 +169,19 @@ def _attentional_pooler_rules(t: str, o: str) -> list[Rule]:
 
 
 def _timm_vision_rules(v: VisionConfig) -> list[Rule]:
+  """timm's SigLIP trunk; NaFlex (`naflexvit_*`) embeds flattened (row, column, channel)
+  patches with a Linear (`embeds.proj`: our patch kernel read as [P*P*3, width]) and keeps
+  its position table as a [1, g, g, width] grid."""
   t = 'visual.trunk'
-  return ([Rule(f'{t}.patch_embed.proj.weight', 'visual/patch_embed/kernel', 'conv'),
-           Rule(f'{t}.patch_embed.proj.bias', 'visual/patch_embed/bias'),
-           Rule(f'{t}.pos_embed', 'visual/pos_embed', 'batch1')]
+  if v.naflex:
+    embed = [Rule(f'{t}.embeds.proj.weight', 'visual/patch_embed/kernel', 'linear2'),
+             Rule(f'{t}.embeds.proj.bias', 'visual/patch_embed/bias'),
+             Rule(f'{t}.embeds.pos_embed', 'visual/pos_embed', 'grid')]
+  else:
+    embed = [Rule(f'{t}.patch_embed.proj.weight', 'visual/patch_embed/kernel', 'conv'),
+             Rule(f'{t}.patch_embed.proj.bias', 'visual/patch_embed/bias'),
+             Rule(f'{t}.pos_embed', 'visual/pos_embed', 'batch1')]
+  return (embed
           + _timm_block(f'{t}.blocks.{{i}}', 'visual/transformer/blocks')
           + _ln(f'{t}.norm', 'visual/ln_post')
           + _map_head_rules(f'{t}.attn_pool', 'visual/map_head'))
@@ -327,7 +341,8 @@ def rules_for(cfg: CLIPConfig) -> list[Rule]:
   elif isinstance(v, EvaConfig):
     vision = _eva_vision_rules(v)
   else:
-    vision = _timm_vision_rules(v) if v.timm_model_name else _openclip_vision_rules(v)
+    timm = v.timm_model_name or v.naflex  # NaFlex trunks are timm's, named or not
+    vision = _timm_vision_rules(v) if timm else _openclip_vision_rules(v)
   text = _text_rules(cfg.text, 'text.' if cfg.custom_text else '')
   decoder = _decoder_rules(cfg.decoder) if cfg.decoder is not None and is_coca(cfg) else []
   scale = [Rule('logit_scale', 'logit_scale')]
@@ -423,6 +438,7 @@ def params_from_open_clip(cfg: CLIPConfig, state_dict: Mapping[str, Any],
 # The first key prefix of a state_dict that tells its image tower's family.
 _FAMILY_PREFIXES = (('visual.trunk.stages.', 'a ConvNeXt (timm convnext_*)'),
                     ('visual.trunk.head.', 'a timm Eva (EVA-01/02, PE-Core)'),
+                    ('visual.trunk.embeds.', 'a timm NaFlex ViT (naflexvit_*)'),
                     ('visual.trunk.blocks.', 'a timm ViT (SigLIP)'),
                     ('visual.transformer.resblocks.', 'an OpenCLIP ViT'),
                     ('visual.layer1.', 'a ModifiedResNet (RN50...)'))
@@ -444,6 +460,8 @@ def _family_of_config(cfg: CLIPConfig) -> str:
     prefix = 'visual.layer1.'
   elif isinstance(cfg.vision, EvaConfig):
     prefix = 'visual.trunk.head.'
+  elif cfg.vision.naflex:
+    prefix = 'visual.trunk.embeds.'
   elif cfg.vision.timm_model_name:
     prefix = 'visual.trunk.blocks.'
   else:

@@ -33,6 +33,11 @@ class VisionConfig:
 
   `patch_dropout` (FLIP): the fraction of patch tokens each image drops in a training step
   given a random key; calls without a key (evaluation, export, inference) keep them all.
+
+  `naflex` (SigLIP 2's NaFlex, timm `naflexvit_*`): the tower takes `NaFlexPatches` (each
+  image at its own aspect ratio, a padded patch sequence whose length the data chooses) and
+  resizes its [grid, grid] position table to each image's grid; `image_size` / `patch_size`
+  is then only the table's grid (timm's `pos_embed_grid_size`, 16 for SigLIP 2).
   """
   image_size: int = 224
   patch_size: int = 16
@@ -58,6 +63,7 @@ class VisionConfig:
   # query pools for the contrastive loss, the others are the decoder's image tokens.
   attn_pool_queries: int = 0
   attn_pool_heads: int = 8
+  naflex: bool = False
 
   kind: ClassVar[str] = 'vit'
 
@@ -394,6 +400,7 @@ class CLIPConfig:
                                   'ViT, not a timm Eva'),
         (v.proj, 'vision.proj=False: a timm Eva under OpenCLIP always has its head'),
         (not v.post_norm or v.ls_init is None, 'vision.post_norm blocks have no LayerScale'),
+        (not v.naflex, 'vision.naflex needs a plain ViT trunk (timm naflexvit_*), not an Eva'),
     ]
 
   def _resnet_checks(self, v: ResNetConfig) -> list[tuple[bool, str]]:
@@ -464,6 +471,12 @@ class CLIPConfig:
          "vision.attn_pool_queries needs vision.pool='tok' (the first query is pooled)"),
         (not v.attn_pool_queries or self.embed_dim % v.attn_pool_heads == 0,
          'embed_dim must be divisible by vision.attn_pool_heads'),
+        (not v.naflex or (not v.class_token and not v.attn_pool_queries),
+         'vision.naflex needs vision.class_token=False and no vision.attn_pool_queries '
+         '(a NaFlex SigLIP trunk: patch tokens pooled by map or gap)'),
+        (not v.naflex or self.decoder is None,
+         'vision.naflex: a caption decoder (model.decoder, locca.weight) does not read NaFlex '
+         'tokens yet'),
     ]
     if self.decoder is not None:
       d = self.decoder

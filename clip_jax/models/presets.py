@@ -6,6 +6,7 @@ Each preset is a `CLIPConfig`; `get_config(name, **overrides)` returns it with
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from typing import Any
@@ -145,6 +146,30 @@ def _siglip_presets() -> dict[str, CLIPConfig]:
     out[name] = _siglip(f'vit_giantopt_patch16_siglip_{size}', size, 16, *_GOPT, 256000, 64,
                         f'timm/{name}', text_act='gelu_tanh', text_dims=_SO)
   return out
+
+
+def _naflex(timm_name: str, siglip2: str) -> CLIPConfig:
+  """timm's NaFlex SigLIP trunk `timm_name` (bilinear position-grid resize, tanh GELU, MAP
+  head, 16x16 position grid: `image_size` 256 at patch 16) with the text tower, logit scale
+  and bias of the SigLIP 2 preset `siglip2` (the pairing SigLIP 2's NaFlex models were
+  released with: the same text tower as the fixed-resolution ones)."""
+  base = _siglip_presets()[siglip2]
+  assert isinstance(base.vision, VisionConfig)
+  return base.replace(vision=dataclasses.replace(base.vision, naflex=True, act='gelu_tanh',
+                                                 timm_model_name=timm_name))
+
+
+def _tiny_naflex() -> CLIPConfig:
+  """`tiny-demo` with a NaFlex SigLIP-style image tower (no class token, MAP head, patch
+  bias, no projection: embed_dim is its width, 128; 4x4 position grid of 16 px patches):
+  the CPU demo's and the parity tests' NaFlex. timm names no trunk this small, so it does
+  not export (naflexvit_base_patch16_siglip does)."""
+  base = _tiny_demo()
+  assert isinstance(base.vision, VisionConfig)
+  vision = dataclasses.replace(base.vision, naflex=True, class_token=False, pool='map',
+                               ln_pre=False, patch_bias=True, proj=False, norm_eps=1e-6,
+                               act='gelu_tanh')
+  return base.replace(embed_dim=vision.width, vision=vision)
 
 
 def _coca(embed_dim: int, image_size: int, patch: int, width: int, layers: int,
@@ -410,6 +435,11 @@ def _build_presets() -> dict[str, CLIPConfig]:
   presets['tiny-resnet'] = _tiny_resnet()
   presets.update({name: _openclip_eva(*args) for name, args in _OPENCLIP_EVAS.items()})
   presets['tiny-pe-core'] = _tiny_pe_core()
+  presets['naflexvit_base_patch16_siglip'] = _naflex('naflexvit_base_patch16_siglip',
+                                                     'ViT-B-16-SigLIP2-256')
+  presets['naflexvit_so400m_patch16_siglip'] = _naflex('naflexvit_so400m_patch16_siglip',
+                                                       'ViT-SO400M-16-SigLIP2-256')
+  presets['tiny-naflex'] = _tiny_naflex()
   return presets
 
 

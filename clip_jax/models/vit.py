@@ -4,8 +4,9 @@ Covers OpenCLIP's native VisionTransformer (class token, ln_pre, `tok`/`gap` poo
 projection without bias, CoCa's attentional pooler) and timm's SigLIP trunk (patch bias, no
 class token, MAP head); `models/eva.py` extends it to timm's Eva trunks (EVA-01/02, PE-Core:
 rotary embeddings, SwiGLU, ...). `encode` also returns the image tokens a caption decoder reads.
-Images are NHWC floats, already normalised. Given one random key per image, training
-drops a fraction of the patch tokens (FLIP's patch dropout) before the blocks run.
+Images are NHWC floats, already normalised, or with `vision.naflex` padded patch sequences
+at each image's own aspect ratio (`models/naflex.py`). Given one random key per image,
+training drops a fraction of the patch tokens (FLIP's patch dropout) before the blocks run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from clip_jax.models.layers import (
   dot_product_attention,
   param,
 )
+from clip_jax.models.naflex import NaFlexPatches, kept_valid_patches, resized_position_embedding
+
+Images = jax.Array | NaFlexPatches
 
 
 def kept_patch_indices(keys: jax.Array, patches: int, keep: int) -> jax.Array:
@@ -66,11 +70,12 @@ class MAPHead(nnx.Module):
     self.norm = LayerNorm(d, eps=eps, **kw)
     self.mlp = MLP(d, mlp_dim, act, **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    """`key_mask` ([B, T] bool): the tokens the query may attend to (NaFlex: not padding)."""
     latent = jnp.broadcast_to(self.latent[...], (x.shape[0],) + self.latent.shape)
     q = self.q(latent)
     kv = self.kv(x)
-    y = self.out(dot_product_attention(q, kv[:, :, 0], kv[:, :, 1]))
+    y = self.out(dot_product_attention(q, kv[:, :, 0], kv[:, :, 1], key_mask=key_mask))
     y = y + self.mlp(y, norm=self.norm)
     return y[:, 0]
 
@@ -145,8 +150,10 @@ class VisionTransformer(nnx.Module):
     position embedding (OpenCLIP's and SigLIP's ViTs)."""
     return None
 
-  def embed(self, images: jax.Array) -> jax.Array:
+  def embed(self, images: Images) -> jax.Array:
     """[B, H, W, 3] -> [B, N(+1), width] tokens with position embedding."""
+    if isinstance(images, NaFlexPatches):
+      return self.embed_naflex(images)
     p, n = self.cfg.patch_size, self.cfg.grid * self.cfg.patch_size
     # Like a strided conv, pixels past the last whole patch are ignored (e.g. 384px at /14).
     patches = einops.rearrange(images[:, :n, :n], 'b (h p1) (w p2) c -> b (h w) p1 p2 c',
@@ -157,39 +164,61 @@ class VisionTransformer(nnx.Module):
       x = jnp.concatenate([cls, x], axis=1)
     return x + self.pos_embed[...].astype(x.dtype)
 
-  def pool(self, x: jax.Array) -> jax.Array:
+  def embed_naflex(self, images: NaFlexPatches) -> jax.Array:
+    """[B, N, P*P*3] patches -> [B, N, width] tokens, each with the position grid resized to
+    its image's grid (no class token: `CLIPConfig.validate`). Padding tokens are zeros,
+    whatever the padding held: attention masks them, and a non-finite value there would
+    still reach real tokens through 0 x inf in the attention's weights-values product."""
+    p = self.cfg.patch_size
+    patches = images.patches.reshape(*images.patches.shape[:2], p, p, 3)
+    x = self.patch_embed(patches)
+    pos = resized_position_embedding(self.pos_embed[...], images.coords, images.valid)
+    return jnp.where(images.valid[..., None], x + pos.astype(x.dtype), 0)
+
+  def pool(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """The pooled token; `valid` ([B, T] bool, NaFlex): the tokens that are not padding."""
     if self.map_head is not None:  # cfg.pool == 'map'
-      return self.map_head(x)
+      return self.map_head(x, key_mask=valid)
     if self.cfg.pool == 'tok':
       return x[:, 0]
-    return x[:, int(self.cfg.class_token):].mean(axis=1)
+    x = x[:, int(self.cfg.class_token):]
+    if valid is None:
+      return x.mean(axis=1)
+    weights = valid.astype(x.dtype)[..., None]
+    return (x * weights).sum(axis=1) / weights.sum(axis=1)
 
-  def encode(self, images: jax.Array, dropout_keys: jax.Array | None = None
+  def encode(self, images: Images, dropout_keys: jax.Array | None = None
              ) -> tuple[jax.Array, jax.Array]:
     """Projected pooled features and the image tokens a decoder reads: the attentional
     pooler's queries after the first, else the normalised tokens after the class token.
 
-    `dropout_keys` (one key per image, training only) turns on `cfg.patch_dropout`.
+    `dropout_keys` (one key per image, training only) turns on `cfg.patch_dropout`; NaFlex
+    sequences drop real patches only (`naflex.kept_valid_patches`).
     """
     x = self.embed(images)
+    valid = images.valid if isinstance(images, NaFlexPatches) else None
     rope: jax.Array | np.ndarray | None = self.rope()
     if dropout_keys is not None and self.cfg.patch_dropout > 0:  # after the position embedding
-      kept = kept_patch_indices(dropout_keys, self.cfg.grid ** 2, self.cfg.kept_patches)
+      if valid is None:
+        kept = kept_patch_indices(dropout_keys, self.cfg.grid ** 2, self.cfg.kept_patches)
+      else:
+        kept, valid = kept_valid_patches(dropout_keys, valid, self.cfg.patch_dropout)
       x = take_patches(x, kept, int(self.cfg.class_token))
       if rope is not None:  # each kept patch keeps its rotation: [B, keep, 2 * head_dim]
         rope = jnp.take(jnp.asarray(rope), kept, axis=0)
     if self.ln_pre is not None:
       x = self.ln_pre(x)
-    x = self.transformer(x, causal=False, rope=None if rope is None else jnp.asarray(rope))
+    x = self.transformer(x, causal=False, key_mask=valid,
+                         rope=None if rope is None else jnp.asarray(rope))
     if self.attn_pool is not None:  # OpenCLIP's CoCa: pool, then normalise
       x = self.attn_pool(x)
     x = self.ln_post(x)
-    pooled = self.pool(x)
+    pooled = self.pool(x, valid)
     if self.proj is not None:
       pooled = pooled @ self.proj[...].astype(x.dtype)
     if self.proj_bias is not None:
       pooled = pooled + self.proj_bias[...].astype(x.dtype)
     return pooled, x[:, int(self.cfg.class_token or self.attn_pool is not None):]
 
-  def __call__(self, images: jax.Array, dropout_keys: jax.Array | None = None) -> jax.Array:
+  def __call__(self, images: Images, dropout_keys: jax.Array | None = None) -> jax.Array:
     return self.encode(images, dropout_keys)[0]

@@ -1,0 +1,284 @@
+"""NaFlex image towers (SigLIP 2's native aspect ratio; timm `naflexvit_*`).
+
+Against timm's own code: the grid an image gets for a sequence length
+(`get_image_size_for_seq`), the patch layout (`patchify_image`), the per-image position
+grid resize (torch's antialiased bilinear `F.interpolate`), and whole models: OpenCLIP's
+TimmModel over timm's `naflexvit_base_patch16_siglip` (reduced depth) and over a tiny
+NaFlexVit, imported with random perturbed fp32 weights and fed the same patch sequences at
+three aspect ratios and two sequence lengths. Then what NaFlex must not do: let padding
+change a feature, or drop padding in place of real patches; and the interchange: export to
+OpenCLIP, a fixed-resolution SigLIP 2 checkpoint in a NaFlex model.
+"""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from timm.data.naflex_transforms import get_image_size_for_seq, patchify_image
+
+import clip_jax
+from clip_jax import sharding
+from clip_jax.checkpoint import save_model
+from clip_jax.convert.open_clip import params_to_open_clip
+from clip_jax.convert.open_clip_config import UnsupportedForOpenCLIP, model_cfg
+from clip_jax.data.naflex import grid_for_sequence, naflex_patches, patchify
+from clip_jax.export import export
+from clip_jax.import_open_clip import import_state_dict
+from clip_jax.models.functional import FunctionalModel, get_params, model_from_params
+from clip_jax.models.naflex import NaFlexPatches, kept_valid_patches, resized_position_embedding
+from clip_jax.models.pos_embed import resize_image_pos_embed
+from tests.jax_reference import jax_features, perturbed_model, random_inputs
+from tests.reference import open_clip_model, state_dict_numpy, torch_features
+
+TOLERANCE = 1e-5  # max abs difference of L2-normalised fp32 features (measured 1.2e-7)
+SHAPES = [(300, 300), (180, 320), (600, 200)]  # height x width: 1:1, 16:9, 1:3
+
+
+def _tiny_reference():
+  """OpenCLIP's model for `tiny-naflex`: tiny-demo's text tower (the CLIP class) and a
+  TimmModel whose trunk is timm's `naflexvit_base_patch16_siglip` model function in the
+  tiny's shape (2 blocks of 128, 4 heads, a 4x4 position grid)."""
+  config = model_cfg(clip_jax.get_config('tiny-demo').replace(embed_dim=128))
+  config['vision_cfg'] = dict(image_size=64, timm_model_name='naflexvit_base_patch16_siglip',
+                              timm_model_pretrained=False, timm_pool='map', timm_proj='none')
+  trunk = dict(embed_dim=128, depth=2, num_heads=4, mlp_ratio=4.0, pos_embed_grid_size=(4, 4))
+  return open_clip_model('tiny-naflex', config=config, trunk=trunk)
+
+
+def _case(name):
+  """(OpenCLIP model with a timm NaFlex trunk, the same architecture's clip_jax config)."""
+  if name == 'tiny-naflex':
+    return _tiny_reference(), clip_jax.get_config(name)
+  return (open_clip_model(name, config=model_cfg(clip_jax.get_config(name)), text_layers=1,
+                          trunk=dict(depth=1)),
+          clip_jax.get_config(name, **{'vision.layers': 1, 'text.layers': 1}))
+
+
+def _batch(patch, seq_len, seed=0):
+  """Normalised random pixels at each of SHAPES' grids for `seq_len`, as NaFlex arrays."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for height, width in SHAPES:
+    grid_h, grid_w = grid_for_sequence(height, width, patch, seq_len)
+    pixels = rng.normal(size=(grid_h * patch, grid_w * patch, 3)).astype(np.float32)
+    rows.append(patchify(pixels, patch, seq_len))
+  return tuple(np.stack(column) for column in zip(*rows))
+
+
+def _features(model, arrays):
+  """Normalised clip_jax image features of NaFlex arrays, under jit."""
+  return np.asarray(jax.jit(lambda x: model.encode_image(x, normalize=True))(
+      NaFlexPatches(*(jnp.asarray(a) for a in arrays))))
+
+
+def _torch_naflex_features(torch_model, arrays):
+  patches, coords, valid = (torch.from_numpy(a) for a in arrays)
+  with torch.no_grad():
+    pooled = torch_model.visual.trunk(patches, patch_coord=coords.long(), patch_valid=valid)
+    return torch.nn.functional.normalize(torch_model.visual.head(pooled), dim=-1).numpy()
+
+
+# --- preprocessing, against timm ------------------------------------------------------------
+
+def test_grid_for_sequence_is_timms():
+  """The largest grid that fits, as timm's bisection finds it, on 1,500 random sizes (a
+  third under 40 px high) at SigLIP 2's lengths and two patch sizes."""
+  rng = np.random.default_rng(0)
+  for i in range(1500):
+    height, width = (int(x) for x in rng.integers(1, 3000, 2))
+    if i % 3 == 0:
+      height = int(rng.integers(1, 40))
+    seq_len, patch = int(rng.choice([16, 64, 256, 576, 1024])), int(rng.choice([14, 16]))
+    _, (th, tw) = get_image_size_for_seq((height, width), patch, seq_len)
+    assert grid_for_sequence(height, width, patch, seq_len) == (th // patch, tw // patch), (
+        height, width, patch, seq_len)
+
+
+def test_patches_coords_and_validity_are_timms():
+  """An image resized to its grid and cut into patches, as timm's `patchify_image` (then
+  padded: padding is zeros, at (0, 0), not valid)."""
+  image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 200, 3), np.uint8))
+  patches, coords, valid = naflex_patches(image, 16, 64)
+  grid = grid_for_sequence(90, 200, 16, 64)
+  assert grid == (5, 12) and valid.sum() == 60 and not valid[60:].any()
+  resized = np.asarray(image.resize((12 * 16, 5 * 16), Image.Resampling.BICUBIC))
+  timm_patches, timm_coords, timm_valid = patchify_image(
+      torch.from_numpy(resized).permute(2, 0, 1), (16, 16))
+  np.testing.assert_array_equal(patches[:60], timm_patches.numpy())
+  np.testing.assert_array_equal(coords[:60], timm_coords.numpy())
+  assert timm_valid.all()
+  assert not patches[60:].any() and not coords[60:].any()
+
+
+@pytest.mark.parametrize('grid', [(4, 4), (2, 9), (23, 7), (1, 1), (30, 30)])
+def test_position_grid_resize_is_torchs_antialiased_bilinear(grid):
+  """The learned [16, 16] table resized to a grid per image (shrinking one side, growing
+  the other, both, neither) equals F.interpolate(bilinear, antialias=True, align_corners=
+  False), read at each patch, with padding rows in the batch."""
+  table = np.random.default_rng(2).normal(size=(256, 8)).astype(np.float32)
+  rows, cols = grid
+  coords = np.stack(np.divmod(np.arange(rows * cols), cols), axis=1)
+  coords = np.concatenate([coords, np.zeros((5, 2), int)])[None].astype(np.int32)
+  valid = (np.arange(rows * cols + 5) < rows * cols)[None]
+  ours = np.asarray(resized_position_embedding(jnp.asarray(table), jnp.asarray(coords),
+                                               jnp.asarray(valid)))[0, :rows * cols]
+  grid_nchw = torch.from_numpy(table.reshape(1, 16, 16, 8)).permute(0, 3, 1, 2)
+  theirs = torch.nn.functional.interpolate(grid_nchw, size=grid, mode='bilinear',
+                                           align_corners=False, antialias=True)
+  np.testing.assert_allclose(ours, theirs[0].permute(1, 2, 0).reshape(-1, 8).numpy(),
+                             atol=2e-6)
+
+
+# --- the model, against timm -----------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['tiny-naflex', 'naflexvit_base_patch16_siglip'])
+def test_import_matches_timm_at_three_aspect_ratios_and_two_lengths(name):
+  """Image features equal timm's NaFlexVit's on the same patch sequences (SHAPES at the
+  table's length and another: the grid resized down and up, wide and tall), text features
+  OpenCLIP's, and the state_dict comes back key for key, bit for bit."""
+  torch_model, cfg = _case(name)
+  state = state_dict_numpy(torch_model)
+  params = import_state_dict(cfg, state)
+  model = model_from_params(cfg, params)
+  for seq_len in (cfg.vision.grid ** 2, 64 if cfg.vision.grid > 8 else 4 * cfg.vision.grid ** 2):
+    arrays = _batch(cfg.vision.patch_size, seq_len)
+    diff = np.abs(_torch_naflex_features(torch_model, arrays) - _features(model, arrays)).max()
+    assert diff <= TOLERANCE, (seq_len, diff)
+  _, tokens = random_inputs(cfg.vision.image_size, cfg.text.context_length,
+                            cfg.text.vocab_size)
+  with torch.no_grad():
+    ref_txt = torch_model.encode_text(torch.from_numpy(tokens).long(), normalize=True).numpy()
+  assert np.abs(ref_txt - np.asarray(model.encode_text(jnp.asarray(tokens), normalize=True))
+                ).max() <= TOLERANCE
+  round_trip = params_to_open_clip(cfg, params)
+  assert set(round_trip) == set(state)
+  for key, value in state.items():
+    np.testing.assert_array_equal(round_trip[key], value, err_msg=key)
+
+
+# --- padding and patch dropout -------------------------------------------------------------
+
+def test_padding_changes_nothing():
+  """Padding patches' pixels and coordinates are never read: noise, NaN and inf in them
+  leave every feature bit for bit; an image padded longer gives its features (1e-6)."""
+  model = perturbed_model('tiny-naflex')
+  arrays = _batch(16, 32)
+  patches, coords, valid = (a.copy() for a in arrays)
+  rng = np.random.default_rng(5)
+  noise = rng.normal(scale=50.0, size=patches[~valid].shape)
+  noise[::2, ::7] = np.nan
+  noise[1::2, ::5] = np.inf
+  patches[~valid] = noise
+  coords[~valid] = rng.integers(0, 40, size=coords[~valid].shape)
+  np.testing.assert_array_equal(_features(model, arrays), _features(model, (patches, coords,
+                                                                             valid)))
+  longer = tuple(np.concatenate([a, np.zeros((3, 32) + a.shape[2:], a.dtype)], axis=1)
+                 for a in arrays)
+  np.testing.assert_allclose(_features(model, longer), _features(model, arrays), atol=1e-6)
+
+
+def test_patch_dropout_drops_real_patches_only():
+  """Each image keeps max(1, int(V * (1 - rate))) of its V real patches (drawn by its own
+  key, distinct) in a static `int(N * (1 - rate))` slots, the rest flagged padding; the
+  train-mode features depend on the key, eval features on none."""
+  n, rate = 40, 0.5
+  counts = np.array([40, 23, 3, 1])
+  valid = jnp.asarray(np.arange(n)[None, :] < counts[:, None])
+  keys = jax.random.split(jax.random.key(0), 4)
+  kept, kept_valid = (np.asarray(a) for a in kept_valid_patches(keys, valid, rate))
+  assert kept.shape == kept_valid.shape == (4, 20)
+  for row, count in enumerate(counts):
+    real = kept[row][kept_valid[row]]
+    assert len(real) == max(1, int(count * (1 - rate))), row
+    assert len(set(real.tolist())) == len(real) and (real < count).all(), row
+  other, _ = kept_valid_patches(jax.random.split(jax.random.key(1), 4), valid, rate)
+  assert not np.array_equal(np.asarray(other)[0], kept[0])
+  model = perturbed_model('tiny-naflex', **{'vision.patch_dropout': 0.5})
+  images = NaFlexPatches(*(jnp.asarray(a) for a in _batch(16, 32)))
+  one, two = (np.asarray(model.encode_image(images, dropout_keys=jax.random.split(
+      jax.random.key(seed), 3))) for seed in (0, 1))
+  assert not np.allclose(one, two)
+  np.testing.assert_array_equal(np.asarray(model.encode_image(images)),
+                                np.asarray(model.encode_image(images)))
+
+
+def test_sharded_forward_equals_one_device():
+  """8 devices (data 2, fsdp 2, tensor 2), scanned layers: the NaFlex arrays split over the
+  batch axes give the single-device features."""
+  cfg = clip_jax.get_config('tiny-naflex', scan_layers=True)
+  params = get_params(perturbed_model('tiny-naflex', scan_layers=True))
+  functional = FunctionalModel.create(cfg)
+  arrays = tuple(np.concatenate([a, a[::-1], a[:2]]) for a in _batch(16, 32))  # 8 images
+
+  def features(params, arrays):
+    return functional.bind(params).encode_image(NaFlexPatches(*arrays), normalize=True)
+
+  single = jax.jit(features)(params, arrays)
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  sharded_params = jax.device_put(params, sharding.param_shardings(functional.abstract, mesh))
+  batch = jax.device_put(arrays, sharding.batch_sharding(mesh))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    sharded = jax.jit(features)(sharded_params, batch)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=2e-6)
+
+
+# --- interchange ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_export_loads_strictly_in_open_clip(tmp_path):
+  """naflexvit_base_patch16_siglip (the whole trunk: OpenCLIP builds timm trunks by name; one
+  text layer) exports as an OpenCLIP TimmModel over timm's NaFlexVit; OpenCLIP's
+  encode_image on square 256 px images equals ours on their 16x16 NaFlex sequences."""
+  model = perturbed_model('naflexvit_base_patch16_siglip', **{'text.layers': 1})
+  cfg = model.cfg
+  save_model(tmp_path / 'ckpt', cfg, get_params(model))
+  out = export(str(tmp_path / 'ckpt'), str(tmp_path / 'open_clip'))
+  torch_model = open_clip.create_model(f'local-dir:{out}').eval()
+  assert type(torch_model.visual.trunk).__name__ == 'NaFlexVit'
+  images, tokens = random_inputs(256, cfg.text.context_length, cfg.text.vocab_size, seed=3)
+  ref_img, ref_txt = torch_features(torch_model, images, tokens)
+  arrays = tuple(np.stack(c) for c in zip(*(patchify(image, 16, 256) for image in images)))
+  assert np.abs(ref_img - _features(model, arrays)).max() <= TOLERANCE
+  assert np.abs(ref_txt - jax_features(model, images, tokens)[1]).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize('fixed', ['ViT-B-16-SigLIP2-256', 'ViT-B-16-SigLIP2-384'])
+def test_a_fixed_resolution_siglip2_checkpoint_starts_a_naflex_model(fixed):
+  """OpenCLIP's fixed-resolution SigLIP 2 state_dict (timm's trunk, conv patch embedding)
+  imports into naflexvit_base_patch16_siglip: the same weights, a 24x24 position grid
+  resized to the 16x16 table by OpenCLIP's rule. At 256 px (no resize) the NaFlex model,
+  with the fixed trunk's exact GELU, gives OpenCLIP's features on the square images' 16x16
+  sequences."""
+  torch_model = open_clip_model(fixed, text_layers=1, trunk=dict(depth=1))
+  state = state_dict_numpy(torch_model)
+  cfg = clip_jax.get_config('naflexvit_base_patch16_siglip', **{
+      'vision.layers': 1, 'text.layers': 1, 'vision.act': 'gelu'})
+  params = import_state_dict(cfg, state)
+  table = state['visual.trunk.pos_embed'][0]
+  if fixed.endswith('384'):
+    np.testing.assert_array_equal(params['visual']['pos_embed'],
+                                  resize_image_pos_embed(table, 16, 0))
+    return
+  np.testing.assert_array_equal(params['visual']['pos_embed'], table)
+  images, _ = random_inputs(256, 64, 256000, seed=4)
+  with torch.no_grad():
+    ref = torch_model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2),
+                                   normalize=True).numpy()
+  arrays = tuple(np.stack(c) for c in zip(*(patchify(image, 16, 256) for image in images)))
+  model = model_from_params(cfg, params)
+  assert np.abs(ref - _features(model, arrays)).max() <= TOLERANCE
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_impossible_naflex_configs_fail_naming_the_field():
+  with pytest.raises(ValueError, match='vision.naflex needs vision.class_token=False'):
+    clip_jax.get_config('tiny-naflex', **{'vision.class_token': True, 'vision.pool': 'tok'})
+  with pytest.raises(ValueError, match='vision.naflex needs a plain ViT'):
+    clip_jax.get_config('tiny-pe-core', **{'vision.naflex': True})
+  with pytest.raises(UnsupportedForOpenCLIP):
+    model_cfg(clip_jax.get_config('tiny-naflex'))
