@@ -11,6 +11,9 @@ OpenCLIP, a fixed-resolution SigLIP 2 checkpoint in a NaFlex model.
 """
 
 
+import io
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +28,9 @@ from clip_jax import sharding
 from clip_jax.checkpoint import save_model
 from clip_jax.convert.open_clip import params_to_open_clip
 from clip_jax.convert.open_clip_config import UnsupportedForOpenCLIP, model_cfg
-from clip_jax.data.naflex import grid_for_sequence, naflex_patches, patchify
+from clip_jax.data.naflex import NaFlexBatching, grid_for_sequence, naflex_patches, patchify
+from clip_jax.data.pipeline import Loader, PipelineConfig
+from clip_jax.data.shard_writer import ShardWriter
 from clip_jax.export import export
 from clip_jax.import_open_clip import import_state_dict
 from clip_jax.models.functional import FunctionalModel, get_params, model_from_params
@@ -34,6 +39,7 @@ from clip_jax.models.pos_embed import resize_image_pos_embed
 from tests.jax_reference import jax_features, perturbed_model, random_inputs
 from tests.reference import open_clip_model, state_dict_numpy, torch_features
 
+TOKENIZER = clip_jax.get_tokenizer('clip', context_length=16)
 TOLERANCE = 1e-5  # max abs difference of L2-normalised fp32 features (measured 1.2e-7)
 SHAPES = [(300, 300), (180, 320), (600, 200)]  # height x width: 1:1, 16:9, 1:3
 
@@ -282,3 +288,79 @@ def test_impossible_naflex_configs_fail_naming_the_field():
     clip_jax.get_config('tiny-pe-core', **{'vision.naflex': True})
   with pytest.raises(UnsupportedForOpenCLIP):
     model_cfg(clip_jax.get_config('tiny-naflex'))
+
+
+# --- NaFlex batches: token budget, lengths, resume --------------------------------------------
+
+def _write_mixed_shards(root, n_shards=4, per_shard=30):
+  """JPEGs of many aspect ratios (wide, tall, square; 17 to 160 px a side)."""
+  rng = np.random.default_rng(0)
+  writer = ShardWriter(root, per_shard)
+  for i in range(n_shards * per_shard):
+    height, width = (int(x) for x in rng.integers(17, 161, 2))
+    pixels = rng.integers(0, 256, (height, width, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, 'JPEG')
+    writer.write(buffer.getvalue(), 'jpg', f'sample {i}')
+  writer.close()
+  return f'{root}/{{00000..{n_shards - 1:05d}}}.tar'
+
+
+def _naflex_config(spec, workers=0, **batching):
+  batching = {'patch_size': 16, 'seq_lens': (16, 24, 64), 'max_tokens_per_batch': 512,
+              'batch_multiple': 4, **batching}
+  return PipelineConfig(global_batch_size=0, image_size=64, tokenizer=TOKENIZER, train=spec,
+                        shuffle_window=8, cycle_length=2, workers=workers,
+                        naflex=NaFlexBatching(**batching))
+
+
+def test_token_budget_batches_stay_within_budget_and_near_it(tmp_path):
+  """100 batches: each at one of the lengths (all three drawn), examples x length within
+  the budget and above 90% of it, the batch a multiple of 4; real patches fill each image's
+  grid at the batch's length (grid_for_sequence of its crop)."""
+  loader = Loader(_naflex_config(_write_mixed_shards(tmp_path / 's')))
+  lengths = set()
+  for _ in range(100):
+    batch = next(loader)
+    size, length = batch['valid'].shape
+    lengths.add(length)
+    assert 0.9 * 512 < size * length <= 512 and size % 4 == 0, (size, length)
+    assert batch['patches'].shape == (size, length, 16 * 16 * 3)
+    assert batch['text'].shape[0] == size and batch['patches'].dtype == np.uint8
+    for coords, valid in zip(batch['coords'], batch['valid']):
+      rows, cols = coords[valid].max(axis=0) + 1
+      assert valid.sum() == rows * cols <= length and valid[:rows * cols].all()
+  loader.close()
+  assert lengths == {16, 24, 64}
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_resume_gives_the_same_lengths_and_batches(tmp_path, workers):
+  """A loader restored from a state taken mid-stream (through JSON, as a checkpoint keeps
+  it) gives the uninterrupted stream's next batches: lengths, patches, coordinates, text;
+  with 2 worker processes the lengths still follow the global batch index."""
+  cfg = _naflex_config(_write_mixed_shards(tmp_path / 's'), workers=workers)
+  reference = Loader(cfg)
+  expected = [next(reference) for _ in range(12)]
+  reference.close()
+  assert [b['valid'].shape[1] for b in expected] == [
+      cfg.naflex.seq_len(i) for i in range(12)]
+  first = Loader(cfg)
+  for _ in range(7):
+    next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  first.close()
+  resumed = Loader(cfg)
+  resumed.set_state(state)
+  for want in expected[7:]:
+    got = next(resumed)
+    for key in ('patches', 'coords', 'valid', 'text'):
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  resumed.close()
+
+
+def test_a_budget_that_holds_no_batch_names_the_key():
+  with pytest.raises(ValueError, match=r'data.naflex.max_tokens_per_batch=100 holds no batch '
+                                       r'at seq_len 64'):
+    NaFlexBatching(patch_size=16, seq_lens=(16, 64), max_tokens_per_batch=100,
+                   batch_multiple=4)

@@ -1,4 +1,5 @@
-"""NaFlex preprocessing on the host: each image at its own aspect ratio, as patches.
+"""NaFlex preprocessing on the host: each image at its own aspect ratio, as patches, in
+batches whose sequence length varies and whose size follows it (a token budget).
 
 An image is resized, keeping its aspect ratio, to the largest grid of whole patches that
 fits the sequence length (SigLIP 2's rule as timm's `get_image_size_for_seq` applies it:
@@ -6,10 +7,20 @@ both sides scaled by one factor, each rounded up to whole patches, at least one 
 cut into patches in row-major order ((row, column, channel) within a patch, uint8) and
 padded to the sequence length: the arrays of `models.naflex.NaFlexPatches`, normalised on
 device as the square path's pixels are.
+
+`NaFlexBatches` draws each batch's sequence length from the seed and the batch's global
+index, and takes as many examples as the token budget allows at that length (rounded down
+to the batch's divisor): every step does about the same work, one compiled step per
+length. Its state is its parent's plus its batch count, so a restored pipeline gives the
+same lengths and batches, worker processes included.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import grain
 import numpy as np
 from PIL import Image
 
@@ -82,3 +93,96 @@ def naflex_patches(image: Image.Image, patch: int, seq_len: int, interpolation: 
   """An image -> its uint8 NaFlex arrays at `seq_len` (resize_to_sequence, then patchify)."""
   pixels = np.asarray(resize_to_sequence(image, patch, seq_len, interpolation), np.uint8)
   return patchify(pixels, patch, seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class NaFlexBatching:
+  """How NaFlex batches are made. `seq_lens`: the lengths a batch may have (drawn
+  uniformly per batch); `max_tokens_per_batch`: the global token budget (a batch at length
+  L holds the largest multiple of `batch_multiple` examples with examples x L within it);
+  `batch_multiple`: what the global batch must divide by (the mesh's batch shards and the
+  processes)."""
+  patch_size: int
+  seq_lens: tuple[int, ...]
+  max_tokens_per_batch: int
+  batch_multiple: int = 1
+  seed: int = 0
+
+  def __post_init__(self):
+    if not self.seq_lens or min(self.seq_lens) < 1:
+      raise ValueError(f'data.naflex.seq_lens must be positive lengths, got {self.seq_lens}')
+    for seq_len in self.seq_lens:
+      if self.global_batch(seq_len) < 1:
+        raise ValueError(
+            f'data.naflex.max_tokens_per_batch={self.max_tokens_per_batch} holds no batch at '
+            f'seq_len {seq_len}: at least {seq_len * self.batch_multiple} tokens (a multiple '
+            f'of {self.batch_multiple} examples) are needed')
+
+  def global_batch(self, seq_len: int) -> int:
+    """Examples in a global batch at `seq_len`."""
+    per_multiple = self.max_tokens_per_batch // seq_len // self.batch_multiple
+    return per_multiple * self.batch_multiple
+
+  def seq_len(self, batch_index: int) -> int:
+    """The sequence length of global batch `batch_index` (seeded; the same on every
+    process and worker)."""
+    rng = np.random.default_rng([self.seed, 104729, batch_index])
+    return int(self.seq_lens[rng.integers(len(self.seq_lens))])
+
+
+# (index, count) of the data worker process this is (`pipeline.init_worker` sets it in each
+# `mp_prefetch` worker; in-process: the only one). grain hands batches out round-robin, so
+# worker w's j-th batch is global batch j * count + w.
+_WORKER = [0, 1]
+
+
+def set_worker(index: int, count: int) -> None:
+  _WORKER[:] = [index, count]
+
+
+def to_naflex_example(example: dict[str, Any], patch: int, seq_len: int) -> dict[str, Any]:
+  """An example whose `image` is at any aspect ratio -> its NaFlex arrays at `seq_len`."""
+  out = {k: v for k, v in example.items() if k != 'image'}
+  out['patches'], out['coords'], out['valid'] = naflex_patches(
+      Image.fromarray(example['image']), patch, seq_len)
+  return out
+
+
+class _NaFlexBatchIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, batching: NaFlexBatching,
+               process_count: int):
+    super().__init__(parent)
+    self._batching, self._process_count = batching, process_count
+    self._batches = 0  # this worker's batches so far
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    index, count = _WORKER
+    seq_len = self._batching.seq_len(self._batches * count + index)
+    size = self._batching.global_batch(seq_len) // self._process_count
+    examples = [to_naflex_example(next(self._parent), self._batching.patch_size, seq_len)
+                for _ in range(size)]
+    self._batches += 1
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+  def get_state(self):
+    return {'parent': self._parent.get_state(), 'batches': self._batches}
+
+  def set_state(self, state):
+    self._parent.set_state(state['parent'])
+    self._batches = state['batches']
+
+
+class NaFlexBatches(grain.IterDataset):
+  """Per-process NaFlex batches from examples with an `image` (uint8, any aspect ratio)."""
+
+  def __init__(self, parent: grain.IterDataset, batching: NaFlexBatching, process_count: int):
+    super().__init__(parent)
+    if batching.batch_multiple % process_count:
+      raise ValueError(f'NaFlex batches divide by {batching.batch_multiple}, not by the '
+                       f'{process_count} processes')
+    self._batching, self._process_count = batching, process_count
+
+  def __iter__(self):
+    return _NaFlexBatchIterator(self._parent.__iter__(), self._batching, self._process_count)
+

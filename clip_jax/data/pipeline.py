@@ -9,7 +9,9 @@ Per process:  shards (this process's disjoint share, reshuffled every epoch)
 Batches hold `image` (uint8 [B, H, W, 3]; normalise on device with
 `transforms.normalize_on_device`, 4x less inter-process traffic than float32) and
 `text` (int32 [B, context]); with LocCa on (`PipelineConfig.locca`) also `decoder_tokens`
-and `decoder_mask` (int32 [B, locca context], `clip_jax.data.locca`). Every stage is a
+and `decoder_mask` (int32 [B, locca context], `clip_jax.data.locca`). With NaFlex batching
+(`PipelineConfig.naflex`) `image` gives way to `patches`, `coords` and `valid` at each
+batch's own sequence length and size (`clip_jax.data.naflex`). Every stage is a
 grain dataset with checkpointable state, so `Loader.get_state()` / `set_state()` resume at
 the exact next batch, workers included.
 """
@@ -32,7 +34,7 @@ from absl import flags
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from clip_jax.data import locca
+from clip_jax.data import locca, naflex
 from clip_jax.data.specs import Source, parse_spec
 from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, ShardDataset, Skip
 from clip_jax.data.tokenizers import Tokenizer
@@ -82,6 +84,9 @@ class PipelineConfig:
   max_image_pixels: int = MAX_IMAGE_PIXELS
   num_epochs: int = 0                     # passes over the shards; 0: endless (training)
   locca: locca.LoccaSpec | None = None    # LocCa decoder sequences (`locca.locca_spec`)
+  # NaFlex batches (`clip_jax.data.naflex`): images at their own aspect ratio as patch
+  # sequences, the length and batch size chosen per batch. None: square images.
+  naflex: naflex.NaFlexBatching | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -98,7 +103,7 @@ class PipelineConfig:
 
 
 TRAINER_FIELDS = ('global_batch_size', 'image_size', 'tokenizer', 'seed', 'vocab_size',
-                  'num_epochs', 'locca')
+                  'num_epochs', 'locca', 'naflex')
 # What each element counts besides its skips (its `counted` vector): the `Loader` counter
 # and key each entry folds into. Texts cut to fit their context ('caption': the text
 # tower's, 'locca_sequence': the decoder's), and LocCa examples that fell back to
@@ -170,12 +175,35 @@ def locca_keys(record: RawSample, size: tuple[int, int], window: Window,
 def augment(image: Image.Image, cfg: PipelineConfig, rng: np.random.Generator
             ) -> tuple[Image.Image, Window]:
   """The augmented image and the source rectangle it shows (which boxes follow)."""
+  if cfg.naflex is not None:
+    return naflex_augment(image, cfg, rng)
   if cfg.augment == 'random_resized_crop':
     window = random_crop_window(*image.size, rng, scale=cfg.crop_scale)
     return resize_window(image, cfg.image_size, window), window
   mode = 'shortest' if cfg.augment == 'center_crop' else 'squash'
   return (resize_and_crop(image, cfg.image_size, mode, 'bicubic'),
           resize_and_crop_window(*image.size, cfg.image_size, mode))
+
+
+def naflex_augment(image: Image.Image, cfg: PipelineConfig, rng: np.random.Generator
+                   ) -> tuple[Image.Image, Window]:
+  """NaFlex keeps each image's aspect ratio: a random crop of `crop_scale` of its area at
+  its own aspect ratio times one in [3/4, 4/3] (eval-style augmentations: the whole image),
+  resized to its grid at the longest sequence length; `NaFlexBatches` resizes it to the
+  batch's own length."""
+  assert cfg.naflex is not None
+  width, height = image.size
+  window: Window = (0.0, 0.0, float(width), float(height))
+  if cfg.augment == 'random_resized_crop':
+    aspect = width / height
+    window = random_crop_window(width, height, rng, scale=cfg.crop_scale,
+                                ratio=(aspect * 3 / 4, aspect * 4 / 3))
+  crop_w, crop_h = window[2] - window[0], window[3] - window[1]
+  patch = cfg.naflex.patch_size
+  rows, cols = naflex.grid_for_sequence(max(1, round(crop_h)), max(1, round(crop_w)), patch,
+                                        max(cfg.naflex.seq_lens))
+  return (image.convert('RGB').resize((cols * patch, rows * patch), Image.Resampling.BICUBIC,
+                                      box=window), window)
 
 
 class _DropBadIterator(grain.DatasetIterator):
@@ -344,15 +372,21 @@ def build_dataset(cfg: PipelineConfig, process_index: int = 0, process_count: in
     cfg = dataclasses.replace(cfg, workers=data_workers(cfg, sources, process_count))
     ds = tar_dataset(cfg, sources, process_index, process_count)
   else:
+    if cfg.naflex is not None:
+      raise ValueError('NaFlex batches (data.naflex) need tar shards (data.kind=tar): '
+                       'synthetic samples are laid out for a fixed batch')
     cfg = dataclasses.replace(cfg, workers=data_workers(cfg, None, process_count))
     ds = synthetic_dataset(cfg, process_index, process_count)
-  ds = ds.batch(cfg.global_batch_size // process_count, drop_remainder=True)
+  if cfg.naflex is not None:
+    ds = naflex.NaFlexBatches(ds, cfg.naflex, process_count)
+  else:
+    ds = ds.batch(cfg.global_batch_size // process_count, drop_remainder=True)
   if cfg.workers:
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside an absl app use defaults
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.workers),
                                                      per_worker_buffer_size=cfg.worker_buffer),
-                        worker_init_fn=exit_with_parent)
+                        worker_init_fn=init_worker)
   return Built(ds, int(cfg.workers))
 
 
@@ -393,11 +427,12 @@ def data_workers(cfg: PipelineConfig, sources: Sequence[Source] | None,
   return workers
 
 
-def exit_with_parent(worker_index: int, worker_count: int) -> None:
-  """Run in each `mp_prefetch` worker: the worker exits once the process that started it
+def init_worker(worker_index: int, worker_count: int) -> None:
+  """Run in each `mp_prefetch` worker: tells NaFlex batching which worker this is (its
+  batches' global indices), and makes the worker exit once the process that started it
   is gone. A trainer killed outright (SIGKILL, the OOM killer) cannot stop its workers, and
   grain's then lived on, holding their memory, until the machine went down."""
-  del worker_index, worker_count
+  naflex.set_worker(worker_index, worker_count)
   parent = os.getppid()
 
   def watch():
