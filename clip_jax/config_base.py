@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   # 'auto' or a count: a reference of any type, so that both `--config.data.workers=8` and
   # `=auto` parse (a str-typed key would read 8 as '8', an int-typed one refuse 'auto').
   c.data.workers = ml_collections.FieldReference(c.data.workers, field_type=object)
+  # NaFlex models (`model.vision.naflex`): the sequence lengths a batch may have, and the
+  # global token budget per batch (0: batch_size x the longest length); data/naflex.py.
+  c.data.naflex = ml_collections.ConfigDict({'seq_lens': (), 'max_tokens_per_batch': 0})
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'softmax'            # 'softmax' | 'sigmoid' | 'sigmoid_chunked'

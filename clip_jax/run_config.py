@@ -19,10 +19,11 @@ import ml_collections
 from clip_jax import accumulate, distill, sharding
 from clip_jax import checkpoint as ckpt
 from clip_jax.data import locca
+from clip_jax.data.naflex import NaFlexBatching
 from clip_jax.data.pipeline import PipelineConfig
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.losses import KINDS
-from clip_jax.models.config import CLIPConfig, DecoderConfig, require_vit
+from clip_jax.models.config import CLIPConfig, DecoderConfig, VisionConfig, require_vit
 from clip_jax.models.presets import get_config
 from clip_jax.optim import SCHEDULES, OptimConfig
 
@@ -112,7 +113,7 @@ def resolve(config: ml_collections.ConfigDict, num_devices: int, data: bool = Tr
   _check_init_from(config.init_from)
   return RunConfig(preset=config.model.name, model=model, step=step, mesh=dict(config.mesh),
                    sharding_rules=tuple(tuple(r) for r in config.sharding_rules),
-                   pipeline=pipeline_config(config, model) if data else None,
+                   pipeline=pipeline_config(config, model, num_devices) if data else None,
                    init_from=config.init_from)
 
 
@@ -126,7 +127,31 @@ def _check_init_from(init_from: str) -> None:
     raise FileNotFoundError(f'config.init_from={init_from}: {e}') from e
 
 
-def pipeline_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> PipelineConfig:
+def naflex_batching(config: ml_collections.ConfigDict, model: CLIPConfig, num_devices: int
+                    ) -> NaFlexBatching | None:
+  """`config.data.naflex` for a NaFlex model (None for the others); either without the
+  other is an error naming the key. Batches divide by the data-parallel size x
+  `optim.grad_accum`, as `config.batch_size` must."""
+  keys, v = config.data.naflex, model.vision
+  if not (isinstance(v, VisionConfig) and v.naflex):
+    if keys.seq_lens:
+      raise ValueError(f'config.data.naflex.seq_lens={tuple(keys.seq_lens)}: model '
+                       f'{config.model.name!r} is not a NaFlex model (model.vision.naflex).')
+    return None
+  if not keys.seq_lens:
+    raise ValueError(f'config.data.naflex.seq_lens is empty: {config.model.name!r} is a NaFlex '
+                     'model, trained on patch sequences; set the lengths, e.g. '
+                     "--config.data.naflex.seq_lens='(256, 576, 1024)'.")
+  seq_lens = tuple(int(n) for n in keys.seq_lens)
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+  return NaFlexBatching(
+      patch_size=v.patch_size, seq_lens=seq_lens,
+      max_tokens_per_batch=keys.max_tokens_per_batch or config.batch_size * max(seq_lens),
+      batch_multiple=shape['data'] * shape['fsdp'] * config.optim.grad_accum, seed=config.seed)
+
+
+def pipeline_config(config: ml_collections.ConfigDict, model: CLIPConfig, num_devices: int = 1
+                    ) -> PipelineConfig:
   """`config.data` plus what the pipeline derives from the model and the run."""
   if config.data.kind == 'tar' and not config.data.train:
     raise ValueError("--config.data.train is empty: set it to your tar shards, e.g. "
@@ -139,9 +164,11 @@ def pipeline_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> Pip
     raise ValueError(f'config.model.decoder.vocab_size={model.decoder.vocab_size}: LocCa needs '
                      f'{spec.vocab_size} (the tokenizer\'s {spec.text_vocab} ids, '
                      f'{spec.bins} box bins, {len(locca.TASKS)} task tokens).')
+  data = {k: v for k, v in config.data.items() if k != 'naflex'}
   return PipelineConfig(
-      **config.data, global_batch_size=config.batch_size, image_size=model.vision.image_size,
-      tokenizer=tokenizer, seed=config.seed, vocab_size=model.text.vocab_size, locca=spec)
+      **data, global_batch_size=config.batch_size, image_size=model.vision.image_size,
+      tokenizer=tokenizer, seed=config.seed, vocab_size=model.text.vocab_size, locca=spec,
+      naflex=naflex_batching(config, model, num_devices))
 
 
 def _step_config(config: ml_collections.ConfigDict, model: CLIPConfig) -> StepConfig:
@@ -187,6 +214,9 @@ def _check(config: ml_collections.ConfigDict, model: CLIPConfig, step: StepConfi
                      'config.locca.weight > 0 (its data) or leave embed_tokens unset.')
   if step.total_steps <= 0:
     raise ValueError('config.total_steps must be positive.')
+  if isinstance(model.vision, VisionConfig) and model.vision.naflex and config.distill.teacher:
+    raise ValueError(f'config.distill.teacher={config.distill.teacher!r}: a teacher embeds square '
+                     'images, and a NaFlex model trains on patch sequences.')
   if not 0 <= optim.ema_decay < 1:
     raise ValueError(f'config.optim.ema_decay={optim.ema_decay} must be in [0, 1) '
                      '(0 = no EMA).')

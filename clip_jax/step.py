@@ -39,8 +39,9 @@ from clip_jax import checkpoint as ckpt
 from clip_jax.data.transforms import normalize_on_device
 from clip_jax.losses import caption_loss, caption_rows, contrastive_loss, distillation_loss
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
-from clip_jax.models.config import CLIPConfig
+from clip_jax.models.config import CLIPConfig, VisionConfig
 from clip_jax.models.functional import FunctionalModel, with_stats
+from clip_jax.models.naflex import NaFlexPatches
 from clip_jax.models.pos_embed import fit_pos_embeds
 from clip_jax.run_config import RunConfig, StepConfig
 
@@ -77,13 +78,20 @@ class Program:
       return None
     return functools.partial(_with_teacher, self.jitted_unmasked_step, self.teacher_params)
 
-  def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch as shapes with their sharding (uint8 images, int32 tokens)."""
+  def batch_shapes(self, batch_size: int, seq_len: int | None = None
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as shapes with their sharding (uint8 images, int32 tokens); a NaFlex
+    model's patch sequences at `seq_len` (default: its position table's grid, squared)."""
     cfg = self.model.cfg
     size, context = cfg.vision.image_size, cfg.text.context_length
     shape = lambda *dims, dtype=jnp.int32: jax.ShapeDtypeStruct(
         (batch_size, *dims), dtype, sharding=self.batch_sharding)
     shapes = {'image': shape(size, size, 3, dtype=jnp.uint8), 'text': shape(context)}
+    if isinstance(cfg.vision, VisionConfig) and cfg.vision.naflex:
+      length, patch = seq_len or cfg.vision.grid ** 2, cfg.vision.patch_size
+      del shapes['image']
+      shapes.update(patches=shape(length, patch * patch * 3, dtype=jnp.uint8),
+                    coords=shape(length, 2), valid=shape(length, dtype=jnp.bool_))
     if cfg.decoder is not None and cfg.decoder.embed_tokens:  # LocCa's own sequences
       shapes['decoder_tokens'] = shapes['decoder_mask'] = shape(cfg.decoder.context_length)
     return shapes
@@ -251,7 +259,6 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
   loss_kind, chunk = config.loss, config.loss_chunk_size
   ema_decay = config.optim.ema_decay
   accum, accum_mode = config.optim.grad_accum, config.optim.grad_accum_mode
-  preprocess = model.cfg.preprocess
   # Per-image random keys: patch dropout (ViT) or stochastic depth (ConvNeXt's drop_path).
   patch_dropout = patch_dropout and needs_dropout_keys(model.cfg)
 
@@ -261,7 +268,7 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
     freeze = config.optim.freeze
     clip = model.bind(with_stats(optim.stop_frozen(params, freeze), stats), train=True,
                       freeze=freeze)
-    images = normalize_on_device(batch['image'], preprocess).astype(model.cfg.dtype)
+    images = images_of(batch, model.cfg)
     rows = {}
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain_batch
       if model.cfg.decoder is None:
@@ -291,7 +298,7 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
     params = state['params']
     if patch_dropout:
       batch = {**batch, 'dropout_keys': dropout_keys(config.seed, state['step'],
-                                                     batch['image'].shape[0], batch_sharding)}
+                                                     batch['text'].shape[0], batch_sharding)}
     teacher_features = (None if teacher is None else
                         teacher.embed(teacher_params, batch, mesh, accum, batch_sharding))
     grads_fn = accumulate.value_and_grad(
@@ -327,6 +334,17 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
   in_shardings = (state_shardings, batch_sharding, *([teacher.shardings] if teacher else []))
   return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, None),
                  donate_argnums=(0,))
+
+
+def images_of(batch: dict, cfg: CLIPConfig) -> jax.Array | NaFlexPatches:
+  """The image tower's input: the batch's uint8 images normalised, or for NaFlex batches
+  (`patches`, `coords`, `valid`) the patches normalised alike (channels last in a patch)."""
+  if 'patches' not in batch:
+    return normalize_on_device(batch['image'], cfg.preprocess).astype(cfg.dtype)
+  patches = batch['patches']
+  pixels = normalize_on_device(patches.reshape(*patches.shape[:-1], -1, 3), cfg.preprocess)
+  return NaFlexPatches(pixels.reshape(patches.shape).astype(cfg.dtype), batch['coords'],
+                       batch['valid'])
 
 
 def caption_targets(batch: dict, cfg: CLIPConfig) -> tuple[jax.Array, jax.Array]:

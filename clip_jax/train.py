@@ -288,7 +288,8 @@ def train_loop(run: Run) -> dict[str, float]:
 
 
 class Window:
-  """Wall time, data wait and step count since the last log line.
+  """Wall time, data wait, samples and step count since the last log line (NaFlex batches
+  hold as many samples as their sequence length allows, so samples are counted).
 
   Read only after the device finished the window's last step (dispatch is async, so the
   clock alone would count steps still queued), and divided by the steps it really holds.
@@ -299,11 +300,13 @@ class Window:
 
   def reset(self, step: int) -> None:
     self.first_step, self.start, self.data_wait, self.excluded = step, time.perf_counter(), 0., 0.
+    self.samples = 0
 
   def next_batch(self, loader: Loader) -> dict:
     start = time.perf_counter()
     batch = next(loader)
     self.data_wait += time.perf_counter() - start
+    self.samples += int(batch['text'].shape[0])
     return batch
 
   @contextlib.contextmanager
@@ -312,23 +315,24 @@ class Window:
     yield
     self.excluded += time.perf_counter() - start
 
-  def close(self, step: int, device_values: Any) -> tuple[float, float, Any]:
-    """(seconds per step, data wait per step, host values) for the window ending now."""
+  def close(self, step: int, device_values: Any) -> tuple[float, float, float, Any]:
+    """(seconds per step, data wait per step, samples per second, host values) for the
+    window ending now."""
     host_values = jax.device_get(device_values)  # waits for the window's last step
     steps = max(step - self.first_step, 1)
-    seconds = (time.perf_counter() - self.start - self.excluded) / steps
-    data_wait = self.data_wait / steps
+    elapsed = time.perf_counter() - self.start - self.excluded
+    seconds, data_wait, rate = elapsed / steps, self.data_wait / steps, self.samples / elapsed
     self.reset(step)
-    return seconds, data_wait, host_values
+    return seconds, data_wait, rate, host_values
 
 
 def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict[str, float]:
-  seconds, data_wait, metrics = window.close(step, metrics)
+  seconds, data_wait, samples_per_second, metrics = window.close(step, metrics)
   metrics = {k: float(v) for k, v in metrics.items()}
   flops = run.unmasked_flops_per_step if run.in_unmasked_tail(step - 1) else run.flops_per_step
   achieved = flops / seconds / jax.device_count()
   scalars = {**metrics, 'lr': float(run.schedule(step - 1)), 'step_time': seconds,
-             'data_wait': data_wait, 'samples_per_second': run.config.batch_size / seconds,
+             'data_wait': data_wait, 'samples_per_second': samples_per_second,
              'mfu': achieved / run.peak_flops if run.peak_flops else None,
              **{f'skipped/{k}': v for k, v in run.loader.skipped.items()},
              # Texts cut to fit (kept, as the tokenizer cuts) and LocCa's unreadable boxes.

@@ -13,6 +13,8 @@ OpenCLIP, a fixed-resolution SigLIP 2 checkpoint in a NaFlex model.
 
 import io
 import json
+import signal
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ from PIL import Image
 from timm.data.naflex_transforms import get_image_size_for_seq, patchify_image
 
 import clip_jax
+from clip_jax import checkpoint as ckpt
 from clip_jax import sharding
 from clip_jax.checkpoint import save_model
 from clip_jax.convert.open_clip import params_to_open_clip
@@ -36,6 +39,7 @@ from clip_jax.import_open_clip import import_state_dict
 from clip_jax.models.functional import FunctionalModel, get_params, model_from_params
 from clip_jax.models.naflex import NaFlexPatches, kept_valid_patches, resized_position_embedding
 from clip_jax.models.pos_embed import resize_image_pos_embed
+from tests import helpers
 from tests.jax_reference import jax_features, perturbed_model, random_inputs
 from tests.reference import open_clip_model, state_dict_numpy, torch_features
 
@@ -364,3 +368,58 @@ def test_a_budget_that_holds_no_batch_names_the_key():
                                        r'at seq_len 64'):
     NaFlexBatching(patch_size=16, seq_lens=(16, 64), max_tokens_per_batch=100,
                    batch_multiple=4)
+
+
+# --- the train binary ----------------------------------------------------------------------
+
+def _naflex_run(demo_data, steps, *extra):
+  """tiny-naflex on the tests' demo data through the train binary: lengths 8, 16 and 32
+  under a budget of 32 x 32 tokens, 8 devices; zero-shot on the (square) eval shards."""
+  return helpers.overrides(
+      steps, '--config.model.name=tiny-naflex', "--config.data.naflex.seq_lens=(8, 16, 32)",
+      '--config.batch_size=32', '--config.log_every=1', '--config.checkpoint_every=4',
+      '--config.data.workers=0', *extra)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_data, tmp_path):
+  """The train binary on NaFlex batches (their sizes following the lengths: 128, 64 and 32
+  images), killed mid-run and restarted: the same losses, batch sizes and final params as
+  an uninterrupted run; the zero-shot eval reads the square eval images."""
+  config = helpers.demo_config(demo_data)
+  common = _naflex_run(demo_data, 12, '--config.eval_every=12')
+  helpers.run(helpers.train_cmd(tmp_path / 'straight', *common, config=config), helpers.env())
+  workdir = tmp_path / 'killed'
+  process = subprocess.Popen(helpers.train_cmd(workdir, *common, config=config),
+                             env=helpers.env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  helpers.wait_for_step(workdir, 6)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert max(helpers.metrics(workdir)) < 12, 'the run finished before it could be killed'
+  helpers.run(helpers.train_cmd(workdir, *common, config=config), helpers.env())
+  straight, resumed = helpers.metrics(tmp_path / 'straight'), helpers.metrics(workdir)
+  assert sorted(straight) == sorted(resumed) == list(range(1, 13))
+  for step in straight:
+    assert resumed[step]['loss'] == straight[step]['loss'], step
+  assert 0 <= straight[12]['zeroshot_top1'] <= 1
+  a, b = (ckpt.load_params(d)[1] for d in (tmp_path / 'straight', workdir))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_naflex_keys_and_model_must_agree(demo_data, tmp_path):
+  """A NaFlex model without lengths, or lengths for a square model, or a budget holding no
+  batch: one line naming the key, exit 2, before any compute."""
+  config = helpers.demo_config(demo_data)
+  cases = [(['--config.model.name=tiny-naflex'], 'config.data.naflex.seq_lens is empty'),
+           (["--config.data.naflex.seq_lens=(16,)"], 'is not a NaFlex model'),
+           (['--config.model.name=tiny-naflex', "--config.data.naflex.seq_lens=(16, 64)",
+             '--config.data.naflex.max_tokens_per_batch=50'],
+            'data.naflex.max_tokens_per_batch=50 holds no batch')]
+  for extra, message in cases:
+    result = subprocess.run(helpers.train_cmd(tmp_path / 'w', '--config.total_steps=1', *extra,
+                                              config=config),
+                            env=helpers.env(1), capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-800:])

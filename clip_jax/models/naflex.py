@@ -27,6 +27,18 @@ class NaFlexPatches(NamedTuple):
   valid: jax.Array    # [B, N] bool: False where the sequence is padding
 
 
+def square_patches(images: jax.Array, patch: int) -> NaFlexPatches:
+  """[B, H, W, 3] images (whole patches) as NaFlex sequences with every patch real: a NaFlex
+  tower given plain images (evaluation, `clip_jax.load`) sees them at their own grid."""
+  b, h, w, c = images.shape
+  rows, cols = h // patch, w // patch
+  patches = images[:, :rows * patch, :cols * patch].reshape(b, rows, patch, cols, patch, c)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, rows * cols, patch * patch * c)
+  grid = jnp.stack(jnp.divmod(jnp.arange(rows * cols), cols), axis=-1).astype(jnp.int32)
+  return NaFlexPatches(patches, jnp.broadcast_to(grid, (b, rows * cols, 2)),
+                       jnp.ones((b, rows * cols), bool))
+
+
 def grid_sizes(coords: jax.Array, valid: jax.Array) -> jax.Array:
   """[B, 2] each image's (rows, columns) of patches, from its real patches' coordinates."""
   real = jnp.where(valid[..., None], coords, 0)

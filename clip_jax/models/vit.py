@@ -27,7 +27,12 @@ from clip_jax.models.layers import (
   dot_product_attention,
   param,
 )
-from clip_jax.models.naflex import NaFlexPatches, kept_valid_patches, resized_position_embedding
+from clip_jax.models.naflex import (
+  NaFlexPatches,
+  kept_valid_patches,
+  resized_position_embedding,
+  square_patches,
+)
 
 Images = jax.Array | NaFlexPatches
 
@@ -195,6 +200,9 @@ class VisionTransformer(nnx.Module):
     `dropout_keys` (one key per image, training only) turns on `cfg.patch_dropout`; NaFlex
     sequences drop real patches only (`naflex.kept_valid_patches`).
     """
+    if self.cfg.naflex and not isinstance(images, NaFlexPatches):
+      # Whole images (evaluation, `clip_jax.load`): every patch of their own grid is real.
+      images = square_patches(images, self.cfg.patch_size)
     x = self.embed(images)
     valid = images.valid if isinstance(images, NaFlexPatches) else None
     rope: jax.Array | np.ndarray | None = self.rope()
