@@ -54,7 +54,7 @@ def main():
   args = parser.parse_args()
   config = clip_config.get_config(f'model={args.model},batch_size={args.batch_size}')
   config.model.scan_layers = False
-  lowered, _ = aot.lower_train_step(config, aot.topology_devices(args.topology))
+  lowered = aot.lower_train_step(config, aot.topology_devices(args.topology))[0]
   with quiet_stderr():
     compiled = lowered.compile()
   rows = op_cycles(compiled.as_text())

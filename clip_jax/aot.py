@@ -60,6 +60,9 @@ _TOPOLOGY = flags.DEFINE_string(
     'topology', None, "TPU topology to compile for, e.g. 'v5p:4x4x4', 'v5e:2x2', or 'local' "
     "(this machine's devices).")
 _JSON = flags.DEFINE_bool('json', False, 'Print the report as JSON.')
+_SEQ_LEN = flags.DEFINE_integer(
+    'seq_len', None, 'NaFlex models: the sequence length to compile the step at, with the '
+    'batch the token budget gives (default: the longest of config.data.naflex.seq_lens).')
 _DEPTH_ESTIMATE = flags.DEFINE_bool(
     'depth_estimate', True, 'For scanned layers: estimate step time and FLOPs of every layer '
     'from compiles of the same step at 4 layers per tower and 1 or 2 layers per loop '
@@ -104,26 +107,35 @@ def topology_devices(topology: str) -> list[jax.Device]:
 
 # --- the step, from shapes ----------------------------------------------------------------
 
-def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device]):
+def lower_train_step(config: ml_collections.ConfigDict, devices: list[jax.Device],
+                     seq_len: int | None = None):
   """The trainer's jitted step for `devices` (`clip_jax.step`, abstract: shapes only),
-  lowered; and the resolved run."""
+  lowered; the resolved run; and the batch it was lowered for: (global batch, sequence
+  length). A NaFlex model's step is compiled per sequence length: at `seq_len` (default the
+  longest of `data.naflex.seq_lens`) with the batch its token budget gives."""
   run = run_config.resolve(config, len(devices), data=False)
   program = step.build(run, sharding.make_mesh(run.mesh, devices), abstract=True)
-  return program.lower(run.step.batch_size), run
+  batching = run_config.naflex_batching(config, run.model, len(devices))
+  if batching is None:
+    return program.lower(run.step.batch_size), run, (run.step.batch_size, None)
+  seq_len = seq_len or max(batching.seq_lens)
+  batch = batching.global_batch(seq_len)
+  return program.lower(batch, seq_len), run, (batch, seq_len)
 
 
 # --- the report ---------------------------------------------------------------------------
 
-def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bool = False
-            ) -> dict[str, Any]:
+def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bool = False,
+            seq_len: int | None = None) -> dict[str, Any]:
   """Compiles the step for `topology`; returns the report (a JSON-serialisable dict).
 
   With `depth_estimate`, a scanned step's time and FLOPs come from `depth_extrapolation`.
+  `seq_len`: a NaFlex model's sequence length (`lower_train_step`).
   """
   devices = topology_devices(topology)
   kind = devices[0].device_kind
   chips = len(devices)
-  lowered, run = lower_train_step(config, devices)
+  lowered, run, (batch, seq_len) = lower_train_step(config, devices, seq_len)
   cfg = run.model
   report: dict[str, Any] = {
       'topology': topology, 'device_kind': kind, 'chips': chips,
@@ -132,7 +144,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
       'model': config.model.name, 'dtype': config.model.dtype, 'remat': config.model.remat,
       'scan_layers': config.model.scan_layers, 'loss': config.loss.kind,
       'decoder': decoder_summary(cfg),
-      'batch_size': config.batch_size, 'batch_per_chip': config.batch_size / chips,
+      'batch_size': batch, 'batch_per_chip': batch / chips, 'seq_len': seq_len,
       'grad_accum': config.optim.grad_accum, 'grad_accum_mode': config.optim.grad_accum_mode}
   capacity = hbm_capacity(devices[0])
   scanned = depth_estimate and config.model.scan_layers and config.optim.grad_accum == 1
@@ -157,7 +169,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
   hlo = compiled.as_text() or ''
-  analytic = train_flops_per_sample(cfg, cfg.text.context_length) * config.batch_size / chips
+  analytic = train_flops_per_sample(cfg, cfg.text.context_length, seq_len) * batch / chips
   compiled_flops = float(cost.get('flops', 0.0))
   seconds = cost.get('optimal_seconds')
   loops = len(re.findall(r'\bwhile\(', hlo))
@@ -168,7 +180,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
   extrapolated = None
   if scanned:
     extrapolated = depth_extrapolation(config, cfg, devices,
-                                       (float(seconds or 0.0), compiled_flops))
+                                       (float(seconds or 0.0), compiled_flops), seq_len)
     extrapolated['scanned_program'] = {'step_seconds': seconds, 'flops': compiled_flops}
     compiled_flops = extrapolated['flops_per_chip']
     if extrapolated['step_seconds'] is not None:  # else the program's own (non-positive) time
@@ -178,7 +190,7 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
   valid_time = seconds is not None and seconds > 0
   report['estimate'] = {
       'step_seconds': float(seconds) if seconds is not None else None,
-      'pairs_per_second_per_chip': config.batch_size / chips / seconds if valid_time else None,
+      'pairs_per_second_per_chip': batch / chips / seconds if valid_time else None,
       'peak_flops_per_chip': peak,
       'mfu': analytic / seconds / peak if valid_time and peak else None,
       'while_loops': loops,
@@ -191,8 +203,8 @@ def analyse(config: ml_collections.ConfigDict, topology: str, depth_estimate: bo
 
 
 def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
-                        devices: list[jax.Device], scanned: tuple[float, float]
-                        ) -> dict[str, Any]:
+                        devices: list[jax.Device], scanned: tuple[float, float],
+                        seq_len: int | None = None) -> dict[str, Any]:
   """Step time and FLOPs of the full-depth scanned step, from the loop bodies' own cost.
 
   `cost_analysis()` counts a loop body once: the scanned program (`scanned`: its time and
@@ -233,7 +245,7 @@ def depth_extrapolation(config: ml_collections.ConfigDict, cfg: CLIPConfig,
              + ', '.join(f'{u} {n}' for n, u in zip(names, unrolls))
              + ' layer(s) per loop iteration (for the depth estimate)')
     with quiet_stderr():
-      cost = lower_train_step(shallow, devices)[0].compile().cost_analysis()
+      cost = lower_train_step(shallow, devices, seq_len)[0].compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
     costs[unrolls] = (float(cost.get('optimal_seconds') or 0.0),
                       float(cost.get('flops', 0.0)))
@@ -490,7 +502,7 @@ def main(argv):
     # The host's own backend only traces: keep JAX off libtpu's TPU detection (and off any
     # TPU this host has), before the first backend use.
     jax.config.update('jax_platforms', 'cpu')
-  report = analyse(_CONFIG.value, _TOPOLOGY.value, _DEPTH_ESTIMATE.value)
+  report = analyse(_CONFIG.value, _TOPOLOGY.value, _DEPTH_ESTIMATE.value, _SEQ_LEN.value)
   print(json.dumps(report, indent=2) if _JSON.value else format_report(report))
   if not report['fits']:
     print(f'error: the step does not fit in HBM on {_TOPOLOGY.value}. Knobs: {KNOBS}.',

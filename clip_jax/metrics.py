@@ -119,8 +119,11 @@ def resnet_flops(v: ResNetConfig, embed_dim: int) -> float:
   return float(flops)
 
 
-def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
+def train_flops_per_sample(cfg: CLIPConfig, context_length: int,
+                           image_tokens: int | None = None) -> float:
   """Forward + backward (3x forward) FLOPs of one image-text pair.
+
+  `image_tokens`: a NaFlex model's sequence length (default: the position grid's patches).
 
   With `vision.patch_dropout` the image blocks see only the kept patches (the patch
   embedding still sees all of them). The text tower sees `context_length` tokens, plus
@@ -137,8 +140,9 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
     return 3 * (convnext_flops(v, cfg.embed_dim) + text)
   if isinstance(v, ResNetConfig):  # no caption decoder either
     return 3 * (resnet_flops(v, cfg.embed_dim) + text)
-  patches = v.grid ** 2
-  tokens = v.kept_patches + int(v.class_token)
+  patches = image_tokens or v.grid ** 2
+  kept = max(1, int(patches * (1 - v.patch_dropout))) if image_tokens else v.kept_patches
+  tokens = kept + int(v.class_token)
   gated = isinstance(v, EvaConfig) and v.gated_mlp  # EVA-02's SwiGLU
   image = (tower_flops(v.layers, tokens, v.width, v.mlp_dim, gated)
            + 2 * patches * 3 * v.patch_size**2 * v.width)
@@ -148,7 +152,7 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int) -> float:
   if cfg.decoder is not None:
     d = cfg.decoder
     positions = (d.context_length if d.embed_tokens else context_length) - 1
-    image_tokens = v.attn_pool_queries - 1 if v.attn_pool_queries else v.kept_patches
+    image_tokens = v.attn_pool_queries - 1 if v.attn_pool_queries else kept
     caption = decoder_flops(d.layers, positions, image_tokens, d.width, d.mlp_dim, d.vocab_size)
   return 3 * (image + text + caption)
 

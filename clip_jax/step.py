@@ -96,9 +96,11 @@ class Program:
       shapes['decoder_tokens'] = shapes['decoder_mask'] = shape(cfg.decoder.context_length)
     return shapes
 
-  def lower(self, batch_size: int):
-    """The step lowered on this program's state and a batch of `batch_size` (as shapes)."""
-    return self.jitted_step.lower(self.state, self.batch_shapes(batch_size), *self.teacher_params)
+  def lower(self, batch_size: int, seq_len: int | None = None):
+    """The step lowered on this program's state and a batch of `batch_size` (as shapes;
+    a NaFlex model's at `seq_len`)."""
+    return self.jitted_step.lower(self.state, self.batch_shapes(batch_size, seq_len),
+                                  *self.teacher_params)
 
 
 def _with_teacher(jitted, teacher_params, state, batch):

@@ -134,6 +134,20 @@ def test_a_locca_step_compiles_with_its_decoder_in_the_analytic_flops():
   assert 0.9 < report['flops']['compiled_over_analytic'] < 1.1, report['flops']
 
 
+@pytest.mark.parametrize('seq_len', [16, 64])
+def test_a_naflex_step_compiles_per_length_with_the_budgets_batch(seq_len):
+  """tiny-naflex at lengths 16 and 64 under a 2,048-token budget: the step compiles with 128
+  and 32 sequences, and its analytic FLOPs (blocks over `seq_len` tokens) match the
+  compiled count (unrolled)."""
+  config = _config(**{'model.name': 'tiny-naflex', 'mesh.data': 1, 'mesh.fsdp': -1,
+                      'model.scan_layers': False, 'batch_size': 64,
+                      'data.naflex.seq_lens': (16, 64), 'data.naflex.max_tokens_per_batch': 2048})
+  report = aot.analyse(config, 'local', seq_len=seq_len)
+  assert (report['batch_size'], report['seq_len']) == (2048 // seq_len, seq_len)
+  assert report['fits'] is True
+  assert 0.9 < report['flops']['compiled_over_analytic'] < 1.1, report['flops']
+
+
 def test_the_binaries_keep_libtpus_probe_noise_from_users():
   """Without JAX_PLATFORMS, an installed libtpu probes for a TPU and logs init errors; the
   binaries' start-up (`distributed.initialize`) shows one warning instead and runs on CPU."""

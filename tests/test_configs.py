@@ -8,7 +8,7 @@ import pytest
 
 from clip_jax import cli, config_base, run_config
 from clip_jax import train as train_lib
-from configs import clip, coca, demo, flip, lit, siglip
+from configs import clip, coca, demo, flip, lit, siglip, siglip2_naflex
 from tests import helpers
 from tests.conftest import ROOT
 
@@ -41,7 +41,8 @@ def test_every_recipe_resolves_with_its_args():
   variants = {clip: 'model=ViT-L-14,batch_size=4096,samples=4096000',
               flip: 'model=ViT-B-32,rate=0.25,tail=0.1,batch_size=4096,samples=4096000',
               lit: 'model=ViT-B-16,dtype=float32,steps=7', siglip: 'model=ViT-SO400M-14-SigLIP',
-              coca: 'model=coca_ViT-L-14,finetune=True,batch_size=512,samples=414113'}
+              coca: 'model=coca_ViT-L-14,finetune=True,batch_size=512,samples=414113',
+              siglip2_naflex: 'model=naflexvit_so400m_patch16_siglip,tokens=4194304'}
   for module, arg in variants.items():
     run = run_config.resolve(module.get_config(arg), 256, data=False)
     assert run.pipeline is None and run.step.total_steps > 0
@@ -50,6 +51,10 @@ def test_every_recipe_resolves_with_its_args():
   assert lit.get_config(variants[lit]).total_steps == 7
   caption_only = run_config.resolve(coca.get_config(variants[coca]), 256, data=False).step
   assert (caption_only.contrastive_weight, caption_only.caption_weight) == (0.0, 1.0)
+  naflex = siglip2_naflex.get_config(variants[siglip2_naflex])
+  batching = run_config.naflex_batching(naflex, run_config.model_config(naflex), 256)
+  assert batching is not None and batching.seq_lens == (256, 576, 1024)
+  assert [batching.global_batch(n) for n in batching.seq_lens] == [16384, 7168, 4096]
 
 
 def test_an_empty_data_train_fails_naming_the_flag():
