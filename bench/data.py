@@ -11,10 +11,16 @@ images and normalises on the accelerator; torchvision normalises float32 in the 
 (its standard recipe). Prints the ratio, then clip_jax's samples/s per worker and the
 workers (one core each) that keep one GPU fed at the train step rates measured on an H200
 (`GPU_PAIRS_PER_SECOND`). Run it with as many workers as the host has cores to spare: the
-per-worker rate holds while each worker has a core of its own. NaFlex has no pipeline yet.
+per-worker rate holds while each worker has a core of its own.
+
+Then the NaFlex path on the same shards (`--naflex`): each image cropped at its own aspect
+ratio, resized to its grid at 196 tokens (224 px at patch 16: the square path's tokens),
+patchified and padded, batches of the same 196 x batch tokens; its samples/s per worker
+against the square path's.
 """
 
 import argparse
+import dataclasses
 import io
 import math
 import tempfile
@@ -25,6 +31,7 @@ from PIL import Image, ImageDraw
 
 import clip_jax
 from clip_jax.data.bench import measure
+from clip_jax.data.naflex import NaFlexBatching
 from clip_jax.data.pipeline import PipelineConfig
 from clip_jax.data.shard_writer import ShardWriter
 
@@ -84,6 +91,7 @@ def main():
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--batch_size', type=int, default=256)
   parser.add_argument('--batches', type=int, default=12)
+  parser.add_argument('--naflex', action=argparse.BooleanOptionalAction, default=True)
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as root:
     spec = write_shards(root, args.samples)
@@ -92,6 +100,11 @@ def main():
                          workers=args.workers)
     ours = measure(cfg, args.batches)['samples_per_second']
     theirs = torch_loader_speed(spec, args.workers, args.batch_size, args.batches)
+    if args.naflex:
+      batching = NaFlexBatching(patch_size=16, seq_lens=(196,),
+                                max_tokens_per_batch=196 * args.batch_size)
+      naflex = measure(dataclasses.replace(cfg, naflex=batching),
+                       args.batches)['samples_per_second']
   print(f'{args.workers} workers, batch {args.batch_size}, 224px from 256-512px JPEGs')
   print(f'clip_jax grain pipeline:               {ours:8.1f} samples/s')
   print(f'webdataset + torch DataLoader:          {theirs:8.1f} samples/s')
@@ -100,6 +113,9 @@ def main():
   print(f'clip_jax per worker: {per_worker:.1f} samples/s')
   for model, rate in GPU_PAIRS_PER_SECOND.items():
     print(f'{model} ({rate:,} pairs/s): {math.ceil(rate / per_worker)} workers per GPU')
+  if args.naflex:
+    print(f'NaFlex (196 tokens) per worker: {naflex / args.workers:.1f} samples/s, '
+          f'{naflex / ours:.2f}x the square path')
 
 
 if __name__ == '__main__':

@@ -31,9 +31,11 @@ from clip_jax import sharding
 from clip_jax.checkpoint import save_model
 from clip_jax.convert.open_clip import params_to_open_clip
 from clip_jax.convert.open_clip_config import UnsupportedForOpenCLIP, model_cfg
+from clip_jax.data.make_demo import COLOURS, canvas_of, make_demo
 from clip_jax.data.naflex import NaFlexBatching, grid_for_sequence, naflex_patches, patchify
 from clip_jax.data.pipeline import Loader, PipelineConfig
 from clip_jax.data.shard_writer import ShardWriter
+from clip_jax.data.tar_samples import read_shard
 from clip_jax.export import export
 from clip_jax.import_open_clip import import_state_dict
 from clip_jax.models.functional import FunctionalModel, get_params, model_from_params
@@ -423,3 +425,22 @@ def test_naflex_keys_and_model_must_agree(demo_data, tmp_path):
                             env=helpers.env(1), capture_output=True, text=True, timeout=300,
                             check=False)
     assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-800:])
+
+
+def test_the_demo_generator_draws_wide_and_tall_canvases(tmp_path):
+  """`aspects` draws each canvas's width / height from the list (64² pixels each, every ratio
+  met); each group's box is in the canvas and its shapes' colour is inside the box."""
+  make_demo(str(tmp_path), train_samples=60, eval_samples=20, samples_per_shard=100,
+            aspects=(0.25, 1.0, 4.0))
+  sizes = set()
+  for record in read_shard(str(tmp_path / 'train' / '00000.tar')):
+    image = np.asarray(Image.open(io.BytesIO(record.image)).convert('RGB'), np.int32)
+    sizes.add(image.shape[:2])
+    box = json.loads(record.meta)['objects'][0]['box']
+    colour = np.asarray(COLOURS[json.loads(record.meta)['objects'][0]['class'].split()[0]])
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = (int(v * s) for v, s in zip(box, (width, height, width, height)))
+    inside = np.abs(image[y0:y1 + 1, x0:x1 + 1] - colour).sum(-1) < 60
+    assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1 and inside.any()
+  assert sizes == {canvas_of(64, a)[::-1] for a in (0.25, 1.0, 4.0)} == {(128, 32), (64, 64),
+                                                                         (32, 128)}

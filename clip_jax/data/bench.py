@@ -17,18 +17,20 @@ from clip_jax.data.pipeline import Loader, PipelineConfig
 
 
 def measure(cfg: PipelineConfig, batches: int) -> dict:
-  """Samples/s over `batches` batches after one warm-up batch (worker start-up)."""
+  """Samples/s over `batches` batches after one warm-up batch (worker start-up); samples
+  counted per batch (NaFlex batches vary in size)."""
   loader = Loader(cfg)
+  samples = 0
   try:
     next(loader)
     start = time.perf_counter()
     for _ in range(batches):
-      next(loader)
+      samples += len(next(loader)['text'])
     seconds = time.perf_counter() - start
   finally:
     loader.close()
-  return {'samples_per_second': batches * cfg.global_batch_size / seconds,
-          'seconds': seconds, 'skipped': dict(loader.skipped)}
+  return {'samples_per_second': samples / seconds, 'seconds': seconds,
+          'skipped': dict(loader.skipped)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,16 +85,16 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
     draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
 
 
-def _background(size: int, kind: str, rng: np.random.Generator) -> Image.Image:
+def _background(width: int, height: int, kind: str, rng: np.random.Generator) -> Image.Image:
   tone = tuple(int(v) for v in rng.integers(110, 180, 3))
-  image = Image.new('RGB', (size, size), tone)
+  image = Image.new('RGB', (width, height), tone)
   draw = ImageDraw.Draw(image)
   darker = tuple(max(0, v - 40) for v in tone)
   if kind == 'striped':
-    for x in range(0, size, 8):
-      draw.rectangle((x, 0, x + 3, size), fill=darker)
+    for x in range(0, width, 8):
+      draw.rectangle((x, 0, x + 3, height), fill=darker)
   elif kind == 'dotted':
-    for x, y in itertools.product(range(4, size, 10), repeat=2):
+    for x, y in itertools.product(range(4, width, 10), range(4, height, 10)):
       draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=darker)
   return image
 
@@ -113,30 +113,33 @@ def shape_bounds(shape: str, cx: float, cy: float, r: float) -> tuple[float, flo
   return min(xs), min(ys), max(xs), max(ys)
 
 
-def draw_group(draw: ImageDraw.ImageDraw, image_size: int, count: int, size_name: str,
+def draw_group(draw: ImageDraw.ImageDraw, canvas: tuple[int, int], count: int, size_name: str,
                colour: str, shape: str, place: str, rng: np.random.Generator
                ) -> tuple[float, float, float, float]:
-  """`count` equal shapes lined up (without overlap) around the place's centre; returns
-  the box (x0, y0, x1, y1, pixels) that covers them all, from the drawn geometry."""
-  radius = SIZES[size_name] * image_size / count ** 0.5
+  """`count` equal shapes lined up (without overlap) around the place's centre on a
+  (width, height) canvas, sized by its shorter side; returns the box (x0, y0, x1, y1,
+  pixels) that covers them all, from the drawn geometry."""
+  width, height = canvas
+  side = min(width, height)
+  radius = SIZES[size_name] * side / count ** 0.5
   cx, cy, direction = PLACES[place]
   bounds = []
   for k in range(count):
     offset = (k - (count - 1) / 2) * SPACING * radius
-    jitter = rng.normal(0, image_size * 0.01, 2)
-    x = cx * image_size + (offset if direction == 'horizontal' else 0) + jitter[0]
-    y = cy * image_size + (offset if direction == 'vertical' else 0) + jitter[1]
+    jitter = rng.normal(0, side * 0.01, 2)
+    x = cx * width + (offset if direction == 'horizontal' else 0) + jitter[0]
+    y = cy * height + (offset if direction == 'vertical' else 0) + jitter[1]
     draw_shape(draw, shape, x, y, radius, COLOURS[colour])
     bounds.append(shape_bounds(shape, x, y, radius))
   x0s, y0s, x1s, y1s = zip(*bounds)
   return min(x0s), min(y0s), max(x1s), max(y1s)
 
 
-def _object(bounds: tuple[float, ...], image_size: int, count: int, colour: str, shape: str
-            ) -> dict:
+def _object(bounds: tuple[float, ...], canvas: tuple[int, int], count: int, colour: str,
+            shape: str) -> dict:
   """A group as the json `objects` entry LocCa trains on (docs/data.md, 'LocCa data'): its
   box normalised to [0, 1] (clipped to the image), 'two red stars', 'red star'."""
-  box = [round(min(max(float(v) / image_size, 0.0), 1.0), 4) for v in bounds]
+  box = [round(min(max(float(v) / canvas[i % 2], 0.0), 1.0), 4) for i, v in enumerate(bounds)]
   return {'box': box, 'phrase': _group_phrase(count, '', colour, shape, ''),
           'class': f'{colour} {shape}'}
 
@@ -148,13 +151,16 @@ class Scene(NamedTuple):
   objects: list[dict]  # one `_object` per group
 
 
-def draw_scene(rng: np.random.Generator, size: int, groups: int) -> Scene:
-  """A sample of 1 or 2 groups of distinct classes, with each group's box and phrase.
+def draw_scene(rng: np.random.Generator, size: int, groups: int,
+               canvas: tuple[int, int] | None = None) -> Scene:
+  """A sample of 1 or 2 groups of distinct classes, with each group's box and phrase, on a
+  size x size image or a (width, height) `canvas`.
 
   Two groups sit on opposite sides (left/right or top/bottom) so they never overlap.
   """
+  canvas = canvas or (size, size)
   background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-  image = _background(size, background, rng)
+  image = _background(*canvas, background, rng)
   draw = ImageDraw.Draw(image)
   classes = rng.choice(len(CLASSNAMES), size=groups, replace=False)
   if groups == 1:
@@ -167,9 +173,9 @@ def draw_scene(rng: np.random.Generator, size: int, groups: int) -> Scene:
     colour, shape = CLASSNAMES[cls].split()
     size_name = list(SIZES)[rng.integers(len(SIZES))]
     count = int(rng.integers(1, 4))
-    bounds = draw_group(draw, size, count, size_name, colour, shape, place, rng)
+    bounds = draw_group(draw, canvas, count, size_name, colour, shape, place, rng)
     drawn.append((count, size_name, colour, shape, place))
-    objects.append(_object(bounds, size, count, colour, shape))
+    objects.append(_object(bounds, canvas, count, colour, shape))
   # With probability BARE the caption is just the class names ('red star and blue circle'),
   # whatever the counts; otherwise count, colour and shape are always named and size, place
   # and background each with probability DETAIL. Either way captions often differ in
@@ -197,13 +203,21 @@ def _jpeg(image: Image.Image) -> bytes:
   return buffer.getvalue()
 
 
+def canvas_of(image_size: int, aspect: float) -> tuple[int, int]:
+  """(width, height) of a canvas with `aspect` = width / height and image_size² pixels."""
+  return max(1, round(image_size * aspect ** 0.5)), max(1, round(image_size / aspect ** 0.5))
+
+
 def make_demo(output: str, train_samples: int = 20000, eval_samples: int = 1000,
               samples_per_shard: int = 2000, image_size: int = 64, seed: int = 0,
-              single_fraction: float = 0.8) -> dict:
+              single_fraction: float = 0.8, aspects: tuple[float, ...] = (1.0,)) -> dict:
   """Writes the train split (1-2 groups per image) and the eval split (1 group).
 
   `single_fraction` of the train images hold one group, the rest two. The splits draw
   from independent random streams (spawned from `seed`), so eval images are held out.
+  `aspects`: canvas width / height ratios drawn per image (NaFlex's demo: wide and tall
+  canvases of image_size² pixels); with the default square canvas nothing extra is drawn,
+  so the square dataset stays byte for byte what it was.
   """
   out = epath.Path(output)
   train_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
@@ -213,7 +227,8 @@ def make_demo(output: str, train_samples: int = 20000, eval_samples: int = 1000,
     writer = ShardWriter(out / split, samples_per_shard)
     for _ in tqdm(range(n), desc=f'make_demo {split}', unit='img'):
       groups = 1 if rng.random() < single else 2
-      scene = draw_scene(rng, image_size, groups)
+      aspect = aspects[rng.integers(len(aspects))] if len(aspects) > 1 else aspects[0]
+      scene = draw_scene(rng, image_size, groups, canvas_of(image_size, aspect))
       writer.write(_jpeg(scene.image), 'jpg', scene.caption,
                    {'label': scene.label, 'objects': scene.objects})
     stats[split] = writer.close({'classes': len(CLASSNAMES)})
