@@ -14,14 +14,16 @@ global batch (default 32,768 x 256: a batch of 32,768 at 256 tokens, 8,192 at 1,
 (`data.naflex.seq_lens`) and holds as many images as the budget allows at it, so every
 step does about the same work; one step is compiled per length. Steps = samples / the
 batch at the shortest length (`batch_size`). The SigLIP recipe otherwise (configs/siglip.py:
-sigmoid ring loss, lr 1e-3, b2 0.95, wd 1e-4). To start from a fixed-resolution SigLIP 2
+sigmoid ring loss, lr 1e-3, b2 0.95, wd 1e-4, whole images: its `squash` augmentation keeps
+a NaFlex image uncropped at its own aspect ratio). To start from a fixed-resolution SigLIP 2
 checkpoint as SigLIP 2 did, import it under the NaFlex preset (`python -m
 clip_jax.import_open_clip --model naflexvit_so400m_patch16_siglip --checkpoint
 ViT-SO400M-16-SigLIP2-256.safetensors --out DIR`) and pass `--config.init_from=DIR`.
 Expected: not reproduced here (no data); the CPU demo's NaFlex run is in docs/models.md.
 """
 
-from clip_jax.config_base import base_config, parse_arg
+from clip_jax.config_base import parse_arg
+from configs import siglip
 
 SEQ_LENS = (256, 576, 1024)
 
@@ -29,24 +31,8 @@ SEQ_LENS = (256, 576, 1024)
 def get_config(arg=None):
   args = parse_arg(arg, model='naflexvit_base_patch16_siglip', tokens=32768 * 256,
                    samples=int(9e9))
-  c = base_config()
-  c.model.name = args.model
-  c.model.dtype = 'bfloat16'
-  c.model.remat = 'none'
-  c.model.scan_layers = True
+  batch_size = args.tokens // min(SEQ_LENS)  # the batch at the shortest length
+  c = siglip.get_config(f'model={args.model},batch_size={batch_size},samples={args.samples}')
   c.data.naflex.seq_lens = SEQ_LENS
   c.data.naflex.max_tokens_per_batch = args.tokens
-  c.batch_size = args.tokens // min(SEQ_LENS)
-  c.total_steps = args.samples // c.batch_size
-  c.log_every = 50
-  c.checkpoint_every = 1000
-  c.eval_every = 5000
-  c.data.shuffle_window = 10000
-  c.data.cycle_length = 8
-  c.loss.kind = 'sigmoid_chunked'
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 2000
-  c.optim.b2 = 0.95
-  c.optim.weight_decay = 1e-4
-  c.mesh = {'data': 1, 'fsdp': -1, 'tensor': 1}
   return c

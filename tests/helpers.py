@@ -5,17 +5,20 @@ import io
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tarfile
 import time
 
+import jax
 import ml_collections
 import numpy as np
 from PIL import Image
 
 from clip_jax import run_config, sharding
 from clip_jax import step as step_lib
+from clip_jax.checkpoint import load_params
 from clip_jax.config_base import base_config
 from tests.conftest import JAX_CACHE_ENV, ROOT
 
@@ -83,6 +86,31 @@ def wait_for_step(workdir, step, timeout=300):
       return
     time.sleep(0.2)
   raise TimeoutError(f'{workdir} never reached step {step}')
+
+
+def killed_and_restarted(tmp_path, common, config, steps, kill_at):
+  """The train binary with `common` overrides twice: straight into tmp_path/'straight', and
+  into tmp_path/'killed' SIGKILLed once step `kill_at` is logged, then restarted with the
+  same command. Checks that both logged steps 1..`steps` with the same losses and end with
+  the same params (BatchNorm statistics included); returns their metrics."""
+  run(train_cmd(tmp_path / 'straight', *common, config=config), env())
+  workdir = tmp_path / 'killed'
+  process = subprocess.Popen(train_cmd(workdir, *common, config=config), env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wait_for_step(workdir, kill_at)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert max(metrics(workdir)) < steps, 'the run finished before it could be killed'
+  run(train_cmd(workdir, *common, config=config), env())
+  straight, resumed = metrics(tmp_path / 'straight'), metrics(workdir)
+  assert sorted(straight) == sorted(resumed) == list(range(1, steps + 1))
+  for step in straight:
+    assert resumed[step]['loss'] == straight[step]['loss'], step
+  (_, a), (_, b) = load_params(tmp_path / 'straight'), load_params(workdir)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  return straight, resumed
 
 
 def jpeg(seed, height=48, width=None):

@@ -13,7 +13,6 @@ OpenCLIP, a fixed-resolution SigLIP 2 checkpoint in a NaFlex model.
 
 import io
 import json
-import signal
 import subprocess
 
 import jax
@@ -26,7 +25,6 @@ from PIL import Image
 from timm.data.naflex_transforms import get_image_size_for_seq, patchify_image
 
 import clip_jax
-from clip_jax import checkpoint as ckpt
 from clip_jax import sharding
 from clip_jax.checkpoint import save_model
 from clip_jax.convert.open_clip import params_to_open_clip
@@ -388,26 +386,10 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_data, tmp_path):
   """The train binary on NaFlex batches (their sizes following the lengths: 128, 64 and 32
   images), killed mid-run and restarted: the same losses, batch sizes and final params as
   an uninterrupted run; the zero-shot eval reads the square eval images."""
-  config = helpers.demo_config(demo_data)
   common = _naflex_run(demo_data, 12, '--config.eval_every=12')
-  helpers.run(helpers.train_cmd(tmp_path / 'straight', *common, config=config), helpers.env())
-  workdir = tmp_path / 'killed'
-  process = subprocess.Popen(helpers.train_cmd(workdir, *common, config=config),
-                             env=helpers.env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  helpers.wait_for_step(workdir, 6)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert max(helpers.metrics(workdir)) < 12, 'the run finished before it could be killed'
-  helpers.run(helpers.train_cmd(workdir, *common, config=config), helpers.env())
-  straight, resumed = helpers.metrics(tmp_path / 'straight'), helpers.metrics(workdir)
-  assert sorted(straight) == sorted(resumed) == list(range(1, 13))
-  for step in straight:
-    assert resumed[step]['loss'] == straight[step]['loss'], step
+  straight, _ = helpers.killed_and_restarted(tmp_path, common, helpers.demo_config(demo_data),
+                                             steps=12, kill_at=6)
   assert 0 <= straight[12]['zeroshot_top1'] <= 1
-  a, b = (ckpt.load_params(d)[1] for d in (tmp_path / 'straight', workdir))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
 
 
 def test_naflex_keys_and_model_must_agree(demo_data, tmp_path):
