@@ -30,13 +30,17 @@ def _slow_device_step(state, batch):
   return {'x': done + 1}, metrics
 
 
+# 32 examples: the loop counts each batch's samples (NaFlex batches vary in size).
+BATCH = {'text': np.zeros((32, 1), np.int32)}
+
+
 class _Loader:
   skipped: dict = {}  # noqa: RUF012 (read-only stand-ins)
   cut: dict = {}  # noqa: RUF012
   locca_fallback: dict = {}  # noqa: RUF012
 
   def __next__(self):
-    return {}
+    return BATCH
 
 
 class _Checkpoints:
@@ -83,7 +87,7 @@ def _run(total_steps, log_every):
 
 def test_step_time_waits_for_the_device_and_counts_the_steps_of_each_window():
   run = _run(total_steps=13, log_every=5)
-  run.step_fn(run.state, {})  # compile outside the measured windows
+  run.step_fn(run.state, BATCH)  # compile outside the measured windows
   train.train_loop(run)
   records = run.logger.records
   assert sorted(records) == [5, 10, 13]  # the last window holds 3 steps, not 5
