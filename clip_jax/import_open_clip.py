@@ -26,7 +26,7 @@ from clip_jax.checkpoint import save_model
 from clip_jax.cli import user_errors
 from clip_jax.convert.files import read_state_dict
 from clip_jax.convert.open_clip import CheckpointMismatchError, Params, params_from_open_clip
-from clip_jax.models.config import CLIPConfig, VisionConfig
+from clip_jax.models.config import CLIPConfig, is_naflex
 from clip_jax.models.functional import param_shapes
 from clip_jax.models.pos_embed import fit_pos_embeds
 from clip_jax.models.presets import get_config
@@ -49,7 +49,7 @@ def import_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, Any]) -> Params:
   is), the position grid resized to the NaFlex table with OpenCLIP's rule.
   """
   v = cfg.vision
-  if isinstance(v, VisionConfig) and v.naflex and FIXED_PATCH_KEY in state_dict:
+  if is_naflex(v) and FIXED_PATCH_KEY in state_dict:
     grid = math.isqrt(int(np.shape(state_dict['visual.trunk.pos_embed'])[1]))
     fixed = cfg.replace(vision=dataclasses.replace(v, naflex=False,
                                                    image_size=grid * v.patch_size))

@@ -20,7 +20,13 @@ from typing import Any
 import jax
 from etils import epath
 
-from clip_jax.models.config import CLIPConfig, ConvNeXtConfig, EvaConfig, ResNetConfig
+from clip_jax.models.config import (
+  CLIPConfig,
+  ConvNeXtConfig,
+  EvaConfig,
+  ResNetConfig,
+  kept_count,
+)
 
 # Dense bf16 peak FLOP/s per device, for the MFU estimate. TPUs by their exact
 # `device_kind` ('TPU v5' is v5p, 'TPU v5 lite' is v5e: a substring rule would mix them up).
@@ -141,7 +147,7 @@ def train_flops_per_sample(cfg: CLIPConfig, context_length: int,
   if isinstance(v, ResNetConfig):  # no caption decoder either
     return 3 * (resnet_flops(v, cfg.embed_dim) + text)
   patches = image_tokens or v.grid ** 2
-  kept = max(1, int(patches * (1 - v.patch_dropout))) if image_tokens else v.kept_patches
+  kept = kept_count(patches, v.patch_dropout)
   tokens = kept + int(v.class_token)
   gated = isinstance(v, EvaConfig) and v.gated_mlp  # EVA-02's SwiGLU
   image = (tower_flops(v.layers, tokens, v.width, v.mlp_dim, gated)

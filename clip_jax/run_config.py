@@ -23,7 +23,7 @@ from clip_jax.data.naflex import NaFlexBatching
 from clip_jax.data.pipeline import PipelineConfig
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.losses import KINDS
-from clip_jax.models.config import CLIPConfig, DecoderConfig, VisionConfig, require_vit
+from clip_jax.models.config import CLIPConfig, DecoderConfig, is_naflex, require_vit
 from clip_jax.models.presets import get_config
 from clip_jax.optim import SCHEDULES, OptimConfig
 
@@ -133,7 +133,7 @@ def naflex_batching(config: ml_collections.ConfigDict, model: CLIPConfig, num_de
   other is an error naming the key. Batches divide by the data-parallel size x
   `optim.grad_accum`, as `config.batch_size` must."""
   keys, v = config.data.naflex, model.vision
-  if not (isinstance(v, VisionConfig) and v.naflex):
+  if not is_naflex(v):
     if keys.seq_lens:
       raise ValueError(f'config.data.naflex.seq_lens={tuple(keys.seq_lens)}: model '
                        f'{config.model.name!r} is not a NaFlex model (model.vision.naflex).')
@@ -143,11 +143,17 @@ def naflex_batching(config: ml_collections.ConfigDict, model: CLIPConfig, num_de
                      'model, trained on patch sequences; set the lengths, e.g. '
                      "--config.data.naflex.seq_lens='(256, 576, 1024)'.")
   seq_lens = tuple(int(n) for n in keys.seq_lens)
-  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   return NaFlexBatching(
       patch_size=v.patch_size, seq_lens=seq_lens,
       max_tokens_per_batch=keys.max_tokens_per_batch or config.batch_size * max(seq_lens),
-      batch_multiple=shape['data'] * shape['fsdp'] * config.optim.grad_accum, seed=config.seed)
+      batch_multiple=data_parallel_size(config, num_devices) * config.optim.grad_accum,
+      seed=config.seed)
+
+
+def data_parallel_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+  """The batch shards of `config.mesh` on `num_devices`: its data x fsdp axes."""
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+  return shape['data'] * shape['fsdp']
 
 
 def pipeline_config(config: ml_collections.ConfigDict, model: CLIPConfig, num_devices: int = 1
@@ -204,8 +210,7 @@ def _check(config: ml_collections.ConfigDict, model: CLIPConfig, step: StepConfi
   if optim.grad_accum_mode not in accumulate.MODES:
     raise ValueError(f'config.optim.grad_accum_mode must be one of {accumulate.MODES}, got '
                      f'{optim.grad_accum_mode!r}')
-  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
-  dp = shape['data'] * shape['fsdp']
+  dp = data_parallel_size(config, num_devices)
   if step.batch_size % (dp * optim.grad_accum):
     raise ValueError(f'config.batch_size={step.batch_size} must be divisible by the '
                      f'data-parallel size {dp} x config.optim.grad_accum={optim.grad_accum}.')
@@ -214,7 +219,7 @@ def _check(config: ml_collections.ConfigDict, model: CLIPConfig, step: StepConfi
                      'config.locca.weight > 0 (its data) or leave embed_tokens unset.')
   if step.total_steps <= 0:
     raise ValueError('config.total_steps must be positive.')
-  if isinstance(model.vision, VisionConfig) and model.vision.naflex and config.distill.teacher:
+  if is_naflex(model.vision) and config.distill.teacher:
     raise ValueError(f'config.distill.teacher={config.distill.teacher!r}: a teacher embeds square '
                      'images, and a NaFlex model trains on patch sequences.')
   if not 0 <= optim.ema_decay < 1:

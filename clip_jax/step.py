@@ -39,7 +39,7 @@ from clip_jax import checkpoint as ckpt
 from clip_jax.data.transforms import normalize_on_device
 from clip_jax.losses import caption_loss, caption_rows, contrastive_loss, distillation_loss
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
-from clip_jax.models.config import CLIPConfig, VisionConfig
+from clip_jax.models.config import CLIPConfig, is_naflex
 from clip_jax.models.functional import FunctionalModel, with_stats
 from clip_jax.models.naflex import NaFlexPatches
 from clip_jax.models.pos_embed import fit_pos_embeds
@@ -87,7 +87,7 @@ class Program:
     shape = lambda *dims, dtype=jnp.int32: jax.ShapeDtypeStruct(
         (batch_size, *dims), dtype, sharding=self.batch_sharding)
     shapes = {'image': shape(size, size, 3, dtype=jnp.uint8), 'text': shape(context)}
-    if isinstance(cfg.vision, VisionConfig) and cfg.vision.naflex:
+    if is_naflex(cfg.vision):
       length, patch = seq_len or cfg.vision.grid ** 2, cfg.vision.patch_size
       del shapes['image']
       shapes.update(patches=shape(length, patch * patch * 3, dtype=jnp.uint8),

@@ -18,6 +18,7 @@ same lengths and batches, worker processes included.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import grain
@@ -56,8 +57,7 @@ def grid_for_sequence(height: int, width: int, patch: int, seq_len: int) -> tupl
   by_cols = lambda k: (max(1, _ceil_div(height * k, width)), k)
   grids = []
   for grid in (by_rows, by_cols):
-    k = _largest(lambda k, grid=grid: k * grid(k)[1 if grid is by_rows else 0] <= seq_len,
-                 seq_len)
+    k = _largest(lambda k, grid=grid: math.prod(grid(k)) <= seq_len, seq_len)
     if k:
       grids.append(grid(k))
   return max(grids)

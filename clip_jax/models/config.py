@@ -12,7 +12,7 @@ import ast
 import dataclasses
 import types
 import typing
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -77,8 +77,8 @@ class VisionConfig:
 
   @property
   def kept_patches(self) -> int:
-    """Patch tokens left after patch dropout; rounded as OpenCLIP's PatchDropout, at least 1."""
-    return max(1, int(self.grid ** 2 * (1 - self.patch_dropout)))
+    """Patch tokens left after patch dropout of the square grid (`kept_count`)."""
+    return kept_count(self.grid ** 2, self.patch_dropout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +236,17 @@ VISION_CONFIGS: dict[str, type] = {'vit': VisionConfig, 'convnext': ConvNeXtConf
 def is_vit(v: Any) -> bool:
   """A ViT image tower (patch tokens): OpenCLIP's, timm's SigLIP trunk or a timm Eva."""
   return isinstance(v, VisionConfig)
+
+
+def is_naflex(v: Any) -> TypeGuard[VisionConfig]:
+  """A NaFlex image tower: a ViT taking patch sequences at each image's aspect ratio."""
+  return isinstance(v, VisionConfig) and v.naflex
+
+
+def kept_count(patches: int, rate: float) -> int:
+  """Patch tokens left of `patches` after patch dropout at `rate`; rounded as OpenCLIP's
+  PatchDropout, at least 1."""
+  return max(1, int(patches * (1 - rate)))
 
 
 def require_vit(v: Any, what: str) -> VisionConfig:

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models.config import kept_count
+
 
 class NaFlexPatches(NamedTuple):
   """A batch of images as padded patch sequences (a pytree: it shards and jits as arrays)."""
@@ -84,7 +86,7 @@ def kept_valid_patches(keys: jax.Array, valid: jax.Array, rate: float
   padding is dropped before any real patch is.
   """
   n = valid.shape[1]
-  keep = max(1, int(n * (1 - rate)))
+  keep = kept_count(n, rate)
   noise = jax.vmap(lambda key: jax.random.uniform(key, (n,)))(keys)
   kept = jax.lax.top_k(jnp.where(valid, noise, -1.0), keep)[1]
   counts = valid.sum(axis=1, keepdims=True)
