@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from etils import epath
 from flax import nnx
 
 from clip_jax.checkpoint import load_model_config, load_params
 from clip_jax.data.tokenizers import Tokenizer, tokenizer_from_spec
-from clip_jax.data.transforms import make_preprocess
+from clip_jax.eval.inputs import ImageInput
 from clip_jax.models.clip import CLIP
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.functional import model_from_params
@@ -45,19 +44,21 @@ def get_tokenizer(name_or_path: str, context_length: int | None = None) -> Token
   return tokenizer_from_spec(text.tokenizer, context_length or text.context_length)
 
 
-def load(path: str, ema: bool = False
-         ) -> tuple[CLIP, Callable[[Any], np.ndarray], Tokenizer | None]:
+def load(path: str, ema: bool = False, seq_len: int | None = None
+         ) -> tuple[CLIP, Callable[[Any], Any], Tokenizer | None]:
   """(model, preprocess, tokenizer) from a clip_jax checkpoint or a training workdir.
 
   `ema=True` loads the EMA of the params (a run trained with `config.optim.ema_decay`).
 
   `preprocess` maps a PIL image to a float32 HWC array; stack them into the NHWC batch
-  `model.encode_image` takes. The tokenizer is None when the model's sentencepiece file
-  is not known (pass one to `get_tokenizer`).
+  `model.encode_image` takes. A NaFlex model with `seq_len` sees each image at its own
+  aspect ratio: `preprocess` gives its `NaFlexPatches` (at most `seq_len` patches, padded),
+  batched by `jax.tree.map(lambda *x: np.stack(x), *rows)`. The tokenizer is None when the
+  model's sentencepiece file is not known (pass one to `get_tokenizer`).
   """
   cfg, params = load_params(path, ema=ema)
   model = model_from_params(cfg, params)
-  preprocess = make_preprocess(cfg.preprocess, cfg.vision.image_size)
+  preprocess = ImageInput.of(cfg, seq_len, 'seq_len').normalized
   tokenizer = (tokenizer_from_spec(cfg.text.tokenizer, cfg.text.context_length)
                if cfg.text.tokenizer else None)
   return model, preprocess, tokenizer

@@ -110,6 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.zeroshot_shards = ''        # tar shards whose .json holds 'label'
   c.eval.classnames = ''             # one class name per line
   c.eval.templates = ['a photo of a {}.']
+  c.eval.seq_len = 0                 # NaFlex: images at their aspect ratio, <= N patches (0:
+                                     # the longest data.naflex.seq_lens)
   return c
 
 

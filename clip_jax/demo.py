@@ -27,7 +27,7 @@ import clip_jax
 from clip_jax.cli import naming, positive_int, user_errors
 from clip_jax.data import locca
 from clip_jax.data.make_demo import CLASSNAMES, Scene, draw_scene
-from clip_jax.data.transforms import make_preprocess
+from clip_jax.eval.inputs import ImageInput
 from clip_jax.eval.zeroshot import build_classifier
 
 TEMPLATES = ('a photo of a {}.', 'a {}.')
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
   else:
     with naming('--model'):
       model = clip_jax.create_model(args.model)
-    preprocess = make_preprocess(model.cfg.preprocess, model.cfg.vision.image_size)
+    preprocess = ImageInput.of(model.cfg).normalized
     tokenizer = clip_jax.get_tokenizer(args.model)
   rng = np.random.default_rng(args.seed)
   scenes = [draw_scene(rng, 64, groups=1) for _ in range(args.images)]

@@ -2,7 +2,7 @@
 
   python -m clip_jax.embed --checkpoint DIR --shards 'data/{00000..00999}.tar' --out OUT \
       [--modalities image,text] [--batch_size 256] [--shards_per_part 1] [--ema] \
-      [--decode_threads 4]
+      [--decode_threads 4] [--seq_len N]
 
 Part i holds the samples of the i-th group of `--shards_per_part` shards (sorted paths):
 `OUT/img_emb/img_emb_{i}.npy`, `OUT/text_emb/text_emb_{i}.npy` (float16, L2-normalised
@@ -17,9 +17,10 @@ part unwritten (a warning names the shard, the summary counts `parts_incomplete`
 command exits 1), so a rerun once the shard is restored embeds the part in full. Bad
 samples inside a whole shard are skipped and counted; they do not hold a part back.
 `OUT/embed_info.json` records the model (a fingerprint of its config and params), the
-modalities and the shard groups; a rerun with another of these is refused. With several
-processes, process p embeds parts i with i % process_count == p, all in lockstep over the
-device mesh. `--decode_threads` images are decoded at once (each within the pixel cap).
+modalities, the shard groups and a NaFlex model's `--seq_len`; a rerun with another of these
+is refused. With several processes, process p embeds parts i with i % process_count == p,
+all in lockstep over the device mesh. `--decode_threads` images are decoded at once (each
+within the pixel cap).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ from clip_jax.data import tar_samples
 from clip_jax.data.specs import parse_spec
 from clip_jax.data.tar_samples import SKIP_REASONS, RawSample, Skip, read_shard
 from clip_jax.data.tokenizers import tokenizer_from_spec
-from clip_jax.data.transforms import decode_or_skip, eval_pixels
+from clip_jax.data.transforms import decode_or_skip
 from clip_jax.eval.encoder import Encoder
+from clip_jax.eval.inputs import ImageInput, Row
 from clip_jax.models.functional import FunctionalModel
 
 MODALITIES = ('image', 'text')
@@ -60,7 +62,7 @@ SUFFIX = {'image': '.npy', 'text': '.npy', 'metadata': '.parquet'}
 INFO_NAME = 'embed_info.json'
 EXIT_INCOMPLETE = 1  # the exit status when a part was left unwritten (a user error is 2)
 # What must match for a rerun to add parts to an existing folder (checkpoint is a record).
-IDENTITY = ('fingerprint', 'modalities', 'embed_dim', 'tokenizer', 'parts')
+IDENTITY = ('fingerprint', 'modalities', 'embed_dim', 'tokenizer', 'parts', 'seq_len')
 # Skip reasons that mean a shard was not read whole: its part must not be marked done.
 SHARD_FAILURES = ('unreadable_shard', 'empty_shard', 'truncated_shard')
 METADATA_SCHEMA = pa.schema([('image_path', pa.string()), ('key', pa.string()),
@@ -231,7 +233,6 @@ class Embedder:
   def __init__(self, encoder: Encoder, tokenizer, cfg, modalities: tuple[str, ...],
                skipped: collections.Counter, pool: concurrent.futures.Executor):
     self.encoder, self.tokenizer, self.modalities = encoder, tokenizer, modalities
-    self.size, self.preprocess = cfg.vision.image_size, cfg.preprocess
     self.skipped = skipped
     # Per part index: feature blocks by modality, and metadata rows, until the part ends.
     self.features: dict[int, dict[str, list[np.ndarray]]] = collections.defaultdict(
@@ -241,20 +242,19 @@ class Embedder:
     self.incomplete = 0  # parts left unwritten: a shard of theirs was not read whole
     self.dropped = 0  # the samples embedded for those parts
 
-  def _pixels(self, sample: RawSample) -> np.ndarray | Skip:
-    image = decode_or_skip(sample.image, self.size)
+  def _row(self, sample: RawSample) -> Row | Skip:
+    image = decode_or_skip(sample.image, self.encoder.inputs.decode_size)
     if isinstance(image, str):  # the skip kind: bad_image, oversized_image
       return Skip(image, f'{sample.shard}:{sample.key}')
-    return eval_pixels(image, self.size, self.preprocess)
+    return self.encoder.inputs(image)
 
-  def _decoded(self, samples: list) -> tuple[list, np.ndarray]:
-    """The samples whose image decodes, and their uint8 pixels; bad images are counted."""
-    pixels = list(self._pool.map(self._pixels, [s for _, s in samples]))
-    for bad in (p for p in pixels if isinstance(p, Skip)):
+  def _decoded(self, samples: list) -> tuple[list, list[Row]]:
+    """The samples whose image decodes, and their image rows; bad images are counted."""
+    rows = list(self._pool.map(self._row, [s for _, s in samples]))
+    for bad in (r for r in rows if isinstance(r, Skip)):
       self.skipped[bad.reason] += 1
-    good = [(s, p) for s, p in zip(samples, pixels) if not isinstance(p, Skip)]
-    return ([s for s, _ in good], np.stack([p for _, p in good]) if good
-            else np.zeros((0, self.size, self.size, 3), np.uint8))
+    good = [(s, r) for s, r in zip(samples, rows) if not isinstance(r, Skip)]
+    return [s for s, _ in good], [r for _, r in good]
 
   def step(self, chunk: list) -> int:
     """Embeds a chunk (a collective: every process calls it, maybe with an empty chunk),
@@ -311,14 +311,16 @@ def embed(args) -> dict:
   with naming('--checkpoint'):
     checkpoint = resolve_checkpoint(args.checkpoint)
     cfg, params = load_params(checkpoint, ema=args.ema)
+  with naming('--seq_len'):
+    inputs = ImageInput.of(cfg, args.seq_len)
   tokenizer_spec = args.tokenizer or cfg.text.tokenizer
   check_info(out, {'checkpoint': str(checkpoint), 'ema': args.ema,
                    'fingerprint': fingerprint(cfg, params), 'modalities': list(modalities),
                    'embed_dim': cfg.embed_dim, 'tokenizer': tokenizer_spec,
-                   'parts': [list(p.shards) for p in parts]})
+                   'parts': [list(p.shards) for p in parts], 'seq_len': args.seq_len})
   pending = pending_parts(parts)
   encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params),
-                    sharding.make_mesh({'data': -1}), args.batch_size)
+                    sharding.make_mesh({'data': -1}), args.batch_size, inputs)
   skipped: collections.Counter[str] = collections.Counter()
   tokenizer = (tokenizer_from_spec(tokenizer_spec, cfg.text.context_length)
                if 'text' in modalities else None)
@@ -356,6 +358,9 @@ def parse_args(argv=None):
   parser.add_argument('--decode_threads', type=positive_int, default=4,
                       help='images decoded at once; each may take up to ~256 MiB while it '
                            'decodes (larger ones are skipped as oversized_image)')
+  parser.add_argument('--seq_len', type=positive_int,
+                      help='NaFlex models: embed each image at its own aspect ratio as a '
+                      "sequence of at most N patches (default: square, at the model's size)")
   return parser.parse_args(argv)
 
 

@@ -7,8 +7,11 @@
   python -m clip_jax.evaluate --checkpoint DIR --tfds imagenet_v2 --tfds_split test
   python -m clip_jax.evaluate --checkpoint DIR --retrieval_shards 'coco_val/{00000..00004}.tar'
   python -m clip_jax.evaluate --checkpoint DIR --clip_benchmark wds_cars gs://b/wds_flickr30k
+  python -m clip_jax.evaluate --checkpoint NAFLEX_DIR --zeroshot_shards ... --seq_len 256 1024
 
-`--ema` evaluates the EMA of the params (a run with `config.optim.ema_decay`).
+`--ema` evaluates the EMA of the params (a run with `config.optim.ema_decay`). A NaFlex
+model sees each image at its own aspect ratio with `--seq_len N ...` (a result per length,
+`DATA@seq_len=N`); without it, square images as any model.
 Prints a JSON summary, then merges it into CHECKPOINT/eval_results.json
 (eval_results_ema.json with --ema) per kind (`zeroshot`, `retrieval`, `clip_benchmark`) and
 dataset, each entry with the checkpoint step and its data; the file is replaced by a rename,
@@ -37,6 +40,7 @@ from clip_jax.cli import naming, positive_int, user_errors
 from clip_jax.data.tokenizers import tokenizer_from_spec
 from clip_jax.eval import clip_benchmark, retrieval, skips, zeroshot
 from clip_jax.eval.encoder import Encoder
+from clip_jax.eval.inputs import ImageInput
 from clip_jax.models.functional import FunctionalModel
 
 KINDS = ('zeroshot', 'retrieval', 'clip_benchmark')
@@ -56,18 +60,17 @@ def image_text_retrieval(encoder: Encoder, tokenizer, examples, total: int | Non
           'skipped': (skipped or skips.Skipped()).as_dict()}
 
 
-def benchmark_metrics(encoder: Encoder, tokenizer, dataset: clip_benchmark.Dataset, size: int,
-                      preprocess) -> dict:
+def benchmark_metrics(encoder: Encoder, tokenizer, dataset: clip_benchmark.Dataset) -> dict:
   """Zero-shot classification or retrieval of a CLIP_benchmark dataset, under its names."""
   skipped = skips.Skipped()
   total = clip_benchmark.count(dataset)
   if dataset.kind == 'retrieval':
-    examples = clip_benchmark.examples(dataset, size, preprocess, skipped)
+    examples = clip_benchmark.examples(dataset, encoder.inputs, skipped)
     return clip_benchmark.retrieval_metrics(image_text_retrieval(encoder, tokenizer, examples,
                                                                  total, skipped))
   # A classification set's targets are labels; each process scores its share.
   labelled = cast(Iterator[zeroshot.Example], clip_benchmark.examples(
-      dataset, size, preprocess, skipped, _part()))
+      dataset, encoder.inputs, skipped, _part()))
   return clip_benchmark.classification_metrics(zeroshot.run(
       encoder, tokenizer, dataset.classnames, dataset.templates, labelled, _share(total),
       skipped))
@@ -121,43 +124,61 @@ def evaluate(args) -> dict:
     if jax.process_index() == 0:
       _warn_unless_writable(results_file)
     cfg, params = load_params(checkpoint, ema=args.ema)
+  with naming('--seq_len'):
+    inputs = [ImageInput.of(cfg, n) for n in args.seq_len or [None]]
   mesh = sharding.make_mesh({'data': -1})
-  encoder = Encoder(FunctionalModel.create(cfg), jax.device_put(params), mesh, args.batch_size)
+  model, params = FunctionalModel.create(cfg), jax.device_put(params)
   tokenizer = tokenizer_from_spec(args.tokenizer or cfg.text.tokenizer, cfg.text.context_length)
-  size, pre = cfg.vision.image_size, cfg.preprocess
-  found: dict[str, dict[str, dict]] = {kind: {} for kind in KINDS}
-  if args.image_folder:
-    skipped = skips.Skipped()
-    found['zeroshot'][args.image_folder] = zeroshot.run(
-        encoder, tokenizer, folder_names, templates,
-        zeroshot.folder_images(items, size, pre, skipped, _part()), _share(len(items)), skipped)
-  if args.zeroshot_shards:
-    skipped = skips.Skipped()
-    found['zeroshot'][args.zeroshot_shards] = zeroshot.run(
-        encoder, tokenizer, classnames, templates,
-        zeroshot.shard_images(args.zeroshot_shards, size, pre, part=_part(), skipped=skipped),
-        _share(labels.count), skipped)
-  if args.tfds:
-    names, total, examples = zeroshot.tfds_dataset(args.tfds, args.tfds_split, args.tfds_data_dir,
-                                                   size, pre, _part())
-    names = [text for _, text in class_lines or ()] if args.imagenet_classnames else names
-    found['zeroshot'][f'tfds:{args.tfds}/{args.tfds_split}'] = zeroshot.run(
-        encoder, tokenizer, names, templates, examples, _share(total))
-  if args.retrieval_shards:
-    skipped = skips.Skipped()
-    found['retrieval'][args.retrieval_shards] = image_text_retrieval(
-        encoder, tokenizer,
-        retrieval.retrieval_examples(args.retrieval_shards, size, pre, skipped), None, skipped)
-  for b in benchmarks:
-    found['clip_benchmark'][b.root] = benchmark_metrics(encoder, tokenizer, b, size, pre)
+
+  def scores(encoder: Encoder) -> dict[str, dict[str, dict]]:
+    """Every requested evaluation with `encoder`'s image rows: kind -> dataset -> metrics."""
+    rows = encoder.inputs
+    found: dict[str, dict[str, dict]] = {kind: {} for kind in KINDS}
+    if args.image_folder:
+      skipped = skips.Skipped()
+      found['zeroshot'][args.image_folder] = zeroshot.run(
+          encoder, tokenizer, folder_names, templates,
+          zeroshot.folder_images(items, rows, skipped, _part()), _share(len(items)), skipped)
+    if args.zeroshot_shards:
+      skipped = skips.Skipped()
+      found['zeroshot'][args.zeroshot_shards] = zeroshot.run(
+          encoder, tokenizer, classnames, templates,
+          zeroshot.shard_images(args.zeroshot_shards, rows, part=_part(), skipped=skipped),
+          _share(labels.count), skipped)
+    if args.tfds:
+      names, total, examples = zeroshot.tfds_dataset(args.tfds, args.tfds_split,
+                                                     args.tfds_data_dir, rows, _part())
+      names = [text for _, text in class_lines or ()] if args.imagenet_classnames else names
+      found['zeroshot'][f'tfds:{args.tfds}/{args.tfds_split}'] = zeroshot.run(
+          encoder, tokenizer, names, templates, examples, _share(total))
+    if args.retrieval_shards:
+      skipped = skips.Skipped()
+      found['retrieval'][args.retrieval_shards] = image_text_retrieval(
+          encoder, tokenizer, retrieval.retrieval_examples(args.retrieval_shards, rows, skipped),
+          None, skipped)
+    for b in benchmarks:
+      found['clip_benchmark'][b.root] = benchmark_metrics(encoder, tokenizer, b)
+    return found
+
   step = int(checkpoint.name) if checkpoint.name.isdigit() else None
-  results = {'checkpoint': str(checkpoint), 'ema': args.ema, **{
-      kind: {data: {**metrics, 'step': step, 'data': data} for data, metrics in entries.items()}
-      for kind, entries in found.items() if entries}}
+  results: dict = {'checkpoint': str(checkpoint), 'ema': args.ema}
+  for rows in inputs:  # a NaFlex model: each --seq_len in turn (one compile each)
+    length = {} if rows.seq_len is None else {'seq_len': rows.seq_len}
+    found = scores(Encoder(model, params, mesh, args.batch_size, rows))
+    for kind, entries in ((k, e) for k, e in found.items() if e):
+      results.setdefault(kind, {}).update({
+          _entry_name(data, rows.seq_len): {**metrics, 'step': step, 'data': data, **length}
+          for data, metrics in entries.items()})
   print(json.dumps(results, indent=2), flush=True)  # first: a failed save loses nothing
   if jax.process_index() == 0:
     save_results(results, results_file)
   return results
+
+
+def _entry_name(data: str, seq_len: int | None) -> str:
+  """A result's key: its dataset, and for a NaFlex length `DATA@seq_len=N` (one entry per
+  length in the results file)."""
+  return data if seq_len is None else f'{data}@seq_len={seq_len}'
 
 
 def _warn_unless_writable(results_file: epath.Path) -> None:
@@ -234,6 +255,10 @@ def parse_args(argv=None):
                       help="'openai' (80), 'simple' (7), 'generic' or a file, one per line")
   parser.add_argument('--tokenizer', help="override the model's tokenizer (e.g. a .model file)")
   parser.add_argument('--batch_size', type=positive_int, default=256)
+  parser.add_argument('--seq_len', type=positive_int, nargs='+',
+                      help='NaFlex models: evaluate each image at its own aspect ratio as a '
+                      'sequence of at most N patches, at each N given (default: square images '
+                      "at the model's image size)"),
   return parser.parse_args(argv)
 
 

@@ -36,12 +36,11 @@ from jax.sharding import Mesh, NamedSharding
 
 from clip_jax import accumulate, distill, optim, sharding
 from clip_jax import checkpoint as ckpt
-from clip_jax.data.transforms import normalize_on_device
+from clip_jax.data.transforms import images_of
 from clip_jax.losses import caption_loss, caption_rows, contrastive_loss, distillation_loss
 from clip_jax.models.clip import CLIP, MAX_LOGIT_SCALE
 from clip_jax.models.config import CLIPConfig, is_naflex
 from clip_jax.models.functional import FunctionalModel, with_stats
-from clip_jax.models.naflex import NaFlexPatches
 from clip_jax.models.pos_embed import fit_pos_embeds
 from clip_jax.run_config import RunConfig, StepConfig
 
@@ -336,17 +335,6 @@ def make_train_step(config: StepConfig, model: FunctionalModel, tx, mesh, state_
   in_shardings = (state_shardings, batch_sharding, *([teacher.shardings] if teacher else []))
   return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, None),
                  donate_argnums=(0,))
-
-
-def images_of(batch: dict, cfg: CLIPConfig) -> jax.Array | NaFlexPatches:
-  """The image tower's input: the batch's uint8 images normalised, or for NaFlex batches
-  (`patches`, `coords`, `valid`) the patches normalised alike (channels last in a patch)."""
-  if 'patches' not in batch:
-    return normalize_on_device(batch['image'], cfg.preprocess).astype(cfg.dtype)
-  patches = batch['patches']
-  pixels = normalize_on_device(patches.reshape(*patches.shape[:-1], -1, 3), cfg.preprocess)
-  return NaFlexPatches(pixels.reshape(patches.shape).astype(cfg.dtype), batch['coords'],
-                       batch['valid'])
 
 
 def caption_targets(batch: dict, cfg: CLIPConfig) -> tuple[jax.Array, jax.Array]:

@@ -38,8 +38,9 @@ from clip_jax.data.pipeline import Loader
 from clip_jax.data.specs import parse_spec
 from clip_jax.eval import skips, zeroshot
 from clip_jax.eval.encoder import Encoder
+from clip_jax.eval.inputs import ImageInput
 from clip_jax.metrics import MetricLogger, peak_flops_per_device, train_flops_per_sample
-from clip_jax.models.config import CLIPConfig, is_vit
+from clip_jax.models.config import CLIPConfig, is_naflex, is_vit
 from clip_jax.models.functional import FunctionalModel
 from clip_jax.run_config import RunConfig
 
@@ -90,6 +91,14 @@ def _check_workdir(workdir: str) -> None:
 
 # --- evaluation ---------------------------------------------------------------------------
 
+def eval_seq_len(config: ml_collections.ConfigDict, cfg: CLIPConfig) -> int | None:
+  """The length a NaFlex model is evaluated at during training (`config.eval.seq_len`, by
+  default its longest training length), each image at its own aspect ratio; None: square."""
+  if config.eval.seq_len or not is_naflex(cfg.vision):
+    return config.eval.seq_len or None
+  return max(config.data.naflex.seq_lens)
+
+
 class ZeroShotEval:
   """Periodic zero-shot accuracy on labelled tar shards, streamed (`zeroshot.run`, as the
   evaluate CLI).
@@ -107,15 +116,15 @@ class ZeroShotEval:
     self.templates = list(config.eval.templates)
     zeroshot.check_templates(self.templates, 'config.eval.templates')
     self.tokenizer = tokenizer
-    self.spec, self.size, self.preprocess = (config.eval.zeroshot_shards, cfg.vision.image_size,
-                                             cfg.preprocess)
+    self.spec = config.eval.zeroshot_shards
     self.total = (labels or _check_zeroshot(config)).count
-    self.encoder = Encoder(model, None, mesh)  # params are set at each evaluation
+    inputs = ImageInput.of(cfg, eval_seq_len(config, cfg), 'config.eval.seq_len')
+    self.encoder = Encoder(model, None, mesh, inputs=inputs)  # params set at each evaluation
 
   def __call__(self, params: Params) -> dict[str, float]:
     self.encoder.params = params
     skipped = skips.Skipped()
-    examples = zeroshot.shard_images(self.spec, self.size, self.preprocess,
+    examples = zeroshot.shard_images(self.spec, self.encoder.inputs,
                                      part=(jax.process_index(), jax.process_count()),
                                      skipped=skipped)
     result = zeroshot.run(self.encoder, self.tokenizer, self.classnames, self.templates,

@@ -24,7 +24,8 @@ from clip_jax import train as train_lib
 from clip_jax.checkpoint import save_model
 from clip_jax.cli import EXIT_USER_ERROR
 from clip_jax.data.tokenizers import tokenizer_from_spec
-from clip_jax.eval import clip_benchmark, retrieval, zeroshot
+from clip_jax.eval import clip_benchmark
+from clip_jax.eval import inputs as inputs_lib
 from clip_jax.eval.encoder import Encoder
 from clip_jax.evaluate import evaluate, main, parse_args
 from clip_jax.models.functional import FunctionalModel, get_params
@@ -187,8 +188,7 @@ def test_cli_zero_shot_and_retrieval_hold_at_most_two_batches_of_decoded_images(
 
     monkeypatch.setattr(module, 'eval_pixels', tracked)
 
-  tracking(zeroshot)
-  tracking(retrieval)
+  tracking(inputs_lib)  # every evaluator's rows (zero-shot and retrieval alike)
   spec = f'{shards}/good/*.tar'
   results = evaluate(parse_args(_args(checkpoint, f'--zeroshot_shards={spec}',
                                       f'--classnames={shards}/names40.txt',
@@ -276,6 +276,6 @@ def test_periodic_zero_shot_and_clip_benchmark_skip_and_count_bad_samples(checkp
   (root / 'zeroshot_classification_templates.txt').write_text('a photo of a {c}.\n')
   dataset = clip_benchmark.open_dataset(str(root))
   metrics = evaluate_lib.benchmark_metrics(Encoder(model, params, mesh, 8),
-                                           evaluator.tokenizer, dataset, 32, cfg.preprocess)
+                                           evaluator.tokenizer, dataset)
   assert metrics['skipped'] == {'bad_caption': 1, 'bad_image': 1}
   assert metrics['num_images'] == 1

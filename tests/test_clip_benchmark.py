@@ -23,8 +23,10 @@ from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 from clip_jax.eval import clip_benchmark, skips, zeroshot
+from clip_jax.eval.inputs import ImageInput
 from clip_jax.evaluate import evaluate, parse_args
 from clip_jax.export import export
+from clip_jax.models.config import PreprocessConfig
 
 SIZE = (160, 136)
 PER_SHARD = 250
@@ -187,7 +189,8 @@ def test_samples_without_image_or_label_are_skipped_counted_and_named(tmp_path, 
                                      (str(tmp_path / 'test' / '0.tar'),))
     skipped = skips.Skipped()
     caplog.clear()
-    assert list(clip_benchmark.examples(dataset, 64, None, skipped)) == []
+    assert list(clip_benchmark.examples(dataset, ImageInput(64, PreprocessConfig()),
+                                        skipped)) == []
     assert skipped.as_dict() == {kind: 1}
     assert f'{tmp_path / "test" / "0.tar"}:k7 ({kind})' in caplog.text and message in caplog.text
     shutil.rmtree(tmp_path / 'test')

@@ -162,6 +162,7 @@ def test_shards_without_class_names_fail_before_loading_anything(tmp_path):
 
 def test_samples_without_captions_are_left_out_of_retrieval(tmp_path):
   from clip_jax.data.shard_writer import ShardWriter
+  from clip_jax.eval.inputs import ImageInput
   from clip_jax.eval.retrieval import retrieval_examples
   from clip_jax.eval.skips import Skipped
   from clip_jax.models.config import PreprocessConfig
@@ -171,8 +172,8 @@ def test_samples_without_captions_are_left_out_of_retrieval(tmp_path):
   writer.write(buffer.getvalue(), 'jpg', 'a red square')
   writer.write(buffer.getvalue(), 'jpg', '\n')  # whitespace only: no caption
   writer.close()
-  examples = list(retrieval_examples(str(tmp_path / '00000.tar'), 16, PreprocessConfig(),
-                                     Skipped()))
+  examples = list(retrieval_examples(str(tmp_path / '00000.tar'),
+                                     ImageInput(16, PreprocessConfig()), Skipped()))
   assert [captions for _, captions in examples] == [['a red square']]
 
 

@@ -34,6 +34,11 @@ from clip_jax.data.naflex import NaFlexBatching, grid_for_sequence, naflex_patch
 from clip_jax.data.pipeline import Loader, PipelineConfig
 from clip_jax.data.shard_writer import ShardWriter
 from clip_jax.data.tar_samples import read_shard
+from clip_jax.embed import embed
+from clip_jax.embed import parse_args as embed_args
+from clip_jax.eval import retrieval, zeroshot
+from clip_jax.eval.zeroshot import build_classifier, load_templates
+from clip_jax.evaluate import evaluate, main, parse_args
 from clip_jax.export import export
 from clip_jax.import_open_clip import import_state_dict
 from clip_jax.models.functional import FunctionalModel, get_params, model_from_params
@@ -393,14 +398,15 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(demo_data, tmp_path):
 
 
 def test_naflex_keys_and_model_must_agree(demo_data, tmp_path):
-  """A NaFlex model without lengths, or lengths for a square model, or a budget holding no
-  batch: one line naming the key, exit 2, before any compute."""
+  """A NaFlex model without lengths, or lengths for a square model (training or eval), or a
+  budget holding no batch: one line naming the key, exit 2, before any compute."""
   config = helpers.demo_config(demo_data)
   cases = [(['--config.model.name=tiny-naflex'], 'config.data.naflex.seq_lens is empty'),
            (["--config.data.naflex.seq_lens=(16,)"], 'is not a NaFlex model'),
            (['--config.model.name=tiny-naflex', "--config.data.naflex.seq_lens=(16, 64)",
              '--config.data.naflex.max_tokens_per_batch=50'],
-            'data.naflex.max_tokens_per_batch=50 holds no batch')]
+            'data.naflex.max_tokens_per_batch=50 holds no batch'),
+           (['--config.eval.seq_len=16'], 'config.eval.seq_len=16: the model is not a NaFlex')]
   for extra, message in cases:
     result = subprocess.run(helpers.train_cmd(tmp_path / 'w', '--config.total_steps=1', *extra,
                                               config=config),
@@ -426,3 +432,100 @@ def test_the_demo_generator_draws_wide_and_tall_canvases(tmp_path):
     assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1 and inside.any()
   assert sizes == {canvas_of(64, a)[::-1] for a in (0.25, 1.0, 4.0)} == {(128, 32), (64, 64),
                                                                          (32, 128)}
+
+
+# --- evaluation, embedding and `load` at a chosen length -------------------------------------
+
+@pytest.fixture(scope='module')
+def naflex_checkpoint(tmp_path_factory):
+  """tiny-naflex with random perturbed weights, and labelled demo images on 1:4, 1:1 and 4:1
+  canvases (24 eval images, 40 class names)."""
+  root = tmp_path_factory.mktemp('naflex_eval')
+  model = perturbed_model('tiny-naflex')
+  checkpoint = save_model(root / 'ckpt', model.cfg, get_params(model))
+  make_demo(str(root / 'demo'), train_samples=1, eval_samples=24, samples_per_shard=100,
+            aspects=(0.25, 1.0, 4.0))
+  # The demo repeats captions; numbered ones make every retrieval rank free of ties.
+  writer = ShardWriter(root / 'data' / 'eval', 100)
+  for i, record in enumerate(read_shard(str(root / 'demo' / 'eval' / '00000.tar'))):
+    writer.write(record.image, 'png', f'{record.caption} number {i}', json.loads(record.meta))
+  writer.close()
+  (root / 'data' / 'classnames.txt').write_text((root / 'demo' / 'classnames.txt').read_text())
+  return checkpoint, root / 'data'
+
+
+def _reference_features(checkpoint, images, seq_len):
+  """One image at a time through the public API: `clip_jax.load(seq_len=...)`'s preprocess
+  and `encode_image` on one device, no batching or padding rows."""
+  model, preprocess, _ = clip_jax.load(str(checkpoint), seq_len=seq_len)
+  encode = jax.jit(lambda x: model.encode_image(x, normalize=True))
+  return np.concatenate([np.asarray(encode(jax.tree.map(lambda a: a[None], preprocess(image))))
+                         for image in images])
+
+
+def _eval_images(data):
+  """(images, labels, captions) of the demo's eval shard."""
+  records = list(read_shard(str(data / 'eval' / '00000.tar')))
+  return ([Image.open(io.BytesIO(r.image)).convert('RGB') for r in records],
+          [json.loads(r.meta)['label'] for r in records], [r.caption for r in records])
+
+
+def test_evaluate_scores_each_length_as_the_one_image_reference(naflex_checkpoint):
+  """`clip_jax.evaluate --seq_len 16 32`: each image at its own aspect ratio, batched with
+  others of other shapes (padding rows, 8 devices); zero-shot top-1/top-5 and retrieval
+  recalls per length equal those of one-image-at-a-time features, and each length is its
+  own results entry."""
+  checkpoint, data = naflex_checkpoint
+  spec = f'{data}/eval/*.tar'
+  results = evaluate(parse_args([f'--checkpoint={checkpoint}', f'--zeroshot_shards={spec}',
+                                 f'--classnames={data}/classnames.txt', '--templates=simple',
+                                 f'--retrieval_shards={spec}', '--batch_size=16',
+                                 '--seq_len', '16', '32']))
+  images, labels, captions = _eval_images(data)
+  model, _, tokenizer = clip_jax.load(str(checkpoint))
+  classnames = (data / 'classnames.txt').read_text().splitlines()
+  classifier = build_classifier(lambda t: model.encode_text(t, normalize=True), tokenizer,
+                                classnames, load_templates('simple'))
+  texts = np.asarray(model.encode_text(tokenizer(captions), normalize=True))
+  features = {}
+  for seq_len in (16, 32):
+    features[seq_len] = _reference_features(checkpoint, images, seq_len)
+    expected = {**zeroshot.accuracy(features[seq_len] @ classifier.T, labels),
+                **retrieval.recall_at_k(features[seq_len], texts, np.arange(len(images)))}
+    found = {**results['zeroshot'][f'{spec}@seq_len={seq_len}'],
+             **results['retrieval'][f'{spec}@seq_len={seq_len}']}
+    assert found['seq_len'] == seq_len and found['data'] == spec and found['num_images'] == 24
+    assert {k: found[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+  assert not np.allclose(features[16], features[32], atol=1e-3)  # the lengths were used
+  saved = json.loads((checkpoint / 'eval_results.json').read_text())
+  assert set(saved['zeroshot']) == {f'{spec}@seq_len=16', f'{spec}@seq_len=32'}
+
+
+def test_embed_at_a_length_matches_load_and_refuses_another_length(naflex_checkpoint, tmp_path):
+  """`clip_jax.embed --seq_len 16`: the image features are `load(seq_len=16)`'s, image by
+  image; a rerun into the same folder at another length is refused, naming seq_len."""
+  checkpoint, data = naflex_checkpoint
+  args = ['--checkpoint', str(checkpoint), '--shards', str(data / 'eval' / '00000.tar'),
+          '--out', str(tmp_path / 'out'), '--modalities', 'image', '--batch_size', '16']
+  summary = embed(embed_args([*args, '--seq_len', '16']))
+  assert summary['samples'] == 24
+  embedded = np.load(tmp_path / 'out' / 'img_emb' / 'img_emb_0.npy').astype(np.float32)
+  images, _, _ = _eval_images(data)
+  np.testing.assert_allclose(embedded, _reference_features(checkpoint, images, 16), atol=2e-3)
+  with pytest.raises(ValueError, match="seq_len differs: 16 there, 32 now"):
+    embed(embed_args([*args, '--seq_len', '32']))
+
+
+def test_a_length_for_a_square_model_fails_naming_the_flag(naflex_checkpoint, tmp_path, capsys):
+  """--seq_len on a square model: exit 2, one line naming the flag, before any compute;
+  `load(seq_len=...)` names its argument."""
+  _, data = naflex_checkpoint
+  square = clip_jax.create_model('tiny')
+  checkpoint = save_model(tmp_path / 'square', square.cfg, get_params(square))
+  with pytest.raises(SystemExit) as exit_:
+    main([f'--checkpoint={checkpoint}', f'--zeroshot_shards={data}/eval/*.tar',
+          f'--classnames={data}/classnames.txt', '--seq_len', '16'])
+  assert exit_.value.code == 2
+  assert '--seq_len=16: the model is not a NaFlex model' in capsys.readouterr().err
+  with pytest.raises(ValueError, match='seq_len=16: the model is not a NaFlex model'):
+    clip_jax.load(str(checkpoint), seq_len=16)

@@ -18,6 +18,7 @@ from clip_jax import train as train_lib
 from clip_jax.checkpoint import load_params
 from clip_jax.config_base import base_config
 from clip_jax.data.tokenizers import tokenizer_from_spec
+from clip_jax.eval import inputs as inputs_lib
 from clip_jax.eval import zeroshot
 from clip_jax.eval.encoder import Encoder
 from clip_jax.models.functional import FunctionalModel
@@ -225,7 +226,7 @@ def test_periodic_zero_shot_streams_images_and_scores_like_the_evaluator(trained
                                                          cfg.text.context_length))
   evaluator.encoder = Encoder(model, None, mesh, batch_size=32)
   alive, most = [], [0]
-  decode = zeroshot.eval_pixels
+  decode = inputs_lib.eval_pixels
 
   def tracked(*args, **kwargs):
     image = decode(*args, **kwargs)
@@ -233,13 +234,14 @@ def test_periodic_zero_shot_streams_images_and_scores_like_the_evaluator(trained
     most[0] = max(most[0], sum(ref() is not None for ref in alive))
     return image
 
-  monkeypatch.setattr(zeroshot, 'eval_pixels', tracked)
+  monkeypatch.setattr(inputs_lib, 'eval_pixels', tracked)
   result = evaluator(params)
   assert len(alive) == evaluator.total == 400 and most[0] <= 2 * 32
-  monkeypatch.setattr(zeroshot, 'eval_pixels', decode)
+  monkeypatch.setattr(inputs_lib, 'eval_pixels', decode)
   expected = zeroshot.run(Encoder(model, params, mesh), evaluator.tokenizer, evaluator.classnames,
                           evaluator.templates,
-                          zeroshot.shard_images(config.eval.zeroshot_shards, 64, cfg.preprocess))
+                          zeroshot.shard_images(config.eval.zeroshot_shards,
+                                                inputs_lib.ImageInput.of(cfg)))
   assert result == {'zeroshot_top1': expected['top1'], 'zeroshot_top5': expected['top5']}
   assert result['zeroshot_top1'] > 0.2  # a trained model, so lost images would show
 

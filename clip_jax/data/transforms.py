@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
-from clip_jax.models.config import PreprocessConfig
+from clip_jax.models.config import CLIPConfig, PreprocessConfig
 
 # The default cap on an image's pixels (width x height from its header): PIL's own
 # decompression-bomb threshold, so the two agree. It admits real photos up to ~89
@@ -80,15 +79,6 @@ def normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 def eval_pixels(image: Image.Image, size: int, cfg: PreprocessConfig) -> np.ndarray:
   """The model's eval resizing, as uint8 [size, size, 3] (normalised later, on device)."""
   return np.asarray(resize_and_crop(image, size, cfg.resize_mode, cfg.interpolation), np.uint8)
-
-
-def make_preprocess(cfg: PreprocessConfig, size: int) -> Callable[[Image.Image], np.ndarray]:
-  """A PIL image -> float32 [size, size, 3] function, as `clip_jax.load` returns it."""
-
-  def preprocess(image: Image.Image) -> np.ndarray:
-    return normalize(eval_pixels(image, size, cfg), cfg)
-
-  return preprocess
 
 
 def _refuse_bomb_warnings() -> None:
@@ -177,3 +167,16 @@ def normalize_on_device(images, cfg: PreprocessConfig):
   import jax.numpy as jnp
   x = images.astype(jnp.float32) / 255.0
   return (x - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
+
+
+def images_of(batch: dict, cfg: CLIPConfig):
+  """The image tower's input, inside jit: the batch's uint8 images normalised, or for NaFlex
+  batches (`patches`, `coords`, `valid`) the patches normalised alike (channels last in a
+  patch). Training and every evaluator feed batches with these keys."""
+  from clip_jax.models.naflex import NaFlexPatches
+  if 'patches' not in batch:
+    return normalize_on_device(batch['image'], cfg.preprocess).astype(cfg.dtype)
+  patches = batch['patches']
+  pixels = normalize_on_device(patches.reshape(*patches.shape[:-1], -1, 3), cfg.preprocess)
+  return NaFlexPatches(pixels.reshape(patches.shape).astype(cfg.dtype), batch['coords'],
+                       batch['valid'])

@@ -21,13 +21,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-import numpy as np
 from etils import epath
 
 from clip_jax.data.tar_samples import Skip, count_groups, read_groups
-from clip_jax.data.transforms import eval_pixels
 from clip_jax.eval import retrieval, skips, zeroshot
-from clip_jax.models.config import PreprocessConfig
+from clip_jax.eval.inputs import ImageInput, Row
 
 IMAGE_ORDER = ('webp', 'png', 'jpg', 'jpeg')  # clip_benchmark's to_tuple order
 KINDS = ('classification', 'retrieval')
@@ -73,9 +71,9 @@ def count(dataset: Dataset) -> int:
   return sum(count_groups(shard) for shard in dataset.shards)
 
 
-def examples(dataset: Dataset, size: int, preprocess: PreprocessConfig, skipped: skips.Skipped,
-             part: tuple[int, int] = (0, 1)) -> Iterator[tuple[np.ndarray, int | list[str]]]:
-  """(uint8 image, label or captions) of every sample, in shard order; `part=(i, n)`: every
+def examples(dataset: Dataset, inputs: ImageInput, skipped: skips.Skipped,
+             part: tuple[int, int] = (0, 1)) -> Iterator[tuple[Row, int | list[str]]]:
+  """(image row, label or captions) of every sample, in shard order; `part=(i, n)`: every
   n-th readable sample from the i-th (one process's share).
 
   Bad samples are skipped and counted into `skipped`: images that do not decode by the
@@ -92,7 +90,7 @@ def examples(dataset: Dataset, size: int, preprocess: PreprocessConfig, skipped:
       # evaluators' draft) moved recalls by up to 0.9 point (docs/evaluation.md).
       decoded = skips.decoded(image, None, where, skipped)
       if decoded is not None:
-        yield eval_pixels(decoded, size, preprocess), target
+        yield inputs(decoded), target
 
 
 def _sample(kind: str, shard: str, group: tuple[str, dict[str, bytes]] | Skip,

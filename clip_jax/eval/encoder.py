@@ -19,26 +19,26 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from clip_jax import sharding
-from clip_jax.data.transforms import normalize_on_device
+from clip_jax.data.transforms import images_of
+from clip_jax.eval.inputs import ImageInput, Row
 from clip_jax.models.functional import FunctionalModel
 
 
 class Encoder:
-  """Normalised image and text features of a FunctionalModel's params on a mesh."""
+  """Normalised image and text features of a FunctionalModel's params on a mesh; images
+  arrive as `inputs`' rows (default: the model's square eval images)."""
 
-  def __init__(self, model: FunctionalModel, params: Any, mesh, batch_size: int = 256):
+  def __init__(self, model: FunctionalModel, params: Any, mesh, batch_size: int = 256,
+               inputs: ImageInput | None = None):
     dp = sharding.data_parallel_size(mesh)
     self.batch_size = -(-batch_size // dp) * dp  # a multiple of the data-parallel size
     self.params = params
+    self.inputs = inputs or ImageInput.of(model.cfg)
     self._mesh = mesh
     self._in = sharding.batch_sharding(mesh)
-    size = model.cfg.vision.image_size
-    self._image_shape = (size, size, 3)
     replicated = NamedSharding(mesh, P())
-    preprocess = model.cfg.preprocess
-    self._image = jax.jit(lambda p, x: model.bind(p).encode_image(
-        normalize_on_device(x, preprocess).astype(model.cfg.dtype), normalize=True),
-                          out_shardings=self._in)
+    self._image = jax.jit(lambda p, batch: model.bind(p).encode_image(
+        images_of(batch, model.cfg), normalize=True), out_shardings=self._in)
     text = lambda p, t: model.bind(p).encode_text(t, normalize=True)
     self._text = jax.jit(text, out_shardings=replicated)
     self._local_text = jax.jit(text, out_shardings=self._in)
@@ -55,30 +55,37 @@ class Encoder:
     return np.concatenate([self._run(self._text, tokens[i:i + self.batch_size])
                            for i in range(0, len(tokens), self.batch_size)])
 
-  def _local(self, fn, rows: np.ndarray, row_shape: tuple[int, ...]) -> np.ndarray:
-    """`fn` on this process's rows (at most `batch_size / process_count`, zero padded).
+  def _local(self, fn, batch: Any, rows: int) -> np.ndarray:
+    """`fn` on this process's `batch` (a pytree of `batch_size / process_count` rows, the
+    first `rows` real, the rest zero padding).
 
     A collective: every process calls it at the same step, with its own rows (possibly
     none), and gets back the features of those rows only.
     """
-    batch = np.zeros((self.batch_size // jax.process_count(), *row_shape), rows.dtype)
-    batch[:len(rows)] = rows
-    features = fn(self.params, jax.make_array_from_process_local_data(self._in, batch))
+    arrays = jax.tree.map(lambda x: jax.make_array_from_process_local_data(self._in, x), batch)
+    features = fn(self.params, arrays)
     local = multihost_utils.global_array_to_host_local_array(features, self._mesh, self._in.spec)
-    return np.asarray(local)[:len(rows)]
+    return np.asarray(local)[:rows]
 
-  def local_images(self, images: np.ndarray) -> np.ndarray:
-    """[n, D] features of this process's uint8 NHWC images (a collective, see `_local`)."""
-    return self._local(self._image, images, self._image_shape)
+  def local_images(self, rows: list[Row]) -> np.ndarray:
+    """[n, D] features of this process's image rows (`self.inputs`'s; a collective, see
+    `_local`)."""
+    return self._local(self._image, self.inputs.batch(rows, self._local_rows), len(rows))
 
   def local_texts(self, tokens: np.ndarray) -> np.ndarray:
     """[n, D] features of this process's token rows (a collective, see `_local`)."""
-    return self._local(self._local_text, tokens, tokens.shape[1:])
+    batch = np.zeros((self._local_rows, *tokens.shape[1:]), tokens.dtype)
+    batch[:len(tokens)] = tokens
+    return self._local(self._local_text, batch, len(tokens))
 
-  def local_image_batches(self, examples: Iterable[tuple[np.ndarray, Any]],
+  @property
+  def _local_rows(self) -> int:
+    return self.batch_size // jax.process_count()
+
+  def local_image_batches(self, examples: Iterable[tuple[Row, Any]],
                           most: int | None = None, desc: str = 'images'
                           ) -> Iterator[tuple[np.ndarray, list]]:
-    """(features, targets) of this process's (image, target) pairs, batch by batch.
+    """(features, targets) of this process's (image row, target) pairs, batch by batch.
 
     Each process feeds its own examples (`batch_size / process_count` rows per batch, zero
     padded) and gets back the features of those rows only, so no process decodes or holds
@@ -95,16 +102,15 @@ class Encoder:
       chunks = itertools.islice(itertools.chain(chunks, itertools.repeat(([], []))), steps)
     for images, targets in tqdm(chunks, total=steps, desc=desc, unit='batch',
                                 disable=jax.process_index() != 0):
-      rows = np.stack(images) if images else np.zeros((0, *self._image_shape), np.uint8)
-      yield self.local_images(rows), targets
+      yield self.local_images(images), targets
     # A last batch filled exactly leaves the reader before the records after its last
     # example (a sample with no caption, a truncated shard's end): read them, so that the
     # reader counts their skips. They hold no example (`most` counts every one).
     collections.deque(examples, maxlen=0)
 
-  def image_stream(self, examples: Iterable[tuple[np.ndarray, Any]], total: int | None = None,
+  def image_stream(self, examples: Iterable[tuple[Row, Any]], total: int | None = None,
                    desc: str = 'images') -> tuple[np.ndarray, list]:
-    """Features of (image, target) pairs from an iterator, batch by batch, with progress.
+    """Features of (image row, target) pairs from an iterator, batch by batch, with progress.
 
     Every process passes the same examples and gets all their features; only the features
     (not the images) of all examples are held. `total`: the example count, when known.

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from clip_jax.data.tar_samples import RawSample
-from clip_jax.data.transforms import eval_pixels
 from clip_jax.eval import skips
-from clip_jax.models.config import PreprocessConfig
+from clip_jax.eval.inputs import ImageInput, Row
 
 KS = (1, 5, 10)
 
@@ -32,18 +31,18 @@ def captions_of(record: RawSample, skipped: skips.Skipped) -> list[str] | None:
   return [line for line in record.caption.splitlines() if line.strip()]
 
 
-def retrieval_examples(spec: str, size: int, preprocess: PreprocessConfig,
-                       skipped: skips.Skipped | None = None
-                       ) -> Iterator[tuple[np.ndarray, list[str]]]:
-  """(uint8 image, captions) of every sample with at least one caption; bad samples are
+def retrieval_examples(spec: str, inputs: ImageInput, skipped: skips.Skipped | None = None
+                       ) -> Iterator[tuple[Row, list[str]]]:
+  """(image row, captions) of every sample with at least one caption; bad samples are
   counted into `skipped` and named."""
   skipped = skipped if skipped is not None else skips.Skipped()
   for sample in skips.samples(spec, skipped):
     captions = captions_of(sample, skipped)
     if captions:  # an image without a caption has nothing to be retrieved by
-      image = skips.decoded(sample.image, size, f'{sample.shard}:{sample.key}', skipped)
+      image = skips.decoded(sample.image, inputs.decode_size, f'{sample.shard}:{sample.key}',
+                            skipped)
       if image is not None:
-        yield eval_pixels(image, size, preprocess), captions
+        yield inputs(image), captions
 
 
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray,

@@ -27,13 +27,12 @@ from PIL import Image
 
 from clip_jax import distributed
 from clip_jax.data.tar_samples import IMAGE_EXTENSIONS, RawSample
-from clip_jax.data.transforms import eval_pixels
 from clip_jax.eval import skips
-from clip_jax.models.config import PreprocessConfig
+from clip_jax.eval.inputs import ImageInput, Row
 
 ASSETS = epath.resource_path('clip_jax.eval') / 'assets'
 TEMPLATE_SETS = ('openai', 'simple', 'generic')
-Example = tuple[np.ndarray, int]
+Example = tuple[Row, int]
 
 
 def read_numbered_lines(path: str | epath.Path, what: str) -> list[tuple[int, str]]:
@@ -218,10 +217,9 @@ def label_classnames(lines: Sequence[tuple[int, str]], source: str) -> list[str]
   return [text for _, text in lines]
 
 
-def folder_images(items: Sequence[tuple[epath.Path, int]], size: int,
-                  preprocess: PreprocessConfig, skipped: skips.Skipped,
-                  part: tuple[int, int] = (0, 1)) -> Iterator[Example]:
-  """(image, label) of `folder_dataset`'s items; `part=(i, n)`: every n-th from the i-th.
+def folder_images(items: Sequence[tuple[epath.Path, int]], inputs: ImageInput,
+                  skipped: skips.Skipped, part: tuple[int, int] = (0, 1)) -> Iterator[Example]:
+  """(image row, label) of `folder_dataset`'s items; `part=(i, n)`: every n-th from the i-th.
 
   A file that does not read or decode is skipped, counted as `bad_image` and named."""
   index, count = part
@@ -231,15 +229,15 @@ def folder_images(items: Sequence[tuple[epath.Path, int]], size: int,
     except OSError as e:
       skipped.add('bad_image', str(path), e)
       continue
-    image = skips.decoded(data, size, str(path), skipped)
+    image = skips.decoded(data, inputs.decode_size, str(path), skipped)
     if image is not None:
-      yield eval_pixels(image, size, preprocess), label
+      yield inputs(image), label
 
 
-def shard_images(spec: str, size: int, preprocess: PreprocessConfig,
-                 label_key: str = 'label', part: tuple[int, int] = (0, 1),
-                 skipped: skips.Skipped | None = None) -> Iterator[Example]:
-  """Labelled images of tar shards (their `.json` holds `label_key`), in shard order.
+def shard_images(spec: str, inputs: ImageInput, label_key: str = 'label',
+                 part: tuple[int, int] = (0, 1), skipped: skips.Skipped | None = None
+                 ) -> Iterator[Example]:
+  """Labelled image rows of tar shards (their `.json` holds `label_key`), in shard order.
 
   `part=(i, n)` decodes only every n-th labelled image from the i-th (one process's share).
   Bad samples are counted into `skipped`: images that do not decode by the process that
@@ -252,9 +250,9 @@ def shard_images(spec: str, size: int, preprocess: PreprocessConfig,
                                                      skipped if index == 0 else None)):
     if number % count == index:
       where = f'{sample.shard}:{sample.key}'
-      image = skips.decoded(sample.image, size, where, skipped)
+      image = skips.decoded(sample.image, inputs.decode_size, where, skipped)
       if image is not None:
-        yield eval_pixels(image, size, preprocess), label
+        yield inputs(image), label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,9 +310,8 @@ def _labelled(spec: str, label_key: str, skipped: skips.Skipped | None
     yield sample, int(label)
 
 
-def tfds_dataset(name: str, split: str, data_dir: str | None, size: int,
-                 preprocess: PreprocessConfig, part: tuple[int, int] = (0, 1)
-                 ) -> tuple[list[str], int, Iterator[Example]]:
+def tfds_dataset(name: str, split: str, data_dir: str | None, inputs: ImageInput,
+                 part: tuple[int, int] = (0, 1)) -> tuple[list[str], int, Iterator[Example]]:
   """(class names, length, examples) of a locally prepared TFDS dataset (array_record);
   `part=(i, n)`: the examples are every n-th from the i-th."""
   import tensorflow_datasets as tfds
@@ -325,6 +322,6 @@ def tfds_dataset(name: str, split: str, data_dir: str | None, size: int,
     for number in range(part[0], len(source), part[1]):
       record = source[number]
       image = Image.fromarray(np.asarray(record['image'])).convert('RGB')
-      yield eval_pixels(image, size, preprocess), int(record['label'])
+      yield inputs(image), int(record['label'])
 
   return names, len(source), examples()
