@@ -34,7 +34,7 @@ from tqdm import tqdm
 from clip_jax import checkpoint as ckpt
 from clip_jax import cli, distributed, optim, run_config, sharding
 from clip_jax import step as step_lib
-from clip_jax.data.pipeline import Loader
+from clip_jax.data.pipeline import COUNTED, Loader
 from clip_jax.data.specs import parse_spec
 from clip_jax.eval import skips, zeroshot
 from clip_jax.eval.encoder import Encoder
@@ -344,9 +344,10 @@ def log_metrics(run: Run, step: int, metrics: dict, window: Window, bar) -> dict
              'data_wait': data_wait, 'samples_per_second': samples_per_second,
              'mfu': achieved / run.peak_flops if run.peak_flops else None,
              **{f'skipped/{k}': v for k, v in run.loader.skipped.items()},
-             # Texts cut to fit (kept, as the tokenizer cuts) and LocCa's unreadable boxes.
-             **{f'cut/{k}': v for k, v in run.loader.cut.items()},
-             **{f'locca_fallback/{k}': v for k, v in run.loader.locca_fallback.items()}}
+             # Texts cut to fit (kept, as the tokenizer cuts), LocCa's unreadable boxes,
+             # NaFlex images smaller than a patch (`pipeline.COUNTED`).
+             **{f'{counter}/{k}': v for counter in dict(COUNTED)
+                for k, v in getattr(run.loader, counter).items()}}
   run.logger.write(step, scalars)
   line = (f'step {step} | loss {metrics["loss"]:.4f} | lr {scalars["lr"]:.2e} | '
           f'scale {metrics["logit_scale"]:.1f} | {scalars["samples_per_second"]:.0f} samples/s '

@@ -343,6 +343,29 @@ def test_token_budget_batches_stay_within_budget_and_near_it(tmp_path):
   assert lengths == {16, 24, 64}
 
 
+def test_images_smaller_than_a_patch_are_upscaled_and_counted(tmp_path):
+  """A 3x5 px image, a 4 px high banner and a 4 px wide strip (patch 16) train as the rest:
+  upscaled to at least one patch row or column (the banner: 1 row, the strip: 1 column),
+  counted as `upscaled/smaller_than_patch`; the 20 others are not."""
+  writer = ShardWriter(tmp_path / 's', 100)
+  sizes = [(3, 5), (4, 300), (300, 4)] + [(40 + i, 70) for i in range(20)]  # height, width
+  for i, (height, width) in enumerate(sizes):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 9 * i, np.uint8)).save(buffer, 'PNG')
+    writer.write(buffer.getvalue(), 'png', f'sample {i}')
+  writer.close()
+  cfg = PipelineConfig(global_batch_size=0, image_size=64, tokenizer=TOKENIZER,
+                       train=f'{tmp_path}/s/00000.tar', shuffle_window=1, augment='center_crop',
+                       num_epochs=1, naflex=NaFlexBatching(16, (16, 24), 24))  # 1 per batch
+  loader = Loader(cfg)
+  grids = []
+  for batch in loader:
+    for coords, valid in zip(batch['coords'], batch['valid']):
+      grids.append(tuple(int(n) for n in coords[valid].max(axis=0) + 1))
+  assert len(grids) == 23 and loader.upscaled == {'smaller_than_patch': 3}, loader.upscaled
+  assert grids[1][0] == 1 and grids[2][1] == 1 and min(map(min, grids[3:])) > 1, grids[:3]
+
+
 @pytest.mark.parametrize('workers', [0, 2])
 def test_resume_gives_the_same_lengths_and_batches(tmp_path, workers):
   """A loader restored from a state taken mid-stream (through JSON, as a checkpoint keeps

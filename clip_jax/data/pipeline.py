@@ -106,10 +106,13 @@ TRAINER_FIELDS = ('global_batch_size', 'image_size', 'tokenizer', 'seed', 'vocab
                   'num_epochs', 'locca', 'naflex')
 # What each element counts besides its skips (its `counted` vector): the `Loader` counter
 # and key each entry folds into. Texts cut to fit their context ('caption': the text
-# tower's, 'locca_sequence': the decoder's), and LocCa examples that fell back to
-# captioning because their json or `objects` could not be read.
-COUNTED = (('cut', 'caption'), ('cut', 'locca_sequence'), ('locca_fallback', 'bad_objects'))
-CAPTION_CUT, LOCCA_CUT, BAD_OBJECTS = range(len(COUNTED))  # their places in `counted`
+# tower's, 'locca_sequence': the decoder's), LocCa examples that fell back to captioning
+# because their json or `objects` could not be read, and NaFlex images (crops) with a side
+# shorter than one patch, upscaled to at least one patch row or column.
+COUNTED = (('cut', 'caption'), ('cut', 'locca_sequence'), ('locca_fallback', 'bad_objects'),
+           ('upscaled', 'smaller_than_patch'))
+# Their places in `counted`.
+CAPTION_CUT, LOCCA_CUT, BAD_OBJECTS, SMALLER_THAN_PATCH = range(len(COUNTED))
 
 
 def data_defaults() -> dict[str, Any]:
@@ -134,6 +137,9 @@ class ImageTextMapper:
     size = image.size
     image, window = augment(image, self.cfg, rng)
     counted = np.zeros(len(COUNTED), np.int32)
+    if self.cfg.naflex is not None:
+      counted[SMALLER_THAN_PATCH] = (min(window[2] - window[0], window[3] - window[1])
+                                     < self.cfg.naflex.patch_size)
     text, counted[CAPTION_CUT] = caption_tokens(self.cfg.tokenizer, record.caption)
     example = {'image': np.asarray(image, np.uint8), 'text': text, 'counted': counted}
     if self.cfg.locca:
@@ -454,8 +460,9 @@ class Loader:
   the mesh, `clip_jax.sharding.batch_sharding`), or per-process numpy without it.
 
   Also counts skipped samples by reason (`skipped`), texts cut to their context (`cut`:
-  'caption', 'locca_sequence') and LocCa examples that fell back to captioning
-  (`locca_fallback`: 'bad_objects'). Its state (`get_state`) is a JSON-serialisable dict:
+  'caption', 'locca_sequence'), LocCa examples that fell back to captioning
+  (`locca_fallback`: 'bad_objects') and NaFlex images smaller than a patch on a side
+  (`upscaled`: 'smaller_than_patch'). Its state (`get_state`) is a JSON-serialisable dict:
   store it with the checkpoint.
   """
 
@@ -466,6 +473,7 @@ class Loader:
     self.skipped: collections.Counter = collections.Counter()
     self.cut: collections.Counter = collections.Counter()
     self.locca_fallback: collections.Counter = collections.Counter()
+    self.upscaled: collections.Counter = collections.Counter()
     self._sharding = sharding
     # On CPU devices a jax array may alias the numpy batch, which lives in the shared memory
     # grain's workers hand it over in: the segment is unlinked only when the last reference
@@ -476,8 +484,8 @@ class Loader:
         device.platform == 'cpu' for device in sharding.mesh.devices.flat)
 
   def next_numpy(self) -> dict[str, np.ndarray]:
-    """The next per-process batch as numpy, its counts folded into `skipped`, `cut` and
-    `locca_fallback`."""
+    """The next per-process batch as numpy, its counts folded into `skipped` and the
+    `COUNTED` counters."""
     batch = next(self._iterator)
     for reason, count in zip(SKIP_REASONS, batch.pop('skipped').sum(0)):
       if count:
@@ -501,15 +509,15 @@ class Loader:
 
   def get_state(self) -> dict:
     return {'iterator': self._iterator.get_state(), 'skipped': dict(self.skipped),
-            'cut': dict(self.cut), 'locca_fallback': dict(self.locca_fallback)}
+            **{counter: dict(getattr(self, counter)) for counter in dict(COUNTED)}}
 
   def set_state(self, state: dict) -> None:
-    """Restores a `get_state`; states saved before `cut` and `locca_fallback` existed
-    restart those counts at 0."""
+    """Restores a `get_state`; states saved before a `COUNTED` counter existed restart its
+    counts at 0."""
     self._iterator.set_state(state['iterator'])
     self.skipped = collections.Counter(state['skipped'])
-    self.cut = collections.Counter(state.get('cut', {}))
-    self.locca_fallback = collections.Counter(state.get('locca_fallback', {}))
+    for counter in dict(COUNTED):
+      setattr(self, counter, collections.Counter(state.get(counter, {})))
 
   def close(self) -> None:
     close = getattr(self._iterator, 'close', None)
