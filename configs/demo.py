@@ -24,9 +24,9 @@ Args (comma-separated, e.g. `configs/demo.py:steps=300,data_dir=/tmp/demo_data`)
   steps     training steps (default 1000)
   data_dir  where the demo dataset lives or is generated (default $CLIP_JAX_DEMO_DIR, else
             ~/.cache/clip_jax/demo_data)
-  model     tiny-demo (default), tiny-coca, or tiny-naflex (NaFlex: its own dataset of wide,
-            square and tall canvases in data_dir/mixed_aspects; batches of 16 or 32
-            tokens, 2,048 tokens each)
+  model     tiny-demo (default), tiny-coca, or tiny-naflex (NaFlex: its own dataset of 4:1,
+            square and 1:4 canvases in data_dir/wide_and_tall, each image at its own
+            aspect ratio as 16 patches)
   locca     LocCa's decoder loss weight (default 0: off); > 0 trains tiny-demo with a LocCa
             decoder on the demo's boxes (captioning, referring, grounded captioning)
   loss      softmax (default, CLIP) or sigmoid (SigLIP: logit scale log 10, bias -10)
@@ -44,10 +44,12 @@ from clip_jax.data.make_demo import ensure_demo
 from clip_jax.data.tokenizers import write_merges_subset
 
 TEMPLATES = ['a photo of a {}.', 'a {}.', 'one {}.']
-# `model=tiny-naflex`: canvases of 64² pixels at these width / height ratios, batches of
-# these sequence lengths.
-NAFLEX_ASPECTS = (0.25, 0.5, 1.0, 2.0, 4.0)
-NAFLEX_SEQ_LENS = (16, 32)
+# `model=tiny-naflex`: canvases of 64² pixels at these width / height ratios (32 x 128,
+# 64 x 64, 128 x 32 px), each exactly 16 patches of 16 px: at 16 tokens every image is seen
+# at its own size and shape, unresampled.
+NAFLEX_ASPECTS = (0.25, 1.0, 4.0)
+NAFLEX_SEQ_LENS = (16,)
+NAFLEX_DIR = 'wide_and_tall'  # beside the square dataset, in data_dir
 
 DEMO_DIR = os.environ.get('CLIP_JAX_DEMO_DIR', os.path.expanduser('~/.cache/clip_jax/demo_data'))
 
@@ -75,7 +77,7 @@ def get_config(arg=None):
   data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
   naflex = args.model == 'tiny-naflex'
   if naflex:  # its own dataset, of wide, square and tall canvases, beside the square one
-    data_dir = os.path.join(data_dir, 'mixed_aspects')
+    data_dir = os.path.join(data_dir, NAFLEX_DIR)
   ensure_demo(data_dir, **({'aspects': NAFLEX_ASPECTS} if naflex else {}))
   c = base_config()
   c.total_steps = args.steps
@@ -103,7 +105,7 @@ def get_config(arg=None):
   c.eval.zeroshot_shards = f'{data_dir}/eval/*.tar'
   c.eval.classnames = f'{data_dir}/classnames.txt'
   c.eval.templates = TEMPLATES
-  if naflex:  # 16 tokens (the square's 4x4 grid) or 32, 2,048 tokens a batch: 128 or 64 images
+  if naflex:  # 128 images of 16 tokens a batch
     c.data.naflex.seq_lens = NAFLEX_SEQ_LENS
     c.data.naflex.max_tokens_per_batch = c.batch_size * min(NAFLEX_SEQ_LENS)
   return c

@@ -43,8 +43,11 @@ COLOURS = {'red': (215, 38, 38), 'green': (34, 160, 60), 'blue': (40, 70, 210),
            'yellow': (235, 200, 30), 'purple': (130, 50, 170), 'orange': (240, 130, 20),
            'white': (250, 250, 250), 'black': (20, 20, 20)}
 SHAPES = ('circle', 'square', 'triangle', 'star', 'cross')
-# Radius of a lone shape, relative to the image side (a group of n shapes: / sqrt(n)).
+# Radius of a lone shape, relative to the image side (a group of n shapes: / sqrt(n)); on a
+# wide or tall canvas, to the side of the square of the same area, at most MAX_RADIUS of its
+# shorter side.
 SIZES = {'small': 0.16, 'large': 0.25}
+MAX_RADIUS = 0.4
 SPACING = 2.3  # centre distance of neighbouring shapes in a group, in radii
 STAR_INNER = 0.5  # inner radius of a star's points, relative to the outer one
 BARE = 0.5  # probability that a caption names only colour and shape ('red star')
@@ -117,12 +120,15 @@ def draw_group(draw: ImageDraw.ImageDraw, canvas: tuple[int, int], count: int, s
                colour: str, shape: str, place: str, rng: np.random.Generator
                ) -> tuple[float, float, float, float]:
   """`count` equal shapes lined up (without overlap) around the place's centre on a
-  (width, height) canvas, sized by its shorter side; returns the box (x0, y0, x1, y1,
-  pixels) that covers them all, from the drawn geometry."""
+  (width, height) canvas; returns the box (x0, y0, x1, y1, pixels) that covers them all,
+  from the drawn geometry. Shapes have the same size in pixels on every canvas of the same
+  area (see SIZES); on a wide or tall one they line up along its long side."""
   width, height = canvas
   side = min(width, height)
-  radius = SIZES[size_name] * side / count ** 0.5
+  radius = min(SIZES[size_name] * (width * height) ** 0.5, MAX_RADIUS * side) / count ** 0.5
   cx, cy, direction = PLACES[place]
+  if width != height:
+    direction = 'horizontal' if width > height else 'vertical'
   bounds = []
   for k in range(count):
     offset = (k - (count - 1) / 2) * SPACING * radius
@@ -163,10 +169,11 @@ def draw_scene(rng: np.random.Generator, size: int, groups: int,
   image = _background(*canvas, background, rng)
   draw = ImageDraw.Draw(image)
   classes = rng.choice(len(CLASSNAMES), size=groups, replace=False)
+  names, pairs = _places(*canvas)
   if groups == 1:
-    places = [list(PLACES)[rng.integers(len(PLACES))]]
+    places = [names[rng.integers(len(names))]]
   else:
-    places = list(PLACE_PAIRS[rng.integers(len(PLACE_PAIRS))])
+    places = list(pairs[rng.integers(len(pairs))])
     rng.shuffle(places)
   drawn, objects = [], []
   for cls, place in zip(classes, places):
@@ -190,6 +197,15 @@ def draw_scene(rng: np.random.Generator, size: int, groups: int,
     if background != 'plain' and say_background:
       caption += f', on a {background} background'
   return Scene(image, caption, int(classes[0]), objects)
+
+
+def _places(width: int, height: int) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+  """The places (and pairs of places) a group may take: all on a square canvas, those along
+  the long side of a wide or tall one (there is no room above a group on a 4:1 strip)."""
+  if width == height:
+    return list(PLACES), PLACE_PAIRS
+  pair = PLACE_PAIRS[0] if width > height else PLACE_PAIRS[1]
+  return [*pair, 'in the middle'], (pair,)
 
 
 def draw_sample(rng: np.random.Generator, size: int, groups: int) -> tuple[Image.Image, str, int]:
