@@ -35,6 +35,7 @@ from clip_jax.metrics import convnext_flops, tower_flops, train_flops_per_sample
 from clip_jax.models.config import CLIPConfig, ConvNeXtConfig
 from clip_jax.models.convnext import drop_path
 from clip_jax.models.functional import FunctionalModel, get_params, model_from_params
+from tests import helpers
 from tests.jax_reference import jax_features, perturbed_model, random_inputs
 from tests.reference import open_clip_model, state_dict_numpy, torch_features
 
@@ -245,6 +246,18 @@ def test_convnext_base_flops_by_hand():
 
 
 # --- bad input ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_tiny_convnext_demo_learns(tmp_path):
+  """The CPU demo with `model=tiny-convnext`, 1,500 steps (1.5x the demo's budget, within
+  the 2x the issue allows): held-out zero-shot top-1 >= 80% (chance 2.5%; measured 88.8%,
+  and 77.4% at 1,250: docs/models.md)."""
+  workdir = tmp_path / 'run'
+  config = f'{helpers.DEMO_CONFIG}:model=tiny-convnext,steps=1500,data_dir={tmp_path / "data"}'
+  helpers.run(helpers.train_cmd(workdir, '--config.eval_every=1500', config=config),
+              helpers.env(1), timeout=3000)
+  assert helpers.metrics(workdir)[1500]['zeroshot_top1'] >= 0.8
+
 
 def test_a_convnext_checkpoint_under_a_vit_name_names_the_first_mismatching_key():
   state = state_dict_numpy(open_clip_model('tiny-convnext', text_layers=2))
