@@ -291,11 +291,13 @@ def test_analytic_flops_match_xla_cost_analysis(overrides):
 
 
 @pytest.mark.slow
-def test_tiny_pe_core_demo_learns(tmp_path):
-  """The CPU demo with `model=tiny-pe-core`, 500 steps (half the demo's budget): held-out
-  zero-shot top-1 >= 80% (chance 2.5%). The 1,000-step run: docs/models.md."""
+@pytest.mark.parametrize('name', ['tiny-pe-core', 'tiny-eva02'])
+def test_tiny_eva_demo_learns(name, tmp_path):
+  """The CPU demo with `model=tiny-pe-core` and `tiny-eva02`, 500 steps (half the demo's
+  budget): held-out zero-shot top-1 >= 80% (chance 2.5%). The 1,000-step runs:
+  docs/models.md."""
   workdir = tmp_path / 'run'
-  config = f'{helpers.DEMO_CONFIG}:model=tiny-pe-core,steps=500,data_dir={tmp_path / "data"}'
+  config = f'{helpers.DEMO_CONFIG}:model={name},steps=500,data_dir={tmp_path / "data"}'
   helpers.run(helpers.train_cmd(workdir, '--config.eval_every=500', config=config),
               helpers.env(1), timeout=1500)
   assert helpers.metrics(workdir)[500]['zeroshot_top1'] >= 0.8

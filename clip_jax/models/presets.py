@@ -411,6 +411,20 @@ def _tiny_pe_core() -> CLIPConfig:
                     text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256))
 
 
+def _tiny_eva02() -> CLIPConfig:
+  """A 2-layer EVA-02 (SwiGLU MLP with its sub-LayerNorm, normed attention output, rope on
+  the 4x4 grid, class token, q/v biases) at 64 px with `tiny-demo`'s text tower: the CPU
+  demo's EVA-02. Like `tiny-pe-core` it is clip_jax's own shape and does not export
+  (EVA02-B-16 does)."""
+  vision = EvaConfig(image_size=64, patch_size=16, width=128, layers=2, heads=4, mlp_dim=341,
+                     act='silu', gated_mlp=True, mlp_norm=True, attn_norm=True, rope=True,
+                     rope_ref_grid=4, qkv_fused=False, class_token=True, pool='tok',
+                     ln_pre=False, patch_bias=True, norm_eps=1e-6, qkv_bias='qv',
+                     timm_model_name=None)
+  return CLIPConfig(embed_dim=64, vision=vision, custom_text=True,
+                    text=TextConfig(context_length=32, width=64, heads=4, layers=2, mlp_dim=256))
+
+
 def _build_presets() -> dict[str, CLIPConfig]:
   presets = {name: _openclip_vit(*args) for name, args in _OPENCLIP_VITS.items()}
   for name in _QUICKGELU:
@@ -435,6 +449,7 @@ def _build_presets() -> dict[str, CLIPConfig]:
   presets['tiny-resnet'] = _tiny_resnet()
   presets.update({name: _openclip_eva(*args) for name, args in _OPENCLIP_EVAS.items()})
   presets['tiny-pe-core'] = _tiny_pe_core()
+  presets['tiny-eva02'] = _tiny_eva02()
   presets['naflexvit_base_patch16_siglip'] = _naflex('naflexvit_base_patch16_siglip',
                                                      'ViT-B-16-SigLIP2-256')
   presets['naflexvit_so400m_patch16_siglip'] = _naflex('naflexvit_so400m_patch16_siglip',
