@@ -272,15 +272,16 @@ def _naflex_step(devices, **flat):
 
 def test_feature_cache_and_8_devices_give_the_one_device_naflex_step():
   """NaFlex batches (mixed grids, padding, patch dropout) through the real train step: 8
-  devices, one-shot and with the feature cache's 2 micro-batches, give one device's loss and
-  gradients (each image drops the same patches however the batch is split), within 1e-5 of
-  each leaf's largest entry."""
+  devices, one-shot and with the feature cache's 2 micro-batches over scanned, fully
+  rematerialised layers, give one device's loss and gradients (each image drops the same
+  patches however the batch is split), within 1e-5 of each leaf's largest entry."""
   expected_loss, expected = _naflex_step(1)
-  for flat in ({}, {'optim.grad_accum': 2}):
+  for flat in ({}, {'optim.grad_accum': 2, 'model.scan_layers': True, 'model.remat': 'full'}):
     loss, grads = _naflex_step(8, **flat)
     np.testing.assert_allclose(loss, expected_loss, rtol=2e-5, err_msg=str(flat))
+    assert jax.tree.structure(grads) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
-      assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), flat
+      assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), flat
 
 
 # --- interchange ---------------------------------------------------------------------------
