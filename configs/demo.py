@@ -25,7 +25,7 @@ Args (comma-separated, e.g. `configs/demo.py:steps=300,data_dir=/tmp/demo_data`)
   data_dir  where the demo dataset lives or is generated (default $CLIP_JAX_DEMO_DIR, else
             ~/.cache/clip_jax/demo_data)
   model     tiny-demo (default), tiny-coca, or tiny-naflex (NaFlex: its own dataset of 4:1,
-            square and 1:4 canvases in data_dir/wide_and_tall, each image at its own
+            square and 1:4 canvases in DATA_DIR_wide_and_tall, each image at its own
             aspect ratio as 16 patches)
   locca     LocCa's decoder loss weight (default 0: off); > 0 trains tiny-demo with a LocCa
             decoder on the demo's boxes (captioning, referring, grounded captioning)
@@ -49,7 +49,9 @@ TEMPLATES = ['a photo of a {}.', 'a {}.', 'one {}.']
 # at its own size and shape, unresampled.
 NAFLEX_ASPECTS = (0.25, 1.0, 4.0)
 NAFLEX_SEQ_LENS = (16,)
-NAFLEX_DIR = 'wide_and_tall'  # beside the square dataset, in data_dir
+# Beside the square dataset, not in it: a folder holding it would stop the square dataset
+# from being generated into data_dir later (ensure_demo renames a whole folder into place).
+NAFLEX_SUFFIX = '_wide_and_tall'
 
 DEMO_DIR = os.environ.get('CLIP_JAX_DEMO_DIR', os.path.expanduser('~/.cache/clip_jax/demo_data'))
 
@@ -77,7 +79,7 @@ def get_config(arg=None):
   data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
   naflex = args.model == 'tiny-naflex'
   if naflex:  # its own dataset, of wide, square and tall canvases, beside the square one
-    data_dir = os.path.join(data_dir, NAFLEX_DIR)
+    data_dir += NAFLEX_SUFFIX
   ensure_demo(data_dir, **({'aspects': NAFLEX_ASPECTS} if naflex else {}))
   c = base_config()
   c.total_steps = args.steps

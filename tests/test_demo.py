@@ -103,9 +103,9 @@ def test_ensure_demo_keeps_an_existing_dataset_and_never_overwrites_other_files(
 def test_demo_config_generates_its_data_and_takes_steps_and_data_dir(tmp_path, monkeypatch):
   made = []
 
-  def small(output):
+  def small(output, **kwargs):
     made.append(output)
-    return make_demo(output, **SMALL)
+    return make_demo(output, **{**SMALL, **kwargs})
 
   monkeypatch.setattr(make_demo_module, 'make_demo', small)
   demo_config = _demo_config()
@@ -117,6 +117,21 @@ def test_demo_config_generates_its_data_and_takes_steps_and_data_dir(tmp_path, m
   assert config.eval.zeroshot_shards == f'{data}/eval/*.tar'
   assert config.eval.classnames == f'{data}/classnames.txt'
   assert demo_config.get_config(f'data_dir={data}').total_steps == 1000 and len(made) == 1
+  naflex = demo_config.get_config(f'model=tiny-naflex,data_dir={data}')
+  assert naflex.data.train == f'{data}_wide_and_tall/train/*.tar' and len(made) == 2
+
+
+def test_the_naflex_demo_data_leaves_the_square_data_dir_free(tmp_path, monkeypatch):
+  """`model=tiny-naflex` first, then the square demo on the same data_dir: both generate
+  (the NaFlex set beside data_dir, not inside it, where it would block the square set)."""
+  monkeypatch.setattr(make_demo_module, 'make_demo',
+                      lambda output, **kwargs: make_demo(output, **{**SMALL, **kwargs}))
+  demo_config = _demo_config()
+  data = tmp_path / 'demo_data'
+  demo_config.get_config(f'model=tiny-naflex,data_dir={data}')
+  demo_config.get_config(f'data_dir={data}')
+  assert (data / 'classnames.txt').exists() and (tmp_path / 'demo_data_wide_and_tall' /
+                                                  'classnames.txt').exists()
   # A mistyped key fails naming the valid ones: tests/test_configs.py.
 
 

@@ -490,7 +490,7 @@ def test_naflex_demo_learns_and_beats_square_crops_on_wide_and_tall_images(tmp_p
     helpers.run(helpers.train_cmd(tmp_path / name, f'--config.eval_every={steps}', *extra,
                                   config=config), helpers.env(1), timeout=1500)
   assert helpers.metrics(tmp_path / 'naflex')[steps]['zeroshot_top1'] >= 0.8
-  _split_by_shape(data / 'wide_and_tall' / 'eval', tmp_path / 'held_out')
+  _split_by_shape(tmp_path / 'data_wide_and_tall' / 'eval', tmp_path / 'held_out')
   (tmp_path / 'templates.txt').write_text('\n'.join(demo.TEMPLATES) + '\n')
   top1 = {}
   for name, length in (('naflex', ['--seq_len', '16']), ('square', [])):
@@ -498,7 +498,7 @@ def test_naflex_demo_learns_and_beats_square_crops_on_wide_and_tall_images(tmp_p
       spec = f'{tmp_path}/held_out/{shape}/*.tar'
       results = evaluate(parse_args([
           f'--workdir={tmp_path / name}', f'--zeroshot_shards={spec}', *length,
-          f'--classnames={data}/wide_and_tall/classnames.txt',
+          f'--classnames={data}_wide_and_tall/classnames.txt',
           f'--templates={tmp_path}/templates.txt']))
       top1[name, shape] = next(iter(results['zeroshot'].values()))['top1']
   for shape in ('wide', 'tall'):
