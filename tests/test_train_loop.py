@@ -38,6 +38,7 @@ class _Loader:
   skipped: dict = {}  # noqa: RUF012 (read-only stand-ins)
   cut: dict = {}  # noqa: RUF012
   locca_fallback: dict = {}  # noqa: RUF012
+  upscaled: dict = {}  # noqa: RUF012
 
   def __next__(self):
     return BATCH
