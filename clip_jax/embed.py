@@ -230,7 +230,7 @@ def write_part(part: Part, features: dict[str, list[np.ndarray]], rows: list[dic
 class Embedder:
   """Features of one chunk of samples per modality, and the parts they complete."""
 
-  def __init__(self, encoder: Encoder, tokenizer, cfg, modalities: tuple[str, ...],
+  def __init__(self, encoder: Encoder, tokenizer, modalities: tuple[str, ...],
                skipped: collections.Counter, pool: concurrent.futures.Executor):
     self.encoder, self.tokenizer, self.modalities = encoder, tokenizer, modalities
     self.skipped = skipped
@@ -328,7 +328,7 @@ def embed(args) -> dict:
   start, embedded = time.perf_counter(), 0
   with (concurrent.futures.ThreadPoolExecutor(args.decode_threads) as pool,
         tqdm(desc='embed', unit='sample', disable=jax.process_index() != 0) as bar):
-    embedder = Embedder(encoder, tokenizer, cfg, modalities, skipped, pool)
+    embedder = Embedder(encoder, tokenizer, modalities, skipped, pool)
     while not distributed.on_all_processes((chunk := next(batches, None)) is None):
       bar.update(count := embedder.step(chunk or []))
       embedded += count

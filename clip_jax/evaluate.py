@@ -258,7 +258,7 @@ def parse_args(argv=None):
   parser.add_argument('--seq_len', type=positive_int, nargs='+',
                       help='NaFlex models: evaluate each image at its own aspect ratio as a '
                       'sequence of at most N patches, at each N given (default: square images '
-                      "at the model's image size)"),
+                      "at the model's image size)")
   return parser.parse_args(argv)
 
 

@@ -83,5 +83,6 @@ class ImageInput:
     """`rows` stacked, then zero rows up to `size` (default: none)."""
     batch = self.zeros(len(rows) if size is None else size)
     for key, values in batch.items():
-      values[:len(rows)] = [row[key] for row in rows] if rows else values[:0]
+      if rows:
+        values[:len(rows)] = [row[key] for row in rows]
     return batch
