@@ -135,6 +135,17 @@ def test_recall_at_k_counts_any_matching_caption():
   assert r['text_to_image_R@5'] == 1.0
 
 
+def test_recall_at_k_gives_ties_to_the_true_match_in_both_directions():
+  """Two images captioned alike (the demo repeats captions): each caption ties with the other
+  image's, and each image with the other. A tie counts for the true match, whatever order the
+  texts come in (a sort would rank one of each tied pair second)."""
+  images = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+  texts = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+  for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
+    r = recall_at_k(images, texts[order], np.array(order))
+    assert r['image_to_text_R@1'] == r['text_to_image_R@1'] == 1.0, order
+
+
 def test_bad_evaluator_inputs_name_the_path(trained_demo, tmp_path):
   empty = tmp_path / 'empty'
   (empty / 'cat').mkdir(parents=True)

@@ -47,16 +47,19 @@ def retrieval_examples(spec: str, inputs: ImageInput, skipped: skips.Skipped | N
 
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray,
                 text_to_image: np.ndarray) -> dict[str, float]:
-  """Recall@{1,5,10} in both directions from normalised features."""
+  """Recall@{1,5,10} in both directions from normalised features. A rank counts the
+  candidates scoring strictly higher than the true one, in both directions: ties (identical
+  captions, which the demo repeats) go to the true match, so the metric does not depend on
+  how a sort orders equal scores or on how the features were batched."""
   scores = image_features @ text_features.T  # [images, texts]
   results = {}
   # text -> image: rank of the true image among all images, per caption.
   true = scores[text_to_image, np.arange(len(text_to_image))]
   t2i_rank = (scores > true[None, :]).sum(0)
-  # image -> text: best rank over the image's own captions.
-  order = np.argsort(-scores, axis=1)
-  ranks = np.argsort(order, axis=1)  # ranks[i, t] = position of text t for image i
-  i2t_rank = np.array([ranks[i, text_to_image == i].min() for i in range(len(scores))])
+  # image -> text: rank of the image's best-scoring own caption among all captions.
+  own = text_to_image[None, :] == np.arange(len(scores))[:, None]
+  best_own = np.where(own, scores, -np.inf).max(1)
+  i2t_rank = (scores > best_own[:, None]).sum(1)
   for k in KS:
     results[f'image_to_text_R@{k}'] = float((i2t_rank < k).mean())
     results[f'text_to_image_R@{k}'] = float((t2i_rank < k).mean())
