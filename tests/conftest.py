@@ -44,8 +44,7 @@ def trained_demo(demo_data, tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-  """Slow tests first (stable otherwise): with `-n 2` and pytest.ini's `--maxschedchunk=1`
-  each worker takes the next test when it frees up, so the minutes-long end-to-end runs
-  share out between both workers and the quick tests fill in behind them, instead of one
-  long test starting last and running alone."""
+  """Slow tests first (stable otherwise): `-n 2` deals the first tests out in turn, so the
+  minutes-long end-to-end runs start at once on both workers and the quick tests fill in
+  behind them, instead of one long test starting last and running alone."""
   items.sort(key=lambda item: item.get_closest_marker('slow') is None)
