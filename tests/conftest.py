@@ -48,6 +48,6 @@ def pytest_collection_modifyitems(items):
   a block of consecutive tests (~90 of them), so with `-n 2` one worker runs the minutes-long
   end-to-end tests one after another while the other runs the quick ones; none starts last
   and runs alone. Dealing them out to both workers instead (`--maxschedchunk=1`) was slower
-  (pytest ~67 min against ~47 min on 2 cores): two demo trainings at once lose more to
+  (pytest 65 min against ~47 min on 2 cores): two demo trainings at once lose more to
   contention than one beside the quick tests."""
   items.sort(key=lambda item: item.get_closest_marker('slow') is None)
